@@ -1,0 +1,124 @@
+//! `backprop`: fine-tune a local LLM with LoRA and run it in Ollama. A thin face over
+//! the `backpropagate` engine; `--help` on any subcommand is its manual.
+
+mod data_cmd;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Result;
+use clap::{Args, Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "backprop",
+    version,
+    about = "Fine-tune a local LLM with LoRA and run it in Ollama",
+    long_about = "Fine-tune a local LLM with LoRA and run it in Ollama.\n\nTypical flow: `backprop data check` your JSONL, `backprop train`, `backprop export`, `backprop push` to Ollama.",
+    propagate_version = true
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Inspect and validate training data
+    #[command(subcommand)]
+    Data(DataCommand),
+    /// Train a LoRA adapter on a model (not implemented yet)
+    Train(Planned),
+    /// Staged multi-run (SLAO) training against forgetting (not implemented yet)
+    MultiRun(Planned),
+    /// Export a run: PEFT adapter, merged safetensors, GGUF (not implemented yet)
+    Export(Planned),
+    /// Send a run to Ollama as a model (not implemented yet)
+    Push(Planned),
+    /// List, inspect and resume runs (not implemented yet)
+    Runs(Planned),
+    /// Talk to a local Ollama: list models, chat (not implemented yet)
+    Ollama(Planned),
+    /// Check this machine: GPU, drivers, disk, Ollama (not implemented yet)
+    Doctor(Planned),
+    /// Serve the web UI and HTTP API headless (not implemented yet)
+    Serve(Planned),
+    /// Show configuration: `backprop config defaults` prints a run.toml with every default
+    #[command(subcommand)]
+    Config(ConfigCommand),
+    /// Write a tiny random-weight model folder (for demos and tests without a hub)
+    Fixture(FixtureArgs),
+}
+
+#[derive(Subcommand)]
+enum DataCommand {
+    /// Validate a JSONL dataset against a model's tokenizer and chat template; print
+    /// stats and every problem with its line
+    Check(data_cmd::CheckArgs),
+}
+
+#[derive(Subcommand)]
+enum ConfigCommand {
+    /// Print the default run configuration as TOML
+    Defaults,
+}
+
+#[derive(Args)]
+struct Planned {
+    #[arg(trailing_var_arg = true, allow_hyphen_values = true, hide = true)]
+    rest: Vec<String>,
+}
+
+#[derive(Args)]
+struct FixtureArgs {
+    /// Folder to write the model into
+    out: PathBuf,
+    /// Model family: llama (Llama 3 layout and template) or qwen2 (ChatML)
+    #[arg(long, default_value = "qwen2")]
+    family: backpropagate::fixture::Family,
+    /// Random seed for the weights
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<ExitCode> {
+    match cli.command {
+        Command::Data(DataCommand::Check(args)) => data_cmd::check(&args),
+        Command::Config(ConfigCommand::Defaults) => {
+            print!("{}", backpropagate::TrainConfig::default().to_toml());
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Fixture(args) => {
+            let mut spec = backpropagate::fixture::FixtureSpec::new(args.family);
+            spec.seed = args.seed;
+            backpropagate::fixture::write_fixture_model(&args.out, &spec)?;
+            println!("wrote a tiny {:?} model to {}", args.family, args.out.display());
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Train(_) => planned("train", 4),
+        Command::MultiRun(_) => planned("multi-run", 8),
+        Command::Export(_) => planned("export", 5),
+        Command::Push(_) => planned("push", 7),
+        Command::Runs(_) => planned("runs", 4),
+        Command::Ollama(_) => planned("ollama", 7),
+        Command::Doctor(_) => planned("doctor", 9),
+        Command::Serve(_) => planned("serve", 6),
+    }
+}
+
+/// Subcommands on the roadmap say so plainly instead of pretending to work.
+fn planned(name: &str, issue: u32) -> Result<ExitCode> {
+    eprintln!("backprop {name}: not implemented yet (planned in issue #{issue})");
+    Ok(ExitCode::from(2))
+}

@@ -1,0 +1,42 @@
+//! The engine's error type: every variant names the file involved and, where the user
+//! can act, what to do about it.
+
+use std::path::PathBuf;
+
+use crate::data::DataError;
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Data(#[from] DataError),
+    #[error("{path}: {message}")]
+    Model { path: PathBuf, message: String },
+    #[error("{path}: invalid configuration: {message}")]
+    Config { path: PathBuf, message: String },
+    #[error("invalid option: {0}")]
+    InvalidOption(String),
+}
+
+impl Error {
+    pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        Error::Io {
+            path: path.into(),
+            source,
+        }
+    }
+
+    pub(crate) fn model(path: impl Into<PathBuf>, message: impl Into<String>) -> Self {
+        Error::Model {
+            path: path.into(),
+            message: message.into(),
+        }
+    }
+}

@@ -1,0 +1,374 @@
+//! Tiny random-weight models in real Hugging Face layout, for tests and demos on a
+//! machine without hub access: `config.json`, `model.safetensors`, a real byte-level
+//! BPE `tokenizer.json` trained on our sample data, `tokenizer_config.json` with the
+//! family's real chat template, and `generation_config.json`.
+
+use std::path::Path;
+use std::str::FromStr;
+
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use safetensors::tensor::{Dtype, TensorView};
+use serde_json::{json, Value};
+use tokenizers::models::bpe::{BpeTrainerBuilder, BPE};
+use tokenizers::models::TrainerWrapper;
+use tokenizers::normalizers::unicode::NFC;
+use tokenizers::pre_tokenizers::byte_level::ByteLevel;
+use tokenizers::pre_tokenizers::sequence::Sequence;
+use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
+use tokenizers::processors::template::TemplateProcessing;
+use tokenizers::{AddedToken, SplitDelimiterBehavior, Tokenizer};
+
+use crate::error::{Error, Result};
+use crate::fsx::write_atomic;
+
+/// Qwen2-Instruct's chat template, verbatim (ChatML with a default system prompt).
+pub const QWEN2_TEMPLATE: &str = "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}{{ '<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n' }}{% endif %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}";
+
+/// Meta-Llama-3-Instruct's chat template, verbatim.
+pub const LLAMA3_TEMPLATE: &str = "{% set loop_messages = messages %}{% for message in loop_messages %}{% set content = '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n'+ message['content'] | trim + '<|eot_id|>' %}{% if loop.index0 == 0 %}{% set content = bos_token + content %}{% endif %}{{ content }}{% endfor %}{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}";
+
+/// Pre-tokenizer split of Llama 3 (digits in runs of up to three).
+const LLAMA3_PATTERN: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+/// Pre-tokenizer split of Qwen2 (every digit alone).
+const QWEN2_PATTERN: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+
+/// Text the fixture tokenizers are trained on: our own sample datasets.
+const CORPUS: [&str; 2] = [
+    include_str!("../../../assets/samples/alpaca.jsonl"),
+    include_str!("../../../assets/samples/messages.jsonl"),
+];
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Family {
+    Llama,
+    Qwen2,
+}
+
+impl FromStr for Family {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "llama" => Ok(Family::Llama),
+            "qwen2" => Ok(Family::Qwen2),
+            _ => Err(format!("unknown fixture family `{s}`; use llama or qwen2")),
+        }
+    }
+}
+
+/// Shape of a fixture model. The defaults make a ~0.2M-parameter model that trains
+/// in seconds on a CPU yet exercises GQA, rope scaling and (for qwen2) qkv biases
+/// and tied embeddings.
+#[derive(Debug, Clone)]
+pub struct FixtureSpec {
+    pub family: Family,
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_layers: usize,
+    pub num_heads: usize,
+    pub num_kv_heads: usize,
+    /// Target vocabulary size of the trained tokenizer (special tokens included).
+    pub vocab_size: usize,
+    pub seed: u64,
+}
+
+impl FixtureSpec {
+    pub fn new(family: Family) -> Self {
+        FixtureSpec {
+            family,
+            hidden_size: 64,
+            intermediate_size: 128,
+            num_layers: 2,
+            num_heads: 4,
+            num_kv_heads: 2,
+            vocab_size: 1024,
+            seed: 0,
+        }
+    }
+}
+
+struct FamilyInfo {
+    specials: &'static [&'static str],
+    bos: Option<&'static str>,
+    eos: &'static str,
+    pad: &'static str,
+    template: &'static str,
+    pattern: &'static str,
+}
+
+fn info(family: Family) -> FamilyInfo {
+    match family {
+        Family::Llama => FamilyInfo {
+            specials: &[
+                "<|begin_of_text|>",
+                "<|end_of_text|>",
+                "<|start_header_id|>",
+                "<|end_header_id|>",
+                "<|eot_id|>",
+            ],
+            bos: Some("<|begin_of_text|>"),
+            eos: "<|eot_id|>",
+            pad: "<|end_of_text|>",
+            template: LLAMA3_TEMPLATE,
+            pattern: LLAMA3_PATTERN,
+        },
+        Family::Qwen2 => FamilyInfo {
+            specials: &["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+            bos: None,
+            eos: "<|im_end|>",
+            pad: "<|endoftext|>",
+            template: QWEN2_TEMPLATE,
+            pattern: QWEN2_PATTERN,
+        },
+    }
+}
+
+/// Writes a complete model folder into `dir` (created if needed).
+pub fn write_fixture_model(dir: &Path, spec: &FixtureSpec) -> Result<()> {
+    std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    let info = info(spec.family);
+    let tokenizer = train_tokenizer(spec, &info).map_err(|e| {
+        Error::model(dir, format!("training the fixture tokenizer failed: {e}"))
+    })?;
+    let tokenizer_json = tokenizer
+        .to_string(true)
+        .map_err(|e| Error::model(dir, format!("cannot serialize the tokenizer: {e}")))?;
+    write_atomic(&dir.join("tokenizer.json"), tokenizer_json.as_bytes())?;
+
+    let id = |t: &str| tokenizer.token_to_id(t);
+    let vocab_size = tokenizer.get_vocab_size(true);
+    let config = model_config(spec, vocab_size, info.bos.and_then(id), id(info.eos));
+    write_json(&dir.join("config.json"), &config)?;
+    write_json(
+        &dir.join("tokenizer_config.json"),
+        &tokenizer_config(&tokenizer, &info),
+    )?;
+    let mut generation = json!({ "eos_token_id": id(info.eos), "do_sample": false });
+    if let Some(bos) = info.bos.and_then(id) {
+        generation["bos_token_id"] = json!(bos);
+    }
+    write_json(&dir.join("generation_config.json"), &generation)?;
+    write_weights(&dir.join("model.safetensors"), spec, vocab_size)
+}
+
+fn write_json(path: &Path, value: &Value) -> Result<()> {
+    let mut text = serde_json::to_string_pretty(value).expect("JSON values always serialize");
+    text.push('\n');
+    write_atomic(path, text.as_bytes())
+}
+
+fn train_tokenizer(spec: &FixtureSpec, info: &FamilyInfo) -> tokenizers::Result<Tokenizer> {
+    let mut tokenizer = Tokenizer::new(BPE::default());
+    if spec.family == Family::Qwen2 {
+        tokenizer.with_normalizer(Some(NFC));
+    }
+    let split = Split::new(
+        SplitPattern::Regex(info.pattern.to_string()),
+        SplitDelimiterBehavior::Isolated,
+        false,
+    )?;
+    tokenizer.with_pre_tokenizer(Some(Sequence::new(vec![
+        split.into(),
+        ByteLevel::new(false, false, false).into(),
+    ])));
+    tokenizer.with_decoder(Some(ByteLevel::new(false, false, false)));
+    let specials: Vec<AddedToken> = info
+        .specials
+        .iter()
+        .map(|s| AddedToken::from(*s, true))
+        .collect();
+    let mut trainer: TrainerWrapper = BpeTrainerBuilder::new()
+        .vocab_size(spec.vocab_size)
+        .min_frequency(2)
+        .show_progress(false)
+        .special_tokens(specials)
+        .initial_alphabet(ByteLevel::alphabet().into_iter().collect())
+        .build()
+        .into();
+    tokenizer.train(&mut trainer, corpus_texts().into_iter())?;
+    match info.bos {
+        Some(bos) => {
+            let bos_id = tokenizer
+                .token_to_id(bos)
+                .ok_or("BOS token missing after training")?;
+            let template = TemplateProcessing::builder()
+                .try_single(format!("{bos}:0 $A:0"))?
+                .try_pair(format!("{bos}:0 $A:0 {bos}:1 $B:1"))?
+                .special_tokens(vec![(bos, bos_id)])
+                .build()?;
+            tokenizer.with_post_processor(Some(template));
+        }
+        None => {
+            tokenizer.with_post_processor(Some(ByteLevel::new(false, false, false)));
+        }
+    }
+    Ok(tokenizer)
+}
+
+/// Every string value of the sample datasets, one training sequence each.
+fn corpus_texts() -> Vec<String> {
+    fn collect(v: &Value, out: &mut Vec<String>) {
+        match v {
+            Value::String(s) => out.push(s.clone()),
+            Value::Array(a) => a.iter().for_each(|v| collect(v, out)),
+            Value::Object(o) => o.values().for_each(|v| collect(v, out)),
+            _ => {}
+        }
+    }
+    let mut out = Vec::new();
+    for line in CORPUS.iter().flat_map(|c| c.lines()) {
+        if let Ok(v) = serde_json::from_str::<Value>(line) {
+            collect(&v, &mut out);
+        }
+    }
+    out
+}
+
+fn tokenizer_config(tokenizer: &Tokenizer, info: &FamilyInfo) -> Value {
+    let mut added = serde_json::Map::new();
+    for s in info.specials {
+        if let Some(id) = tokenizer.token_to_id(s) {
+            added.insert(
+                id.to_string(),
+                json!({"content": s, "lstrip": false, "normalized": false,
+                       "rstrip": false, "single_word": false, "special": true}),
+            );
+        }
+    }
+    json!({
+        "added_tokens_decoder": added,
+        "bos_token": info.bos,
+        "eos_token": info.eos,
+        "pad_token": info.pad,
+        "chat_template": info.template,
+        "clean_up_tokenization_spaces": false,
+        "model_max_length": 2048,
+        "tokenizer_class": "PreTrainedTokenizerFast",
+    })
+}
+
+fn model_config(
+    spec: &FixtureSpec,
+    vocab_size: usize,
+    bos_id: Option<u32>,
+    eos_id: Option<u32>,
+) -> Value {
+    let common = json!({
+        "hidden_size": spec.hidden_size,
+        "intermediate_size": spec.intermediate_size,
+        "num_hidden_layers": spec.num_layers,
+        "num_attention_heads": spec.num_heads,
+        "num_key_value_heads": spec.num_kv_heads,
+        "vocab_size": vocab_size,
+        "max_position_embeddings": 2048,
+        "hidden_act": "silu",
+        "initializer_range": 0.02,
+        "bos_token_id": bos_id,
+        "eos_token_id": eos_id,
+        "torch_dtype": "float32",
+        "use_cache": true,
+        "attention_dropout": 0.0,
+    });
+    let specific = match spec.family {
+        Family::Llama => json!({
+            "architectures": ["LlamaForCausalLM"],
+            "model_type": "llama",
+            "rms_norm_eps": 1e-5,
+            "rope_theta": 500000.0,
+            "rope_scaling": {
+                "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0, "original_max_position_embeddings": 1024
+            },
+            "attention_bias": false,
+            "mlp_bias": false,
+            "tie_word_embeddings": false,
+            "pretraining_tp": 1,
+        }),
+        Family::Qwen2 => json!({
+            "architectures": ["Qwen2ForCausalLM"],
+            "model_type": "qwen2",
+            "rms_norm_eps": 1e-6,
+            "rope_theta": 1000000.0,
+            "tie_word_embeddings": true,
+            "use_sliding_window": false,
+            "sliding_window": 2048,
+            "max_window_layers": spec.num_layers,
+        }),
+    };
+    let mut config = common;
+    if let (Value::Object(c), Value::Object(s)) = (&mut config, specific) {
+        c.extend(s);
+    }
+    config
+}
+
+/// Tensor names and shapes as the HF checkpoint of the family has them.
+fn weight_shapes(spec: &FixtureSpec, vocab: usize) -> Vec<(String, Vec<usize>)> {
+    let h = spec.hidden_size;
+    let head_dim = h / spec.num_heads;
+    let kv = spec.num_kv_heads * head_dim;
+    let mut shapes = vec![("model.embed_tokens.weight".to_string(), vec![vocab, h])];
+    for l in 0..spec.num_layers {
+        let p = format!("model.layers.{l}");
+        shapes.push((format!("{p}.input_layernorm.weight"), vec![h]));
+        shapes.push((format!("{p}.post_attention_layernorm.weight"), vec![h]));
+        shapes.push((format!("{p}.self_attn.q_proj.weight"), vec![h, h]));
+        shapes.push((format!("{p}.self_attn.k_proj.weight"), vec![kv, h]));
+        shapes.push((format!("{p}.self_attn.v_proj.weight"), vec![kv, h]));
+        shapes.push((format!("{p}.self_attn.o_proj.weight"), vec![h, h]));
+        if spec.family == Family::Qwen2 {
+            shapes.push((format!("{p}.self_attn.q_proj.bias"), vec![h]));
+            shapes.push((format!("{p}.self_attn.k_proj.bias"), vec![kv]));
+            shapes.push((format!("{p}.self_attn.v_proj.bias"), vec![kv]));
+        }
+        let i = spec.intermediate_size;
+        shapes.push((format!("{p}.mlp.gate_proj.weight"), vec![i, h]));
+        shapes.push((format!("{p}.mlp.up_proj.weight"), vec![i, h]));
+        shapes.push((format!("{p}.mlp.down_proj.weight"), vec![h, i]));
+    }
+    shapes.push(("model.norm.weight".to_string(), vec![h]));
+    if spec.family == Family::Llama {
+        shapes.push(("lm_head.weight".to_string(), vec![vocab, h]));
+    }
+    shapes
+}
+
+fn write_weights(path: &Path, spec: &FixtureSpec, vocab: usize) -> Result<()> {
+    let mut rng = ChaCha8Rng::seed_from_u64(spec.seed);
+    let tensors: Vec<(String, Vec<usize>, Vec<u8>)> = weight_shapes(spec, vocab)
+        .into_iter()
+        .map(|(name, shape)| {
+            let n: usize = shape.iter().product();
+            let values: Vec<f32> = if name.ends_with("norm.weight") {
+                // RMSNorm gains near 1, as trained models have them.
+                (0..n).map(|_| 1.0 + 0.1 * normal(&mut rng)).collect()
+            } else {
+                (0..n).map(|_| 0.02 * normal(&mut rng)).collect()
+            };
+            let bytes = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+            (name, shape, bytes)
+        })
+        .collect();
+    let views = tensors
+        .iter()
+        .map(|(name, shape, bytes)| {
+            let view = TensorView::new(Dtype::F32, shape.clone(), bytes)
+                .expect("shape and byte length agree by construction");
+            (name.as_str(), view)
+        })
+        .collect::<Vec<_>>();
+    let metadata = Some(std::collections::HashMap::from([(
+        "format".to_string(),
+        "pt".to_string(),
+    )]));
+    let bytes = safetensors::serialize(views, &metadata)
+        .map_err(|e| Error::model(path, format!("cannot serialize weights: {e}")))?;
+    write_atomic(path, &bytes)
+}
+
+/// Standard normal sample (Box-Muller), so weights depend only on the seed.
+fn normal(rng: &mut ChaCha8Rng) -> f32 {
+    let u1: f64 = rng.gen_range(f64::EPSILON..1.0);
+    let u2: f64 = rng.gen();
+    ((-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()) as f32
+}

@@ -1,0 +1,26 @@
+//! Backpropagate engine: fine-tune local LLMs with LoRA and hand them to Ollama.
+//!
+//! Data flows one way: dataset → tokens → model + LoRA → trainer → run directory →
+//! exports → Ollama. This crate holds every step and no UI code; the `backprop` CLI,
+//! the headless server and the desktop app are thin faces over it that render the
+//! same [`Event`] stream.
+//!
+//! ```no_run
+//! use backpropagate::data::{prepare, PrepareOptions};
+//! let prepared = prepare("assets/samples/alpaca.jsonl".as_ref(), "my-model".as_ref(),
+//!                        &PrepareOptions::default())?;
+//! println!("{}", prepared.stats);
+//! # Ok::<(), backpropagate::Error>(())
+//! ```
+
+pub mod config;
+pub mod data;
+pub mod error;
+pub mod event;
+pub mod fixture;
+pub mod fsx;
+pub mod model_dir;
+
+pub use config::TrainConfig;
+pub use error::{Error, Result};
+pub use event::Event;

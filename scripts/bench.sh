@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# Runs the benchmarks with their peers measured in the same run.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+# shellcheck source=env.sh
+source scripts/env.sh
+ensure_python_env
+BACKPROP_PYTHON="$BACKPROP_VENV/bin/python" cargo bench --locked -p backpropagate --bench data_pipeline

@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# The main job on a fresh machine: install prerequisites, build `backprop`, make a
+# tiny model (no download needed) and run the sample data through it.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+# shellcheck source=env.sh
+source scripts/env.sh
+cargo build --locked --release -p backprop-cli
+BACKPROP="$CARGO_TARGET_DIR/release/backprop"
+MODEL="$CARGO_TARGET_DIR/demo/tiny-qwen2"
+"$BACKPROP" fixture "$MODEL" --family qwen2
+"$BACKPROP" data check assets/samples/alpaca.jsonl --model "$MODEL" --show 1
+echo
+echo "Next: training lands with issue #4 (\`backprop train\`)."

@@ -1,0 +1,24 @@
+# Shared settings for the scripts: sourced, not run.
+# The cargo target dir and the Python venv live outside the checkout so that fresh
+# clones (CI) reuse earlier builds and downloads.
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/backpropagate/target}"
+BACKPROP_VENV="${BACKPROP_VENV:-$HOME/.cache/backpropagate/venv}"
+export BACKPROP_VENV
+export PIP_CACHE_DIR="${PIP_CACHE_DIR:-$HOME/.cache/backpropagate/pip}"
+export PIP_DISABLE_PIP_VERSION_CHECK=1
+
+# Creates the venv with the Python reference stack (transformers etc.) once, and
+# again whenever tests/python/requirements.txt changes.
+ensure_python_env() {
+    local req="tests/python/requirements.txt"
+    local stamp="$BACKPROP_VENV/.requirements.sha256"
+    local want
+    want=$(sha256sum "$req" | cut -d' ' -f1)
+    if [ ! -x "$BACKPROP_VENV/bin/python" ]; then
+        python3 -m venv "$BACKPROP_VENV"
+    fi
+    if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+        "$BACKPROP_VENV/bin/pip" install --quiet -r "$req"
+        echo "$want" > "$stamp"
+    fi
+}
