@@ -48,8 +48,8 @@ pub fn check(args: &CheckArgs) -> Result<ExitCode> {
             train_on: args.train_on,
         },
     };
-    let result = read_jsonl(&args.file, &options.read)
-        .and_then(|raw| encode_all(raw, &encoder, &options));
+    let result =
+        read_jsonl(&args.file, &options.read).and_then(|raw| encode_all(raw, &encoder, &options));
     let prepared = match result {
         Ok(p) => p,
         Err(DataError::Io { path, source }) => {

@@ -103,7 +103,11 @@ fn run(cli: Cli) -> Result<ExitCode> {
             let mut spec = backpropagate::fixture::FixtureSpec::new(args.family);
             spec.seed = args.seed;
             backpropagate::fixture::write_fixture_model(&args.out, &spec)?;
-            println!("wrote a tiny {:?} model to {}", args.family, args.out.display());
+            println!(
+                "wrote a tiny {:?} model to {}",
+                args.family,
+                args.out.display()
+            );
             Ok(ExitCode::SUCCESS)
         }
         Command::Train(_) => planned("train", 4),

@@ -42,7 +42,8 @@ fn main() {
         println!("peer skipped: set BACKPROP_PYTHON to a Python with transformers");
         return;
     };
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../benches/peers/hf_data_pipeline.py");
+    let script =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../benches/peers/hf_data_pipeline.py");
     let out = Command::new(python)
         .arg(script)
         .arg(&data)
@@ -62,7 +63,10 @@ fn main() {
         "data pipeline (transformers): median {peer:.3}s → {:.0} samples/s",
         LINES as f64 / peer
     );
-    println!("ratio: ours is {:.1}x the samples/s of transformers", peer / ours);
+    println!(
+        "ratio: ours is {:.1}x the samples/s of transformers",
+        peer / ours
+    );
 }
 
 fn median(v: &mut [f64]) -> f64 {

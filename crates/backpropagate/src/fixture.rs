@@ -127,9 +127,8 @@ fn info(family: Family) -> FamilyInfo {
 pub fn write_fixture_model(dir: &Path, spec: &FixtureSpec) -> Result<()> {
     std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
     let info = info(spec.family);
-    let tokenizer = train_tokenizer(spec, &info).map_err(|e| {
-        Error::model(dir, format!("training the fixture tokenizer failed: {e}"))
-    })?;
+    let tokenizer = train_tokenizer(spec, &info)
+        .map_err(|e| Error::model(dir, format!("training the fixture tokenizer failed: {e}")))?;
     let tokenizer_json = tokenizer
         .to_string(true)
         .map_err(|e| Error::model(dir, format!("cannot serialize the tokenizer: {e}")))?;

@@ -35,7 +35,9 @@ impl ModelDir {
         } else {
             Err(Error::model(
                 &self.path,
-                format!("missing {name} ({why}); download the full model folder, not just the weights"),
+                format!(
+                    "missing {name} ({why}); download the full model folder, not just the weights"
+                ),
             ))
         }
     }

@@ -130,10 +130,7 @@ fn prompt_completion_and_text() {
     assert_eq!(d.format, Format::Text);
     assert_eq!(d.samples.len(), 2, "blank lines are skipped");
     assert_eq!(d.samples[1].line, 3);
-    assert_eq!(
-        d.samples[1].content,
-        Content::Text("The end.".to_string())
-    );
+    assert_eq!(d.samples[1].content, Content::Text("The end.".to_string()));
 }
 
 #[test]
@@ -146,8 +143,8 @@ fn bundled_samples_are_valid() {
         ("prompt_completion.jsonl", Format::PromptCompletion, 20),
         ("text.jsonl", Format::Text, 20),
     ] {
-        let d = read_jsonl(&root.join(file), &ReadOptions::default())
-            .unwrap_or_else(|e| panic!("{e}"));
+        let d =
+            read_jsonl(&root.join(file), &ReadOptions::default()).unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(d.format, format, "{file}");
         assert_eq!(d.samples.len(), n, "{file}");
         assert!(d.warnings.is_empty(), "{file}: {:?}", d.warnings);
@@ -188,7 +185,10 @@ fn missing_fields_wrong_types_and_empty_content() {
         p,
         vec![
             (2, "missing field `output`".to_string()),
-            (3, "field `output` must be a string, found a number".to_string()),
+            (
+                3,
+                "field `output` must be a string, found a number".to_string()
+            ),
             (4, "field `instruction` is empty".to_string()),
             (
                 5,
@@ -215,7 +215,10 @@ fn bad_turns_are_each_reported() {
         (2, "turn 2 has empty `content`"),
         (3, "no assistant turn: nothing for the model to learn from"),
         (4, "`messages` is empty"),
-        (5, "field `messages` must be an array of turns, found a string"),
+        (
+            5,
+            "field `messages` must be an array of turns, found a string",
+        ),
         (6, "turn 1 is missing `content`"),
         (6, "turn 2 is missing `role`"),
         (7, "turn 1 has a non-text content part"),
@@ -231,8 +234,10 @@ fn bad_turns_are_each_reported() {
 
 #[test]
 fn unknown_sharegpt_role_suggests_sharegpt_names() {
-    let e = read(br#"{"conversations": [{"from": "human", "value": "Q"}, {"from": "tool", "value": "A"}]}
-"#)
+    let e = read(
+        br#"{"conversations": [{"from": "human", "value": "Q"}, {"from": "tool", "value": "A"}]}
+"#,
+    )
     .unwrap_err();
     let p = &e.problems()[0];
     assert_eq!(p.message, "turn 2 has unknown from `tool`");
@@ -245,7 +250,10 @@ fn records_of_no_known_format_list_their_keys() {
     assert_eq!(p[0].0, 1);
     assert!(p[0].1.contains("question"), "{}", p[0].1);
     let p = problems(b"\"just a string\"\n");
-    assert_eq!(p, vec![(1, "expected a JSON object, found a string".to_string())]);
+    assert_eq!(
+        p,
+        vec![(1, "expected a JSON object, found a string".to_string())]
+    );
 }
 
 #[test]
@@ -260,7 +268,8 @@ fn mixed_formats_name_the_first_offending_line() {
     assert_eq!(p.len(), 1, "{p:?}");
     assert_eq!(p[0].0, 3);
     assert!(
-        p[0].1.contains("this record is text but the file started as alpaca on line 1"),
+        p[0].1
+            .contains("this record is text but the file started as alpaca on line 1"),
         "{}",
         p[0].1
     );
@@ -272,25 +281,39 @@ fn bom_and_crlf_are_handled_with_warnings() {
     let d = read(b"\xEF\xBB\xBF{\"text\": \"a\"}\r\n{\"text\": \"b\"}\r\n").unwrap();
     assert_eq!(d.samples.len(), 2);
     assert_eq!(d.samples[1].content, Content::Text("b".into()));
-    let w: Vec<_> = d.warnings.iter().map(|w| (w.line, w.message.as_str())).collect();
+    let w: Vec<_> = d
+        .warnings
+        .iter()
+        .map(|w| (w.line, w.message.as_str()))
+        .collect();
     assert_eq!(w.len(), 2, "{w:?}");
     assert_eq!(w[0].0, 1);
     assert!(w[0].1.contains("byte-order mark"), "{}", w[0].1);
-    assert!(w[1].1.contains("2 lines end with Windows line endings"), "{}", w[1].1);
+    assert!(
+        w[1].1.contains("2 lines end with Windows line endings"),
+        "{}",
+        w[1].1
+    );
     assert!(d.warnings.iter().all(|w| w.severity == Severity::Warning));
 }
 
 #[test]
 fn invalid_utf8_names_line_and_byte() {
     let p = problems(b"{\"text\": \"ok\"}\n{\"text\": \"caf\xE9\"}\n");
-    assert_eq!(p, vec![(2, "invalid UTF-8 at byte 14 of the line".to_string())]);
+    assert_eq!(
+        p,
+        vec![(2, "invalid UTF-8 at byte 14 of the line".to_string())]
+    );
 }
 
 #[test]
 fn empty_files_are_refused() {
     for bytes in [&b""[..], b"\n\n   \n", b"\xEF\xBB\xBF"] {
         let p = problems(bytes);
-        assert_eq!(p, vec![(0, "the file is empty: no records found".to_string())]);
+        assert_eq!(
+            p,
+            vec![(0, "the file is empty: no records found".to_string())]
+        );
     }
 }
 

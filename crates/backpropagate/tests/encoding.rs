@@ -7,9 +7,9 @@ mod common;
 use std::path::Path;
 
 use backpropagate::data::{
-    encode_all, pack, read_jsonl, prepare, ChatTemplate, Content, DataError, EncodeOptions,
-    Encoded, Encoder, Format, Message, PrepareOptions, ReadOptions, Role, Sample,
-    TemplateSource, TrainOn, IGNORE_INDEX,
+    encode_all, pack, prepare, read_jsonl, ChatTemplate, Content, DataError, EncodeOptions,
+    Encoded, Encoder, Format, Message, PrepareOptions, ReadOptions, Role, Sample, TemplateSource,
+    TrainOn, IGNORE_INDEX,
 };
 use backpropagate::fixture::Family;
 use common::{fixture, samples_dir};
@@ -46,18 +46,26 @@ fn render(enc: &Encoder, s: &Sample) -> String {
 #[test]
 fn qwen2_template_matches_hf_rendering() {
     let enc = encoder(Family::Qwen2);
-    assert!(matches!(enc.template().source(), TemplateSource::File(p) if p.ends_with("tokenizer_config.json")));
+    assert!(
+        matches!(enc.template().source(), TemplateSource::File(p) if p.ends_with("tokenizer_config.json"))
+    );
     let s = chat(&[(Role::User, "Hi there"), (Role::Assistant, "Hello!")]);
     assert_eq!(
         render(&enc, &s),
         "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\nHi there<|im_end|>\n<|im_start|>assistant\nHello!<|im_end|>\n"
     );
-    let with_system = chat(&[(Role::System, "Be brief."), (Role::User, "Q"), (Role::Assistant, "A")]);
+    let with_system = chat(&[
+        (Role::System, "Be brief."),
+        (Role::User, "Q"),
+        (Role::Assistant, "A"),
+    ]);
     assert_eq!(
         render(&enc, &with_system),
         "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nQ<|im_end|>\n<|im_start|>assistant\nA<|im_end|>\n"
     );
-    let Content::Chat(m) = &s.content else { unreachable!() };
+    let Content::Chat(m) = &s.content else {
+        unreachable!()
+    };
     assert!(enc
         .template()
         .render(&m[..1], true)
@@ -101,7 +109,10 @@ fn loss_mask_covers_only_assistant_replies_and_their_end_token() {
     assert_eq!(e.input_ids[0], bos);
     assert_eq!(e.input_ids.iter().filter(|&&t| t == bos).count(), 1);
     // Token ids decode back to exactly the rendered text.
-    assert_eq!(enc.tokenizer().decode(&e.input_ids, false).unwrap(), render(&enc, &s));
+    assert_eq!(
+        enc.tokenizer().decode(&e.input_ids, false).unwrap(),
+        render(&enc, &s)
+    );
 }
 
 #[test]
@@ -109,15 +120,27 @@ fn train_on_all_keeps_every_label() {
     let enc = encoder(Family::Qwen2);
     let s = chat(&[(Role::User, "Q"), (Role::Assistant, "A")]);
     let e = enc
-        .encode(&s, &EncodeOptions { train_on: TrainOn::All, ..EncodeOptions::default() })
+        .encode(
+            &s,
+            &EncodeOptions {
+                train_on: TrainOn::All,
+                ..EncodeOptions::default()
+            },
+        )
         .unwrap();
-    assert_eq!(e.labels, e.input_ids.iter().map(|&t| t as i32).collect::<Vec<_>>());
+    assert_eq!(
+        e.labels,
+        e.input_ids.iter().map(|&t| t as i32).collect::<Vec<_>>()
+    );
 }
 
 #[test]
 fn text_samples_get_bos_from_the_tokenizer_and_eos_appended() {
     let enc = encoder(Family::Llama);
-    let s = Sample { line: 1, content: Content::Text("A short story.".into()) };
+    let s = Sample {
+        line: 1,
+        content: Content::Text("A short story.".into()),
+    };
     let e = enc.encode(&s, &EncodeOptions::default()).unwrap();
     let decoded = enc.tokenizer().decode(&e.input_ids, false).unwrap();
     assert_eq!(decoded, "<|begin_of_text|>A short story.<|eot_id|>");
@@ -125,28 +148,43 @@ fn text_samples_get_bos_from_the_tokenizer_and_eos_appended() {
 
     let enc = encoder(Family::Qwen2);
     let e = enc.encode(&s, &EncodeOptions::default()).unwrap();
-    assert_eq!(enc.tokenizer().decode(&e.input_ids, false).unwrap(), "A short story.<|im_end|>");
+    assert_eq!(
+        enc.tokenizer().decode(&e.input_ids, false).unwrap(),
+        "A short story.<|im_end|>"
+    );
 }
 
 #[test]
 fn long_samples_are_truncated_and_counted() {
     let dir = samples_dir();
     let opts = PrepareOptions {
-        encode: EncodeOptions { max_seq_len: 48, train_on: TrainOn::Assistant },
+        encode: EncodeOptions {
+            max_seq_len: 48,
+            train_on: TrainOn::Assistant,
+        },
         ..PrepareOptions::default()
     };
     let p = prepare(&dir.join("alpaca.jsonl"), fixture(Family::Qwen2), &opts).unwrap();
-    assert!(p.encoded.iter().all(|e| e.input_ids.len() <= 48 && e.labels.len() == e.input_ids.len()));
+    assert!(p
+        .encoded
+        .iter()
+        .all(|e| e.input_ids.len() <= 48 && e.labels.len() == e.input_ids.len()));
     let truncated = p.encoded.iter().filter(|e| e.full_len > 48).count();
     assert!(truncated > 0);
     assert_eq!(p.stats.truncated, truncated);
     // With the Qwen2 system prompt, 48 tokens leave no room for many answers.
     assert_eq!(
         p.stats.no_trainable,
-        p.encoded.iter().filter(|e| e.trainable_tokens() == 0).count()
+        p.encoded
+            .iter()
+            .filter(|e| e.trainable_tokens() == 0)
+            .count()
     );
     if p.stats.no_trainable > 0 {
-        assert!(p.warnings.iter().any(|w| w.message.contains("no trainable tokens")));
+        assert!(p
+            .warnings
+            .iter()
+            .any(|w| w.message.contains("no trainable tokens")));
     }
 }
 
@@ -164,7 +202,10 @@ fn sample_stats_are_consistent() {
     assert!(s.len_min <= s.len_median && s.len_median <= s.len_p95 && s.len_p95 <= s.len_max);
     assert!(s.len_min > 10, "{s}");
     assert_eq!(s.truncated, 0);
-    assert_eq!(s.total_tokens, p.encoded.iter().map(|e| e.input_ids.len()).sum::<usize>());
+    assert_eq!(
+        s.total_tokens,
+        p.encoded.iter().map(|e| e.input_ids.len()).sum::<usize>()
+    );
     assert!(s.trainable_tokens * 5 > s.total_tokens / 5 && s.trainable_tokens < s.total_tokens);
     let shown = s.to_string();
     assert!(shown.contains("samples:          200"), "{shown}");
@@ -190,7 +231,10 @@ fn template_errors_are_reported_per_line() {
     };
     assert_eq!(problems.len(), 1);
     assert_eq!(problems[0].line, 2);
-    assert_eq!(problems[0].message, "the chat template raised: System role not supported");
+    assert_eq!(
+        problems[0].message,
+        "the chat template raised: System role not supported"
+    );
 }
 
 #[test]
@@ -203,7 +247,10 @@ fn a_model_without_template_falls_back_to_chatml_with_a_warning() {
     let raw = read_jsonl(&samples_dir().join("alpaca.jsonl"), &ReadOptions::default()).unwrap();
     let p = encode_all(raw, &enc, &PrepareOptions::default()).unwrap();
     assert_eq!(p.template, TemplateSource::FallbackChatml);
-    assert!(p.warnings.iter().any(|w| w.message.contains("no chat template")));
+    assert!(p
+        .warnings
+        .iter()
+        .any(|w| w.message.contains("no chat template")));
     let e = &p.encoded[0];
     assert!(trained_text(&enc, e).ends_with("<|im_end|>\n"));
 }
@@ -212,7 +259,11 @@ fn a_model_without_template_falls_back_to_chatml_with_a_warning() {
 fn a_chat_template_jinja_file_wins_over_tokenizer_config() {
     let dir = tempfile::tempdir().unwrap();
     copy_model(fixture(Family::Qwen2), dir.path());
-    std::fs::write(dir.path().join("chat_template.jinja"), "{% for m in messages %}<{{ m.role }}>{{ m.content }}{% endfor %}").unwrap();
+    std::fs::write(
+        dir.path().join("chat_template.jinja"),
+        "{% for m in messages %}<{{ m.role }}>{{ m.content }}{% endfor %}",
+    )
+    .unwrap();
     let t = ChatTemplate::from_model_dir(dir.path()).unwrap();
     assert_eq!(
         t.render(&[Message::new(Role::User, "x")], false).unwrap(),
@@ -223,9 +274,15 @@ fn a_chat_template_jinja_file_wins_over_tokenizer_config() {
 #[test]
 fn missing_tokenizer_is_named() {
     let dir = tempfile::tempdir().unwrap();
-    let err = Encoder::from_model_dir(dir.path()).err().unwrap().to_string();
+    let err = Encoder::from_model_dir(dir.path())
+        .err()
+        .unwrap()
+        .to_string();
     assert!(err.contains("missing tokenizer.json"), "{err}");
-    let err = Encoder::from_model_dir(&dir.path().join("nope")).err().unwrap().to_string();
+    let err = Encoder::from_model_dir(&dir.path().join("nope"))
+        .err()
+        .unwrap()
+        .to_string();
     assert!(err.contains("not a model folder"), "{err}");
 }
 
@@ -253,7 +310,12 @@ fn fixture_models_are_deterministic() {
             &backpropagate::fixture::FixtureSpec::new(family),
         )
         .unwrap();
-        for file in ["tokenizer.json", "model.safetensors", "config.json", "tokenizer_config.json"] {
+        for file in [
+            "tokenizer.json",
+            "model.safetensors",
+            "config.json",
+            "tokenizer_config.json",
+        ] {
             assert_eq!(
                 std::fs::read(dir.path().join(file)).unwrap(),
                 std::fs::read(fixture(family).join(file)).unwrap(),
@@ -268,7 +330,8 @@ fn fixture_vocab_matches_the_tokenizer() {
     for family in [Family::Llama, Family::Qwen2] {
         let dir = fixture(family);
         let config: serde_json::Value =
-            serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
+            serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap())
+                .unwrap();
         let enc = Encoder::from_model_dir(dir).unwrap();
         let vocab = enc.tokenizer().get_vocab_size(true);
         assert_eq!(config["vocab_size"], vocab);

@@ -88,10 +88,7 @@ impl Encoder {
         let model = ModelDir::open(dir)?;
         let tokenizer_path = model.tokenizer_json()?;
         let tokenizer = Tokenizer::from_file(&tokenizer_path).map_err(|e| {
-            Error::model(
-                &tokenizer_path,
-                format!("cannot load the tokenizer: {e}"),
-            )
+            Error::model(&tokenizer_path, format!("cannot load the tokenizer: {e}"))
         })?;
         let template = ChatTemplate::from_model_dir(dir)?;
         Ok(Self::new(tokenizer, template, tokenizer_path))

@@ -74,7 +74,10 @@ mod tests {
         assert_eq!(rows[0].position_ids, vec![0, 1, 2, 0, 1, 2, 3]);
         assert_eq!(rows[0].starts, vec![0, 3]);
         assert_eq!(rows[1].input_ids, vec![30, 31, 32, 33, 34]);
-        assert_eq!(rows[1].labels[0], 30, "a row's first sample keeps its labels");
+        assert_eq!(
+            rows[1].labels[0], 30,
+            "a row's first sample keeps its labels"
+        );
     }
 
     #[test]

@@ -196,7 +196,9 @@ pub(crate) fn read_from<R: Read>(
     if crlf_lines > 0 {
         found.push(Diagnostic::warning(
             first_crlf,
-            format!("{crlf_lines} lines end with Windows line endings (CRLF); they were read as LF"),
+            format!(
+                "{crlf_lines} lines end with Windows line endings (CRLF); they were read as LF"
+            ),
         ));
     }
     if !any_content {
@@ -243,11 +245,7 @@ fn json_error(line: usize, text: &str, e: &serde_json::Error) -> Diagnostic {
     } else {
         "each line must be one JSON object starting with `{`"
     };
-    Diagnostic::error(
-        line,
-        format!("not valid JSON: {e}"),
-        hint,
-    )
+    Diagnostic::error(line, format!("not valid JSON: {e}"), hint)
 }
 
 /// One physical line, without its `\n`.

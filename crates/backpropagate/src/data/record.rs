@@ -303,7 +303,10 @@ fn parse_turns(
             problems.push(Diagnostic::error(
                 line,
                 format!("missing field `{}`", keys.list),
-                format!("add `\"{}\": [...]` with the conversation's turns", keys.list),
+                format!(
+                    "add `\"{}\": [...]` with the conversation's turns",
+                    keys.list
+                ),
             ));
             return None;
         }

@@ -405,7 +405,10 @@ mod tests {
         )
         .unwrap();
         let r = t
-            .render(&conv(&[(Role::User, "hi"), (Role::Assistant, "  yo  ")]), false)
+            .render(
+                &conv(&[(Role::User, "hi"), (Role::Assistant, "  yo  ")]),
+                false,
+            )
             .unwrap();
         assert_eq!(r, "HI|yo");
     }
@@ -420,7 +423,10 @@ mod tests {
         )
         .unwrap();
         let r = t
-            .render_with_spans(&conv(&[(Role::User, "question"), (Role::Assistant, "answer")]))
+            .render_with_spans(&conv(&[
+                (Role::User, "question"),
+                (Role::Assistant, "answer"),
+            ]))
             .unwrap();
         assert_eq!(r.text, "[assistant]answer[user]question");
         assert_eq!(&r.text[r.assistant[0].clone()], "answer");
