@@ -1,0 +1,181 @@
+//! The `backprop` binary end to end: help, honest stubs, fixture + data check on the
+//! bundled samples and broken files.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::OnceLock;
+
+fn backprop(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_backprop"))
+        .args(args)
+        .output()
+        .expect("run backprop")
+}
+
+fn text(o: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+fn samples() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../assets/samples")
+}
+
+fn model() -> &'static str {
+    static DIR: OnceLock<tempfile::TempDir> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let dir = tempfile::tempdir().unwrap();
+        let out = backprop(&["fixture", dir.path().to_str().unwrap(), "--family", "llama"]);
+        assert!(out.status.success(), "{}", text(&out));
+        dir
+    })
+    .path()
+    .to_str()
+    .unwrap()
+}
+
+fn check(file: &str) -> Output {
+    let path = samples().join(file);
+    backprop(&["data", "check", path.to_str().unwrap(), "--model", model()])
+}
+
+#[test]
+fn help_lists_every_planned_subcommand() {
+    let out = backprop(&["--help"]);
+    assert!(out.status.success());
+    let help = text(&out);
+    for cmd in [
+        "data",
+        "train",
+        "multi-run",
+        "export",
+        "push",
+        "runs",
+        "ollama",
+        "doctor",
+        "serve",
+        "config",
+        "fixture",
+    ] {
+        assert!(
+            help.contains(&format!("\n  {cmd}")),
+            "{cmd} missing from:\n{help}"
+        );
+    }
+}
+
+#[test]
+fn unimplemented_subcommands_say_so_and_fail() {
+    for cmd in ["multi-run", "export", "push", "doctor", "serve"] {
+        let out = backprop(&[cmd]);
+        assert_eq!(out.status.code(), Some(2), "{cmd}");
+        assert!(text(&out).contains("not implemented yet"), "{cmd}");
+    }
+}
+
+#[test]
+fn data_check_reports_stats_for_good_samples() {
+    for (file, format) in [
+        ("alpaca.jsonl", "alpaca"),
+        ("messages.jsonl", "messages"),
+        ("sharegpt.jsonl", "sharegpt"),
+        ("prompt_completion.jsonl", "prompt_completion"),
+        ("text.jsonl", "text"),
+    ] {
+        let out = check(file);
+        let t = text(&out);
+        assert!(out.status.success(), "{file}: {t}");
+        assert!(t.contains(&format!("format:           {format}")), "{t}");
+        assert!(t.contains("OK: ready to train."), "{t}");
+    }
+}
+
+#[test]
+fn data_check_lists_every_bad_line_and_exits_1() {
+    let out = check("broken/bad_lines.jsonl");
+    assert_eq!(out.status.code(), Some(1));
+    let t = text(&out);
+    assert!(t.contains("4 problems found"), "{t}");
+    for needle in [
+        "line 2: missing field `output`",
+        "line 3: field `output` must be a string, found a number",
+        "line 4: not valid JSON",
+        "line 5: field `instruction` is empty",
+        "Nothing was changed",
+    ] {
+        assert!(t.contains(needle), "{needle} not in:\n{t}");
+    }
+}
+
+#[test]
+fn data_check_on_each_broken_file() {
+    let cases = [
+        (
+            "broken/mixed_formats.jsonl",
+            "line 3: this record is messages but the file started as alpaca on line 1",
+        ),
+        (
+            "broken/bad_roles.jsonl",
+            "line 2: turn 2 has unknown role `bot`",
+        ),
+        ("broken/bad_roles.jsonl", "line 3: no assistant turn"),
+        (
+            "broken/bad_roles.jsonl",
+            "line 4: turn 2 has empty `content`",
+        ),
+        ("broken/json_array.json", "JSONL needs one object per line"),
+        ("broken/latin1.jsonl", "line 1: invalid UTF-8 at byte 14"),
+        ("broken/empty.jsonl", "the file is empty"),
+    ];
+    for (file, needle) in cases {
+        let out = check(file);
+        assert_eq!(out.status.code(), Some(1), "{file}");
+        assert!(
+            text(&out).contains(needle),
+            "{file}: `{needle}` not in:\n{}",
+            text(&out)
+        );
+    }
+}
+
+#[test]
+fn bom_and_crlf_files_train_with_warnings() {
+    let out = check("broken/windows_bom_crlf.jsonl");
+    let t = text(&out);
+    assert!(out.status.success(), "{t}");
+    assert!(
+        t.contains("warning: line 1: file starts with a UTF-8 byte-order mark"),
+        "{t}"
+    );
+    assert!(t.contains("2 lines end with Windows line endings"), "{t}");
+}
+
+#[test]
+fn a_missing_model_folder_is_a_clear_error() {
+    let path = samples().join("alpaca.jsonl");
+    let out = backprop(&[
+        "data",
+        "check",
+        path.to_str().unwrap(),
+        "--model",
+        "/no/such/model",
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        text(&out).contains("/no/such/model: not a model folder"),
+        "{}",
+        text(&out)
+    );
+}
+
+#[test]
+fn config_defaults_is_valid_toml_with_the_seed_defaults() {
+    let out = backprop(&["config", "defaults"]);
+    let t = String::from_utf8(out.stdout).unwrap();
+    let c: backpropagate::TrainConfig = toml::from_str(&t).unwrap();
+    assert_eq!(c, backpropagate::TrainConfig::default());
+    assert!(t.contains("batch_size = \"auto\""), "{t}");
+}
