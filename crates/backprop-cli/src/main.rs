@@ -2,6 +2,7 @@
 //! the `backpropagate` engine; `--help` on any subcommand is its manual.
 
 mod data_cmd;
+mod train_cmd;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -27,8 +28,8 @@ enum Command {
     /// Inspect and validate training data
     #[command(subcommand)]
     Data(DataCommand),
-    /// Train a LoRA adapter on a model (not implemented yet)
-    Train(Planned),
+    /// Train a LoRA adapter on a model, or resume a run
+    Train(Box<train_cmd::TrainArgs>),
     /// Staged multi-run (SLAO) training against forgetting (not implemented yet)
     MultiRun(Planned),
     /// Export a run: PEFT adapter, merged safetensors, GGUF (not implemented yet)
@@ -110,7 +111,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             );
             Ok(ExitCode::SUCCESS)
         }
-        Command::Train(_) => planned("train", 4),
+        Command::Train(args) => train_cmd::train(&args),
         Command::MultiRun(_) => planned("multi-run", 8),
         Command::Export(_) => planned("export", 5),
         Command::Push(_) => planned("push", 7),

@@ -23,6 +23,11 @@ pub enum Error {
     Config { path: PathBuf, message: String },
     #[error("invalid option: {0}")]
     InvalidOption(String),
+    /// A tensor operation failed (out of memory, a device error, a shape bug).
+    #[error("compute error: {0}")]
+    Tensor(#[from] candle_core::Error),
+    #[error("{path}: {message}")]
+    Run { path: PathBuf, message: String },
 }
 
 impl Error {

@@ -34,6 +34,32 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     })
 }
 
+/// Writes named f32 tensors (name, shape, row-major values) as a safetensors file,
+/// atomically, with the `format: pt` metadata transformers expects.
+pub fn write_f32_safetensors(
+    path: &Path,
+    tensors: &[(String, Vec<usize>, Vec<f32>)],
+) -> Result<()> {
+    let bytes: Vec<Vec<u8>> = tensors
+        .iter()
+        .map(|(_, _, values)| values.iter().flat_map(|v| v.to_le_bytes()).collect())
+        .collect();
+    let mut views = Vec::with_capacity(tensors.len());
+    for ((name, shape, _), data) in tensors.iter().zip(&bytes) {
+        let view =
+            safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape.clone(), data)
+                .map_err(|e| Error::model(path, format!("tensor `{name}`: {e}")))?;
+        views.push((name.as_str(), view));
+    }
+    let metadata = Some(std::collections::HashMap::from([(
+        "format".to_string(),
+        "pt".to_string(),
+    )]));
+    let out = safetensors::serialize(views, metadata)
+        .map_err(|e| Error::model(path, format!("cannot serialize tensors: {e}")))?;
+    write_atomic(path, &out)
+}
+
 /// Makes a rename durable. Directories cannot be opened for sync on Windows, where
 /// NTFS journals the rename itself, so failure here is not an error.
 fn sync_dir(dir: &Path) {

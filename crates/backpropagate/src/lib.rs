@@ -19,7 +19,11 @@ pub mod error;
 pub mod event;
 pub mod fixture;
 pub mod fsx;
+pub mod lora;
+pub mod model;
 pub mod model_dir;
+pub mod run;
+pub mod train;
 
 pub use config::TrainConfig;
 pub use error::{Error, Result};

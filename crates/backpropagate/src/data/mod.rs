@@ -22,7 +22,9 @@ pub use reader::{read_jsonl, RawDataset, ReadOptions};
 pub use record::{Content, Format, Message, Role, Sample};
 pub use split::{split, Split};
 pub use stats::DatasetStats;
-pub use template::{ChatTemplate, Rendered, TemplateError, TemplateSource, CHATML_TEMPLATE};
+pub use template::{
+    civil_from_days, ChatTemplate, Rendered, TemplateError, TemplateSource, CHATML_TEMPLATE,
+};
 
 use diagnostic::Collector;
 

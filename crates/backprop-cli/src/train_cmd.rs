@@ -1,0 +1,268 @@
+//! `backprop train`: start or resume a LoRA run, with a progress bar (or JSON events).
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Mutex;
+
+use anyhow::{Context, Result};
+use backpropagate::config::{BatchSize, LrSchedule};
+use backpropagate::data::TrainOn;
+use backpropagate::event::{Event, EventSink, LogLevel};
+use backpropagate::run::{default_runs_dir, resolve_run, RunDir, RunStatus};
+use backpropagate::train::{RunSummary, Trainer};
+use backpropagate::TrainConfig;
+use clap::Args;
+use indicatif::{ProgressBar, ProgressStyle};
+
+#[derive(Args)]
+pub struct TrainArgs {
+    /// Model folder (Hugging Face layout: config.json, tokenizer.json, *.safetensors)
+    #[arg(long, required_unless_present_any = ["resume", "config"])]
+    pub model: Option<String>,
+    /// JSONL training data
+    #[arg(long, required_unless_present_any = ["resume", "config"])]
+    pub data: Option<PathBuf>,
+    /// Start from a run.toml (flags given as well override it)
+    #[arg(long, conflicts_with = "resume")]
+    pub config: Option<PathBuf>,
+    /// Continue a run (its id or folder) from its newest checkpoint
+    #[arg(long)]
+    pub resume: Option<String>,
+    /// Optimizer steps [default: 100]
+    #[arg(long)]
+    pub steps: Option<u64>,
+    /// Peak learning rate [default: 2e-4]
+    #[arg(long)]
+    pub lr: Option<f64>,
+    /// LoRA rank [default: 16]
+    #[arg(long)]
+    pub lora_r: Option<usize>,
+    /// LoRA alpha [default: 32]
+    #[arg(long)]
+    pub lora_alpha: Option<f64>,
+    /// LoRA dropout [default: 0.05]
+    #[arg(long)]
+    pub lora_dropout: Option<f64>,
+    /// Layers to adapt, comma-separated [default: q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj]
+    #[arg(long, value_delimiter = ',')]
+    pub target_modules: Option<Vec<String>>,
+    /// Micro-batch size: `auto` or a number [default: auto]
+    #[arg(long)]
+    pub batch_size: Option<BatchSize>,
+    /// Micro-batches per optimizer step [default: 1]
+    #[arg(long)]
+    pub grad_accum: Option<u32>,
+    /// Longest sample in tokens [default: 2048]
+    #[arg(long)]
+    pub max_seq_len: Option<usize>,
+    /// Learning-rate schedule after warmup: cosine, linear or constant [default: cosine]
+    #[arg(long)]
+    pub schedule: Option<String>,
+    /// Warmup steps [default: 10]
+    #[arg(long)]
+    pub warmup: Option<u64>,
+    /// Loss on `assistant` replies only or on `all` tokens [default: assistant]
+    #[arg(long)]
+    pub train_on: Option<TrainOn>,
+    /// Pack several samples into each row
+    #[arg(long)]
+    pub packing: bool,
+    /// Share of samples held out for validation loss [default: 0]
+    #[arg(long)]
+    pub val_ratio: Option<f64>,
+    /// Validation loss every N steps [default: at the end only]
+    #[arg(long)]
+    pub eval_every: Option<u64>,
+    /// Checkpoint every N steps [default: 50]
+    #[arg(long)]
+    pub checkpoint_every: Option<u64>,
+    /// Random seed [default: 42]
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// Where runs are kept [default: $BACKPROP_HOME/runs or the platform data folder]
+    #[arg(long)]
+    pub runs_dir: Option<PathBuf>,
+    /// Print events as JSON lines instead of a progress bar
+    #[arg(long)]
+    pub json: bool,
+}
+
+impl TrainArgs {
+    fn apply(&self, c: &mut TrainConfig) -> Result<()> {
+        if let Some(m) = &self.model {
+            c.model = m.clone();
+        }
+        if let Some(d) = &self.data {
+            c.data = d.clone();
+        }
+        macro_rules! set {
+            ($field:expr, $value:expr) => {
+                if let Some(v) = $value.clone() {
+                    $field = v;
+                }
+            };
+        }
+        set!(c.steps, self.steps);
+        set!(c.learning_rate, self.lr);
+        set!(c.lora.r, self.lora_r);
+        set!(c.lora.alpha, self.lora_alpha);
+        set!(c.lora.dropout, self.lora_dropout);
+        set!(c.lora.target_modules, self.target_modules);
+        set!(c.batch_size, self.batch_size);
+        set!(c.gradient_accumulation, self.grad_accum);
+        set!(c.max_seq_len, self.max_seq_len);
+        set!(c.schedule.warmup_steps, self.warmup);
+        set!(c.train_on, self.train_on);
+        set!(c.val_ratio, self.val_ratio);
+        set!(c.eval_every, self.eval_every);
+        set!(c.checkpoint_every, self.checkpoint_every);
+        set!(c.seed, self.seed);
+        if let Some(s) = &self.schedule {
+            c.schedule.kind = match s.as_str() {
+                "cosine" => LrSchedule::Cosine,
+                "linear" => LrSchedule::Linear,
+                "constant" => LrSchedule::Constant,
+                other => {
+                    anyhow::bail!("unknown schedule `{other}`; use cosine, linear or constant")
+                }
+            };
+        }
+        if self.packing {
+            c.packing = true;
+        }
+        Ok(())
+    }
+}
+
+pub fn train(args: &TrainArgs) -> Result<ExitCode> {
+    let runs_dir = args.runs_dir.clone().unwrap_or_else(default_runs_dir);
+    let summary = if let Some(run) = &args.resume {
+        let dir = resolve_run(&runs_dir, run)?;
+        let steps = RunDir::open(&dir)?.config()?.steps;
+        let face = Face::new(args.json, steps);
+        let s = Trainer::resume(&dir, &face, &Default::default())
+            .with_context(|| format!("resuming {}", dir.display()))?;
+        face.finish();
+        s
+    } else {
+        let mut config = match &args.config {
+            Some(p) => TrainConfig::load(p)?,
+            None => TrainConfig::default(),
+        };
+        args.apply(&mut config)?;
+        config.validate().map_err(anyhow::Error::msg)?;
+        let face = Face::new(args.json, config.steps);
+        let s = Trainer::from_config(config)
+            .runs_dir(runs_dir)
+            .on_event(face.clone())
+            .start()?;
+        face.finish();
+        s
+    };
+    report(&summary, args.json);
+    Ok(match summary.status {
+        RunStatus::Finished => ExitCode::SUCCESS,
+        _ => ExitCode::FAILURE,
+    })
+}
+
+fn report(s: &RunSummary, json: bool) {
+    if json {
+        println!("{}", serde_json::json!({"type": "Summary", "summary": s}));
+        return;
+    }
+    let loss = s
+        .final_loss
+        .map(|l| format!("{l:.4}"))
+        .unwrap_or_else(|| "-".into());
+    println!(
+        "run {} {:?} after {} steps, final loss {loss}\n  {}",
+        s.id,
+        s.status,
+        s.steps,
+        s.run_dir.display()
+    );
+}
+
+/// Renders engine events on the terminal.
+#[derive(Clone)]
+struct Face {
+    json: bool,
+    steps: u64,
+    bar: std::sync::Arc<Mutex<Option<ProgressBar>>>,
+}
+
+impl Face {
+    fn new(json: bool, steps: u64) -> Self {
+        Face {
+            json,
+            steps,
+            bar: Default::default(),
+        }
+    }
+
+    fn finish(&self) {
+        if let Some(bar) = self.bar.lock().unwrap_or_else(|e| e.into_inner()).take() {
+            bar.finish();
+        }
+    }
+}
+
+impl EventSink for Face {
+    fn emit(&self, event: Event) {
+        if self.json {
+            println!("{}", serde_json::to_string(&event).unwrap_or_default());
+            return;
+        }
+        let mut bar = self.bar.lock().unwrap_or_else(|e| e.into_inner());
+        match event {
+            Event::Step {
+                step,
+                loss,
+                lr,
+                tokens_per_s,
+                eta_s,
+                ..
+            } => {
+                let b = bar.get_or_insert_with(|| {
+                    let b = ProgressBar::new(self.steps);
+                    b.set_style(
+                        ProgressStyle::with_template("{bar:30} {pos}/{len} steps · {msg}")
+                            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+                    );
+                    b
+                });
+                b.set_position(step);
+                b.set_message(format!(
+                    "loss {loss:.4} · lr {lr:.2e} · {tokens_per_s:.0} tok/s · ETA {}s",
+                    eta_s.round()
+                ));
+            }
+            Event::Log { level, message } => {
+                let line = match level {
+                    LogLevel::Info => message,
+                    LogLevel::Warn => format!("warning: {message}"),
+                    LogLevel::Error => format!("error: {message}"),
+                };
+                match bar.as_ref() {
+                    Some(b) => b.println(line),
+                    None => eprintln!("{line}"),
+                }
+            }
+            Event::Eval { step, loss } => {
+                let line = format!("step {step}: validation loss {loss:.4}");
+                match bar.as_ref() {
+                    Some(b) => b.println(line),
+                    None => eprintln!("{line}"),
+                }
+            }
+            Event::Failed { error, hint } => {
+                eprintln!("error: {error}");
+                if let Some(h) = hint {
+                    eprintln!("  fix: {h}");
+                }
+            }
+            _ => {}
+        }
+    }
+}

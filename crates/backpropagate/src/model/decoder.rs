@@ -1,0 +1,272 @@
+//! The decoder-only transformer shared by llama, mistral, qwen2 and qwen3, in
+//! Hugging Face's formulation (pre-norm RMSNorm, rotary q/k, grouped-query attention,
+//! SwiGLU MLP), with LoRA on any of its linears. Training forward only: no KV cache.
+
+use std::path::Path;
+
+use candle_core::{DType, Device, Module, Result as CResult, Tensor, D};
+use rand_chacha::ChaCha8Rng;
+
+use super::config::ModelConfig;
+use super::ops::{
+    apply_rope, cross_entropy_sum, dropout_mask, frozen_linear, rms_norm, softmax_last_dim,
+};
+use super::rope::RopeTables;
+use super::weights::Weights;
+use crate::error::{Error, Result};
+use crate::lora::{LoraLayer, LoraSet};
+
+/// A frozen linear layer, optionally adapted by LoRA.
+struct Linear {
+    weight: Tensor,
+    bias: Option<Tensor>,
+    lora: Option<LoraLayer>,
+    scale: f64,
+    dropout: f32,
+}
+
+impl Linear {
+    fn load(
+        w: &Weights,
+        module: &str,
+        out_f: usize,
+        in_f: usize,
+        bias: bool,
+        lora: Option<&LoraSet>,
+    ) -> Result<Self> {
+        let weight = w.get(&format!("{module}.weight"), &[out_f, in_f])?;
+        let bias = if bias {
+            Some(w.get(&format!("{module}.bias"), &[out_f])?)
+        } else {
+            None
+        };
+        let adapter = lora.and_then(|l| l.find(module)).cloned();
+        Ok(Linear {
+            weight,
+            bias,
+            lora: adapter,
+            scale: lora.map_or(0.0, |l| l.scale()),
+            dropout: lora.map_or(0.0, |l| l.config.dropout as f32),
+        })
+    }
+
+    fn forward(&self, x: &Tensor, rng: &mut Option<&mut ChaCha8Rng>) -> CResult<Tensor> {
+        let mut y = frozen_linear(x, &self.weight)?;
+        if let Some(b) = &self.bias {
+            y = y.broadcast_add(b)?;
+        }
+        if let Some(l) = &self.lora {
+            let xd = match rng {
+                Some(rng) if self.dropout > 0.0 => {
+                    (x * dropout_mask(x.shape(), self.dropout, *rng, x.device())?)?
+                }
+                _ => x.clone(),
+            };
+            let h = xd.broadcast_matmul(&l.a.as_tensor().t()?)?;
+            let d = h.broadcast_matmul(&l.b.as_tensor().t()?)?;
+            y = (y + (d * self.scale)?)?;
+        }
+        Ok(y)
+    }
+}
+
+struct Layer {
+    input_norm: Tensor,
+    post_norm: Tensor,
+    q: Linear,
+    k: Linear,
+    v: Linear,
+    o: Linear,
+    q_norm: Option<Tensor>,
+    k_norm: Option<Tensor>,
+    gate: Linear,
+    up: Linear,
+    down: Linear,
+}
+
+/// Inputs of one forward pass, built by the batcher.
+pub struct BatchInputs {
+    /// (b, t) u32
+    pub input_ids: Tensor,
+    /// (b, t) u32 positions (restart per packed sample)
+    pub position_ids: Tensor,
+    /// (b, 1, t, t) f32 additive mask: 0 where attention is allowed, -inf elsewhere.
+    pub mask: Tensor,
+    /// Flat indices (into b*t) of positions whose next token is a target, and those
+    /// targets: only these rows go through the LM head.
+    pub target_rows: Tensor,
+    pub targets: Tensor,
+    pub target_count: usize,
+}
+
+pub struct CausalLm {
+    pub config: ModelConfig,
+    embed: Tensor,
+    layers: Vec<Layer>,
+    norm: Tensor,
+    lm_head: Tensor,
+    rope: RopeTables,
+    device: Device,
+}
+
+impl CausalLm {
+    /// Loads the base model from a HF folder, attaching `lora` where it targets.
+    pub fn load(
+        dir: &Path,
+        config: ModelConfig,
+        lora: Option<&LoraSet>,
+        max_positions: usize,
+        device: &Device,
+    ) -> Result<Self> {
+        let w = Weights::open(dir, DType::F32, device)?;
+        let c = &config;
+        let (h, i, v) = (c.hidden_size, c.intermediate_size, c.vocab_size);
+        let q_out = c.num_heads * c.head_dim;
+        let kv_out = c.num_kv_heads * c.head_dim;
+        let embed = w.get("model.embed_tokens.weight", &[v, h])?;
+        let mut layers = Vec::with_capacity(c.num_layers);
+        for l in 0..c.num_layers {
+            let p = format!("model.layers.{l}");
+            let attn = |name: &str, o, i, bias| {
+                Linear::load(&w, &format!("{p}.self_attn.{name}"), o, i, bias, lora)
+            };
+            let mlp = |name: &str, o, i| {
+                Linear::load(&w, &format!("{p}.mlp.{name}"), o, i, c.mlp_bias, lora)
+            };
+            let (q_norm, k_norm) = if c.qk_norm {
+                (
+                    Some(w.get(&format!("{p}.self_attn.q_norm.weight"), &[c.head_dim])?),
+                    Some(w.get(&format!("{p}.self_attn.k_norm.weight"), &[c.head_dim])?),
+                )
+            } else {
+                (None, None)
+            };
+            layers.push(Layer {
+                input_norm: w.get(&format!("{p}.input_layernorm.weight"), &[h])?,
+                post_norm: w.get(&format!("{p}.post_attention_layernorm.weight"), &[h])?,
+                q: attn("q_proj", q_out, h, c.qkv_bias)?,
+                k: attn("k_proj", kv_out, h, c.qkv_bias)?,
+                v: attn("v_proj", kv_out, h, c.qkv_bias)?,
+                o: attn("o_proj", h, q_out, c.o_bias)?,
+                q_norm,
+                k_norm,
+                gate: mlp("gate_proj", i, h)?,
+                up: mlp("up_proj", i, h)?,
+                down: mlp("down_proj", h, i)?,
+            });
+        }
+        let norm = w.get("model.norm.weight", &[h])?;
+        let lm_head = if c.tie_word_embeddings || !w.contains("lm_head.weight") {
+            if !c.tie_word_embeddings {
+                return Err(Error::model(
+                    dir,
+                    "missing tensor `lm_head.weight` and `tie_word_embeddings` is false",
+                ));
+            }
+            embed.clone()
+        } else {
+            w.get("lm_head.weight", &[v, h])?
+        };
+        let rope = RopeTables::new(c, max_positions.max(1), device)?;
+        Ok(CausalLm {
+            config,
+            embed,
+            layers,
+            norm,
+            lm_head,
+            rope,
+            device: device.clone(),
+        })
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    pub fn max_positions(&self) -> usize {
+        self.rope.cos.dims()[0]
+    }
+
+    /// Final hidden states (b, t, hidden).
+    pub fn hidden_states(
+        &self,
+        batch: &BatchInputs,
+        mut rng: Option<&mut ChaCha8Rng>,
+    ) -> CResult<Tensor> {
+        let (b, t) = batch.input_ids.dims2()?;
+        let c = &self.config;
+        let mut h = candle_nn::Embedding::new(self.embed.clone(), c.hidden_size)
+            .forward(&batch.input_ids)?;
+        let pos = batch.position_ids.flatten_all()?;
+        let cos = self
+            .rope
+            .cos
+            .index_select(&pos, 0)?
+            .reshape((b, 1, t, c.head_dim))?;
+        let sin = self
+            .rope
+            .sin
+            .index_select(&pos, 0)?
+            .reshape((b, 1, t, c.head_dim))?;
+        let n_rep = c.num_heads / c.num_kv_heads;
+        let scale = 1.0 / (c.head_dim as f64).sqrt();
+        for layer in &self.layers {
+            let x = rms_norm(&h, &layer.input_norm, c.rms_norm_eps)?;
+            let heads = |y: Tensor, n: usize| y.reshape((b, t, n, c.head_dim))?.transpose(1, 2);
+            let mut q = heads(layer.q.forward(&x, &mut rng)?, c.num_heads)?;
+            let mut k = heads(layer.k.forward(&x, &mut rng)?, c.num_kv_heads)?;
+            let v = heads(layer.v.forward(&x, &mut rng)?, c.num_kv_heads)?;
+            if let (Some(qn), Some(kn)) = (&layer.q_norm, &layer.k_norm) {
+                q = rms_norm(&q, qn, c.rms_norm_eps)?;
+                k = rms_norm(&k, kn, c.rms_norm_eps)?;
+            }
+            let q = apply_rope(&q.contiguous()?, &cos, &sin)?;
+            let k = repeat_kv(apply_rope(&k.contiguous()?, &cos, &sin)?, n_rep)?;
+            let v = repeat_kv(v.contiguous()?, n_rep)?;
+            let scores = (q.matmul(&k.t()?)? * scale)?.broadcast_add(&batch.mask)?;
+            let probs = softmax_last_dim(&scores)?;
+            let attn =
+                probs
+                    .matmul(&v)?
+                    .transpose(1, 2)?
+                    .reshape((b, t, c.num_heads * c.head_dim))?;
+            h = (h + layer.o.forward(&attn, &mut rng)?)?;
+            let x = rms_norm(&h, &layer.post_norm, c.rms_norm_eps)?;
+            let gated =
+                (layer.gate.forward(&x, &mut rng)?.silu()? * layer.up.forward(&x, &mut rng)?)?;
+            h = (h + layer.down.forward(&gated, &mut rng)?)?;
+        }
+        rms_norm(&h, &self.norm, c.rms_norm_eps)
+    }
+
+    /// Logits for every position (b, t, vocab); for previews and reference checks.
+    pub fn logits(&self, batch: &BatchInputs) -> CResult<Tensor> {
+        let h = self.hidden_states(batch, None)?;
+        frozen_linear(&h, &self.lm_head)
+    }
+
+    /// Summed cross-entropy over the batch's targets (only those rows reach the LM head).
+    pub fn loss_sum(&self, batch: &BatchInputs, rng: Option<&mut ChaCha8Rng>) -> CResult<Tensor> {
+        let h = self.hidden_states(batch, rng)?;
+        let rows = h.flatten_to(1)?.index_select(&batch.target_rows, 0)?;
+        let logits = frozen_linear(&rows, &self.lm_head)?;
+        let weights = Tensor::ones(batch.target_count, DType::F32, &self.device)?;
+        cross_entropy_sum(&logits, &batch.targets, &weights)
+    }
+}
+
+/// Grouped-query attention: each k/v head serves `n_rep` query heads.
+fn repeat_kv(x: Tensor, n_rep: usize) -> CResult<Tensor> {
+    if n_rep == 1 {
+        return Ok(x);
+    }
+    let (b, kv, t, d) = x.dims4()?;
+    x.unsqueeze(2)?
+        .expand((b, kv, n_rep, t, d))?
+        .reshape((b, kv * n_rep, t, d))
+}
+
+#[allow(dead_code)]
+fn last_dim(x: &Tensor) -> CResult<usize> {
+    x.dim(D::Minus1)
+}

@@ -1,0 +1,13 @@
+//! Decoder-only model families in candle: config, weights, the transformer with LoRA
+//! hooks, and the differentiable ops it is built from.
+
+mod config;
+mod decoder;
+pub mod ops;
+mod rope;
+mod weights;
+
+pub use config::{Arch, ModelConfig, RopeScaling, SUPPORTED};
+pub use decoder::{BatchInputs, CausalLm};
+pub use rope::inv_freq;
+pub use weights::Weights;

@@ -1,0 +1,325 @@
+//! The run directory — the unit users see, list, resume and export:
+//!
+//! ```text
+//! runs/<id>/run.toml          resolved TrainConfig (reusable with --config)
+//! runs/<id>/run.json          identity: id, created, model, data hash, status
+//! runs/<id>/metrics.jsonl     one line per step (and per evaluation)
+//! runs/<id>/events.jsonl      every Event, in order
+//! runs/<id>/checkpoints/step-N/   adapter + optimizer + RNG + data cursor
+//! runs/<id>/adapter/          the final adapter (PEFT layout)
+//! runs/<id>/exports/
+//! ```
+//!
+//! Small files are replaced atomically; checkpoints appear by directory rename, so a
+//! killed process leaves the last complete checkpoint and nothing half-written.
+
+use std::fs::{File, OpenOptions};
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use serde::{Deserialize, Serialize};
+
+use crate::config::TrainConfig;
+use crate::error::{Error, Result};
+use crate::event::{Event, EventSink};
+use crate::fsx::write_atomic;
+
+/// Where runs live unless told otherwise: `$BACKPROP_HOME/runs`, else the platform's
+/// data folder (`~/.local/share/backpropagate/runs`, `%APPDATA%\backpropagate\runs`,
+/// `~/Library/Application Support/backpropagate/runs`).
+pub fn default_runs_dir() -> PathBuf {
+    if let Some(home) = std::env::var_os("BACKPROP_HOME") {
+        return PathBuf::from(home).join("runs");
+    }
+    dirs::data_dir()
+        .unwrap_or_else(|| PathBuf::from("."))
+        .join("backpropagate")
+        .join("runs")
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RunStatus {
+    Running,
+    Stopped,
+    Finished,
+    Failed,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RunInfo {
+    pub id: String,
+    pub created: String,
+    /// Absolute model folder and data file the run was started with.
+    pub model_dir: PathBuf,
+    pub data: PathBuf,
+    /// sha256 of the data file, to refuse resuming on changed data.
+    pub data_sha256: String,
+    pub status: RunStatus,
+    pub step: u64,
+}
+
+/// One metrics line.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MetricLine {
+    pub step: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub loss: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub eval_loss: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lr: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub grad_norm: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tokens: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tokens_per_s: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub elapsed_s: Option<f64>,
+}
+
+pub struct RunDir {
+    path: PathBuf,
+    metrics: Mutex<File>,
+    events: Mutex<File>,
+}
+
+impl RunDir {
+    /// Creates `runs_dir/<id>/` with its config and identity files.
+    pub fn create(runs_dir: &Path, info: &RunInfo, config: &TrainConfig) -> Result<Self> {
+        let path = runs_dir.join(&info.id);
+        std::fs::create_dir_all(path.join("checkpoints")).map_err(|e| Error::io(&path, e))?;
+        write_atomic(&path.join("run.toml"), config.to_toml().as_bytes())?;
+        let dir = Self::open_files(path)?;
+        dir.write_info(info)?;
+        Ok(dir)
+    }
+
+    /// Opens an existing run for resuming.
+    pub fn open(path: &Path) -> Result<Self> {
+        if !path.join("run.json").is_file() {
+            return Err(Error::Run {
+                path: path.to_path_buf(),
+                message: "not a run directory (no run.json)".into(),
+            });
+        }
+        Self::open_files(path.to_path_buf())
+    }
+
+    fn open_files(path: PathBuf) -> Result<Self> {
+        let append = |name: &str| {
+            let p = path.join(name);
+            OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&p)
+                .map_err(|e| Error::io(&p, e))
+        };
+        Ok(RunDir {
+            metrics: Mutex::new(append("metrics.jsonl")?),
+            events: Mutex::new(append("events.jsonl")?),
+            path,
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn config(&self) -> Result<TrainConfig> {
+        TrainConfig::load(&self.path.join("run.toml"))
+    }
+
+    pub fn info(&self) -> Result<RunInfo> {
+        let p = self.path.join("run.json");
+        let text = std::fs::read_to_string(&p).map_err(|e| Error::io(&p, e))?;
+        serde_json::from_str(&text).map_err(|e| Error::Run {
+            path: p,
+            message: format!("unreadable: {e}"),
+        })
+    }
+
+    pub fn write_info(&self, info: &RunInfo) -> Result<()> {
+        let json = serde_json::to_string_pretty(info).expect("RunInfo serializes");
+        write_atomic(&self.path.join("run.json"), json.as_bytes())
+    }
+
+    pub fn append_metric(&self, line: &MetricLine) -> Result<()> {
+        let p = self.path.join("metrics.jsonl");
+        let mut f = self.metrics.lock().unwrap_or_else(|e| e.into_inner());
+        let mut text = serde_json::to_string(line).expect("metrics serialize");
+        text.push('\n');
+        f.write_all(text.as_bytes()).map_err(|e| Error::io(&p, e))
+    }
+
+    /// Makes metrics written so far durable (at checkpoints).
+    pub fn sync_metrics(&self) -> Result<()> {
+        let f = self.metrics.lock().unwrap_or_else(|e| e.into_inner());
+        f.sync_data()
+            .map_err(|e| Error::io(self.path.join("metrics.jsonl"), e))
+    }
+
+    pub fn metrics(&self) -> Result<Vec<MetricLine>> {
+        read_metrics(&self.path.join("metrics.jsonl"))
+    }
+
+    /// Drops metric lines past `step` (logged after the checkpoint a resume starts
+    /// from), so the resumed run's lines replace them instead of duplicating them.
+    pub fn truncate_metrics_after(&self, step: u64) -> Result<()> {
+        let p = self.path.join("metrics.jsonl");
+        let kept: Vec<MetricLine> = self
+            .metrics()?
+            .into_iter()
+            .filter(|m| m.step <= step)
+            .collect();
+        let mut text = String::new();
+        for m in &kept {
+            text.push_str(&serde_json::to_string(m).expect("metrics serialize"));
+            text.push('\n');
+        }
+        let mut f = self.metrics.lock().unwrap_or_else(|e| e.into_inner());
+        write_atomic(&p, text.as_bytes())?;
+        *f = OpenOptions::new()
+            .append(true)
+            .open(&p)
+            .map_err(|e| Error::io(&p, e))?;
+        Ok(())
+    }
+
+    pub fn checkpoints_dir(&self) -> PathBuf {
+        self.path.join("checkpoints")
+    }
+
+    /// The newest complete checkpoint, if any.
+    pub fn latest_checkpoint(&self) -> Result<Option<(u64, PathBuf)>> {
+        Ok(list_checkpoints(&self.checkpoints_dir())?.pop())
+    }
+
+    pub fn log_event(&self, event: &Event) {
+        let mut f = self.events.lock().unwrap_or_else(|e| e.into_inner());
+        let mut text = serde_json::to_string(event).expect("events serialize");
+        text.push('\n');
+        // The event log is a convenience copy of what faces already saw; a full disk
+        // shows up at the next checkpoint write, which is where it matters.
+        let _ = f.write_all(text.as_bytes());
+    }
+}
+
+/// Checkpoints sorted by step; temporary directories of interrupted writes are skipped.
+pub fn list_checkpoints(dir: &Path) -> Result<Vec<(u64, PathBuf)>> {
+    let mut out = Vec::new();
+    let entries = match std::fs::read_dir(dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(out),
+        Err(e) => return Err(Error::io(dir, e)),
+    };
+    for entry in entries {
+        let entry = entry.map_err(|e| Error::io(dir, e))?;
+        let name = entry.file_name();
+        let Some(step) = name
+            .to_str()
+            .and_then(|n| n.strip_prefix("step-"))
+            .and_then(|s| s.parse().ok())
+        else {
+            continue;
+        };
+        if entry.path().join("state.json").is_file() {
+            out.push((step, entry.path()));
+        }
+    }
+    out.sort_by_key(|(s, _)| *s);
+    Ok(out)
+}
+
+pub fn read_metrics(path: &Path) -> Result<Vec<MetricLine>> {
+    let f = match File::open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(Error::io(path, e)),
+    };
+    let mut out = Vec::new();
+    for line in BufReader::new(f).lines() {
+        let line = line.map_err(|e| Error::io(path, e))?;
+        // A process killed mid-write can leave a torn last line; it is dropped.
+        if let Ok(m) = serde_json::from_str(&line) {
+            out.push(m);
+        }
+    }
+    Ok(out)
+}
+
+/// Forwards events to a face and keeps a copy in the run's events.jsonl.
+pub struct RunSink<'a> {
+    pub run: &'a RunDir,
+    pub inner: &'a dyn EventSink,
+}
+
+impl EventSink for RunSink<'_> {
+    fn emit(&self, event: Event) {
+        self.run.log_event(&event);
+        self.inner.emit(event);
+    }
+}
+
+/// Runs under `runs_dir`, newest first.
+pub fn list_runs(runs_dir: &Path) -> Result<Vec<RunInfo>> {
+    let mut out = Vec::new();
+    let entries = match std::fs::read_dir(runs_dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(out),
+        Err(e) => return Err(Error::io(runs_dir, e)),
+    };
+    for entry in entries.flatten() {
+        if let Ok(run) = RunDir::open(&entry.path()) {
+            if let Ok(info) = run.info() {
+                out.push(info);
+            }
+        }
+    }
+    out.sort_by(|a, b| b.created.cmp(&a.created).then(b.id.cmp(&a.id)));
+    Ok(out)
+}
+
+/// Finds a run by path or by id under `runs_dir`.
+pub fn resolve_run(runs_dir: &Path, run: &str) -> Result<PathBuf> {
+    let as_path = PathBuf::from(run);
+    if as_path.join("run.json").is_file() {
+        return Ok(as_path);
+    }
+    let under = runs_dir.join(run);
+    if under.join("run.json").is_file() {
+        return Ok(under);
+    }
+    Err(Error::Run {
+        path: as_path,
+        message: format!(
+            "no such run (looked for a run directory there and under {})",
+            runs_dir.display()
+        ),
+    })
+}
+
+/// UTC timestamp `YYYY-MM-DDTHH:MM:SSZ` and a compact form for run ids.
+pub fn now_utc() -> (String, String) {
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let (y, m, d) = crate::data::civil_from_days((secs / 86_400) as i64);
+    let (hh, mm, ss) = (secs / 3600 % 24, secs / 60 % 60, secs % 60);
+    (
+        format!("{y:04}-{m:02}-{d:02}T{hh:02}:{mm:02}:{ss:02}Z"),
+        format!("{y:04}{m:02}{d:02}-{hh:02}{mm:02}{ss:02}"),
+    )
+}
+
+/// sha256 of a file, streamed.
+pub fn sha256_file(path: &Path) -> Result<String> {
+    use sha2::{Digest, Sha256};
+    let mut f = File::open(path).map_err(|e| Error::io(path, e))?;
+    let mut h = Sha256::new();
+    std::io::copy(&mut f, &mut h).map_err(|e| Error::io(path, e))?;
+    Ok(format!("{:x}", h.finalize()))
+}

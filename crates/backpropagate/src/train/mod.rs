@@ -1,0 +1,660 @@
+//! The LoRA trainer: data → rows → forward/backward on the frozen base with LoRA →
+//! AdamW → metrics, events and checkpoints in a run directory; resumable from any
+//! checkpoint with the same losses as an uninterrupted run (same device and threads).
+//!
+//! ```no_run
+//! use backpropagate::train::Trainer;
+//! let summary = Trainer::new("models/qwen2").lora_r(16).train("data.jsonl", 60)?;
+//! println!("adapter in {}", summary.run_dir.join("adapter").display());
+//! # Ok::<(), backpropagate::Error>(())
+//! ```
+
+pub mod batch;
+mod checkpoint;
+pub mod optim;
+pub mod schedule;
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use candle_core::{Device, Tensor};
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+use serde::Serialize;
+
+use self::batch::{Cursor, DataOrder, Row};
+use self::checkpoint::State;
+use self::optim::{clip_grad_norm, AdamW};
+use self::schedule::lr_at;
+use crate::config::{BatchSize, TrainConfig};
+use crate::data::{pack, prepare, split, EncodeOptions, PrepareOptions};
+use crate::error::{Error, Result};
+use crate::event::{Event, EventSink, LogLevel, Silent};
+use crate::lora::LoraSet;
+use crate::model::{CausalLm, ModelConfig};
+use crate::run::{self, MetricLine, RunDir, RunInfo, RunSink, RunStatus};
+
+/// Asks a running job to stop at the next step boundary (after a checkpoint).
+#[derive(Debug, Clone, Default)]
+pub struct CancelToken(Arc<AtomicBool>);
+
+impl CancelToken {
+    pub fn cancel(&self) {
+        self.0.store(true, Ordering::SeqCst)
+    }
+    pub fn is_cancelled(&self) -> bool {
+        self.0.load(Ordering::SeqCst)
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct RunSummary {
+    pub id: String,
+    pub run_dir: PathBuf,
+    pub status: RunStatus,
+    pub steps: u64,
+    pub final_loss: Option<f64>,
+    pub trainable_params: usize,
+    pub total_params: usize,
+}
+
+/// Builder over `TrainConfig`, in the spirit of the Python package:
+/// `Trainer::new(model).lora_r(16).train(data, steps)`.
+pub struct Trainer {
+    config: TrainConfig,
+    runs_dir: PathBuf,
+    name: Option<String>,
+    sink: Arc<dyn EventSink>,
+    cancel: CancelToken,
+    device: Device,
+}
+
+impl Trainer {
+    pub fn new(model: impl Into<String>) -> Self {
+        Trainer::from_config(TrainConfig {
+            model: model.into(),
+            ..TrainConfig::default()
+        })
+    }
+
+    pub fn from_config(config: TrainConfig) -> Self {
+        Trainer {
+            config,
+            runs_dir: run::default_runs_dir(),
+            name: None,
+            sink: Arc::new(Silent),
+            cancel: CancelToken::default(),
+            device: Device::Cpu,
+        }
+    }
+
+    pub fn lora_r(mut self, r: usize) -> Self {
+        self.config.lora.r = r;
+        self
+    }
+    pub fn lora_alpha(mut self, alpha: f64) -> Self {
+        self.config.lora.alpha = alpha;
+        self
+    }
+    pub fn learning_rate(mut self, lr: f64) -> Self {
+        self.config.learning_rate = lr;
+        self
+    }
+    pub fn batch_size(mut self, b: BatchSize) -> Self {
+        self.config.batch_size = b;
+        self
+    }
+    pub fn seed(mut self, seed: u64) -> Self {
+        self.config.seed = seed;
+        self
+    }
+    pub fn runs_dir(mut self, dir: impl Into<PathBuf>) -> Self {
+        self.runs_dir = dir.into();
+        self
+    }
+    /// A readable suffix for the run id (e.g. the dataset name).
+    pub fn name(mut self, name: impl Into<String>) -> Self {
+        self.name = Some(name.into());
+        self
+    }
+    pub fn on_event(mut self, sink: impl EventSink + 'static) -> Self {
+        self.sink = Arc::new(sink);
+        self
+    }
+    pub fn cancel_token(&self) -> CancelToken {
+        self.cancel.clone()
+    }
+    pub fn config_mut(&mut self) -> &mut TrainConfig {
+        &mut self.config
+    }
+
+    /// Trains on `data` for `steps` optimizer steps in a new run directory.
+    pub fn train(mut self, data: impl AsRef<Path>, steps: u64) -> Result<RunSummary> {
+        self.config.data = data.as_ref().to_path_buf();
+        self.config.steps = steps;
+        self.start()
+    }
+
+    /// Starts a new run with the configuration as it stands.
+    pub fn start(self) -> Result<RunSummary> {
+        self.config.validate().map_err(Error::InvalidOption)?;
+        let model_dir = absolute(Path::new(&self.config.model))?;
+        let data = absolute(&self.config.data)?;
+        let (created, stamp) = run::now_utc();
+        let base = self
+            .name
+            .clone()
+            .or_else(|| data.file_stem().map(|s| s.to_string_lossy().into_owned()))
+            .unwrap_or_else(|| "run".into());
+        let id = unique_id(&self.runs_dir, &format!("{stamp}-{}", sanitize(&base)));
+        let info = RunInfo {
+            id,
+            created,
+            model_dir,
+            data: data.clone(),
+            data_sha256: run::sha256_file(&data)?,
+            status: RunStatus::Running,
+            step: 0,
+        };
+        // Validate data and model before creating anything on disk.
+        let session = Session::prepare(&self.config, &info, &self.device, self.sink.as_ref())?;
+        let run = RunDir::create(&self.runs_dir, &info, &self.config)?;
+        session.run(run, info, None, self.sink.as_ref(), &self.cancel)
+    }
+
+    /// Continues a run from its newest checkpoint (or from the start if it has none).
+    pub fn resume(
+        run_dir: &Path,
+        sink: &dyn EventSink,
+        cancel: &CancelToken,
+    ) -> Result<RunSummary> {
+        let run = RunDir::open(run_dir)?;
+        let config = run.config()?;
+        let mut info = run.info()?;
+        let hash = run::sha256_file(&info.data)?;
+        if hash != info.data_sha256 {
+            return Err(Error::Run {
+                path: info.data.clone(),
+                message: "the data file changed since this run started; resuming would train on different data. Start a new run instead".into(),
+            });
+        }
+        let device = Device::Cpu;
+        let session = Session::prepare(&config, &info, &device, sink)?;
+        let checkpoint = run.latest_checkpoint()?;
+        info.status = RunStatus::Running;
+        session.run(run, info, checkpoint.map(|(_, p)| p), sink, cancel)
+    }
+}
+
+fn absolute(p: &Path) -> Result<PathBuf> {
+    std::fs::canonicalize(p).map_err(|e| Error::io(p, e))
+}
+
+fn sanitize(s: &str) -> String {
+    s.chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                c
+            } else {
+                '-'
+            }
+        })
+        .take(40)
+        .collect()
+}
+
+fn unique_id(runs_dir: &Path, base: &str) -> String {
+    let mut id = base.to_string();
+    let mut n = 2;
+    while runs_dir.join(&id).exists() {
+        id = format!("{base}-{n}");
+        n += 1;
+    }
+    id
+}
+
+/// Everything prepared for training, before any file is written.
+struct Session {
+    config: TrainConfig,
+    model_config: ModelConfig,
+    train_rows: Vec<Row>,
+    val_rows: Vec<Row>,
+    micro_batch: usize,
+    pad_id: u32,
+    device: Device,
+}
+
+impl Session {
+    fn prepare(
+        config: &TrainConfig,
+        info: &RunInfo,
+        device: &Device,
+        sink: &dyn EventSink,
+    ) -> Result<Self> {
+        let model_config = ModelConfig::load(
+            &crate::model_dir::ModelDir::open(&info.model_dir)?
+                .require("config.json", "the model architecture")?,
+        )?;
+        let options = PrepareOptions {
+            encode: EncodeOptions {
+                max_seq_len: config.max_seq_len,
+                train_on: config.train_on,
+            },
+            ..PrepareOptions::default()
+        };
+        sink.emit(Event::Progress {
+            stage: "tokenize".into(),
+            done: 0,
+            total: 1,
+        });
+        let prepared = prepare(&info.data, &info.model_dir, &options)?;
+        sink.emit(Event::Progress {
+            stage: "tokenize".into(),
+            done: 1,
+            total: 1,
+        });
+        for w in &prepared.warnings {
+            sink.emit(Event::Log {
+                level: LogLevel::Warn,
+                message: w.to_string(),
+            });
+        }
+        let usable: Vec<_> = prepared
+            .encoded
+            .iter()
+            .filter(|e| {
+                e.labels
+                    .iter()
+                    .skip(1)
+                    .any(|&l| l != crate::data::IGNORE_INDEX)
+            })
+            .cloned()
+            .collect();
+        if usable.is_empty() {
+            return Err(Error::Run {
+                path: info.data.clone(),
+                message: "no sample has a token to train on (raise max_seq_len, or check the data)"
+                    .into(),
+            });
+        }
+        let parts =
+            split(usable.len(), config.val_ratio, config.seed).map_err(Error::InvalidOption)?;
+        let pick = |idx: &[usize]| idx.iter().map(|&i| usable[i].clone()).collect::<Vec<_>>();
+        let (train, val) = (pick(&parts.train), pick(&parts.val));
+        let to_rows = |samples: Vec<crate::data::Encoded>| -> Vec<Row> {
+            if config.packing {
+                pack(&samples, config.max_seq_len)
+                    .into_iter()
+                    .map(Row::from)
+                    .filter(|r| r.target_count() > 0)
+                    .collect()
+            } else {
+                samples.iter().map(Row::from).collect()
+            }
+        };
+        let train_rows = to_rows(train);
+        let val_rows = to_rows(val);
+        let micro_batch = match config.batch_size {
+            BatchSize::Fixed(n) => n as usize,
+            BatchSize::Auto => auto_batch(&train_rows),
+        };
+        sink.emit(Event::Log {
+            level: LogLevel::Info,
+            message: format!(
+                "{} training rows, {} validation rows, micro-batch {} × accumulation {}",
+                train_rows.len(),
+                val_rows.len(),
+                micro_batch,
+                config.gradient_accumulation
+            ),
+        });
+        Ok(Session {
+            config: config.clone(),
+            model_config,
+            train_rows,
+            val_rows,
+            micro_batch,
+            pad_id: 0,
+            device: device.clone(),
+        })
+    }
+
+    fn run(
+        self,
+        run: RunDir,
+        mut info: RunInfo,
+        checkpoint: Option<PathBuf>,
+        face: &dyn EventSink,
+        cancel: &CancelToken,
+    ) -> Result<RunSummary> {
+        let sink = RunSink {
+            run: &run,
+            inner: face,
+        };
+        let result = self.run_inner(&run, &mut info, checkpoint, &sink, cancel);
+        match &result {
+            Ok(summary) => {
+                info.status = summary.status;
+                info.step = summary.steps;
+            }
+            Err(e) => {
+                info.status = RunStatus::Failed;
+                sink.emit(Event::Failed {
+                    error: e.to_string(),
+                    hint: None,
+                });
+            }
+        }
+        run.write_info(&info)?;
+        result
+    }
+
+    fn run_inner(
+        self,
+        run: &RunDir,
+        info: &mut RunInfo,
+        checkpoint: Option<PathBuf>,
+        sink: &dyn EventSink,
+        cancel: &CancelToken,
+    ) -> Result<RunSummary> {
+        let c = &self.config;
+        let template_opt = AdamW::new(
+            &[],
+            c.optimizer.beta1,
+            c.optimizer.beta2,
+            c.optimizer.eps,
+            c.optimizer.weight_decay,
+        );
+        let dropout_seed = c.seed.wrapping_add(1);
+        let (lora, mut opt, mut state) = match &checkpoint {
+            Some(dir) => {
+                let loaded =
+                    checkpoint::load(dir, &self.model_config, &template_opt, &self.device)?;
+                run.truncate_metrics_after(loaded.state.step)?;
+                sink.emit(Event::Log {
+                    level: LogLevel::Info,
+                    message: format!("resuming from step {}", loaded.state.step),
+                });
+                (loaded.lora, loaded.opt, loaded.state)
+            }
+            None => {
+                run.truncate_metrics_after(0)?;
+                let mut init_rng = ChaCha8Rng::seed_from_u64(c.seed);
+                let lora = LoraSet::init(&self.model_config, &c.lora, &mut init_rng, &self.device)?;
+                let sizes: Vec<usize> = lora
+                    .named_vars()
+                    .iter()
+                    .map(|(_, v)| v.elem_count())
+                    .collect();
+                let opt = AdamW::new(
+                    &sizes,
+                    c.optimizer.beta1,
+                    c.optimizer.beta2,
+                    c.optimizer.eps,
+                    c.optimizer.weight_decay,
+                );
+                let state = State {
+                    step: 0,
+                    cursor: Cursor { epoch: 0, pos: 0 },
+                    rng_seed: dropout_seed,
+                    rng_word_pos: "0".into(),
+                    optimizer_t: 0,
+                    tokens_seen: 0,
+                    elapsed_s: 0.0,
+                };
+                (lora, opt, state)
+            }
+        };
+        let max_len = self
+            .train_rows
+            .iter()
+            .chain(&self.val_rows)
+            .map(|r| r.input_ids.len())
+            .max()
+            .unwrap_or(1);
+        let model = CausalLm::load(
+            &info.model_dir,
+            self.model_config.clone(),
+            Some(&lora),
+            max_len,
+            &self.device,
+        )?;
+        let trainable = lora.trainable_parameters();
+        let total = self.model_config.parameter_count();
+        sink.emit(Event::Log {
+            level: LogLevel::Info,
+            message: format!(
+                "trainable parameters: {trainable} of {total} ({:.3}%)",
+                100.0 * trainable as f64 / total as f64
+            ),
+        });
+
+        let mut rng = ChaCha8Rng::seed_from_u64(state.rng_seed);
+        rng.set_word_pos(state.rng_word_pos.parse::<u128>().unwrap_or(0));
+        let mut order = DataOrder::new(self.train_rows.len(), c.seed, state.cursor);
+        let vars: Vec<_> = lora
+            .named_vars()
+            .into_iter()
+            .map(|(_, v)| v.clone())
+            .collect();
+        let mut params: Vec<Vec<f32>> = vars
+            .iter()
+            .map(|v| v.as_tensor().flatten_all().and_then(|t| t.to_vec1::<f32>()))
+            .collect::<candle_core::Result<_>>()?;
+        let per_step = self.micro_batch * c.gradient_accumulation as usize;
+        let started = Instant::now();
+        let elapsed_before = state.elapsed_s;
+        let first_step = state.step;
+        let mut last_loss = None;
+        let base_model = info.model_dir.display().to_string();
+
+        while state.step < c.steps {
+            if cancel.is_cancelled() {
+                let path = checkpoint::save(
+                    &run.checkpoints_dir(),
+                    &state_with(&state, &order, &rng, &opt),
+                    &lora,
+                    &opt,
+                    &base_model,
+                )?;
+                run.sync_metrics()?;
+                sink.emit(Event::Checkpoint {
+                    step: state.step,
+                    path: path.display().to_string(),
+                });
+                return Ok(self.summary(
+                    info,
+                    RunStatus::Stopped,
+                    state.step,
+                    last_loss,
+                    trainable,
+                    total,
+                    run,
+                ));
+            }
+            let t0 = Instant::now();
+            let lr = lr_at(
+                c.schedule.kind,
+                c.learning_rate,
+                state.step,
+                c.schedule.warmup_steps,
+                c.steps,
+            );
+            let indices = order.next_indices(per_step);
+            let rows: Vec<&Row> = indices.iter().map(|&i| &self.train_rows[i]).collect();
+            let total_targets: usize = rows.iter().map(|r| r.target_count()).sum();
+            let tokens: u64 = rows.iter().map(|r| r.input_ids.len() as u64).sum();
+            let mut grads: Vec<Vec<f32>> = params.iter().map(|p| vec![0.0; p.len()]).collect();
+            let mut loss_sum = 0.0f64;
+            for chunk in rows.chunks(self.micro_batch) {
+                let batch = batch::build(chunk, self.pad_id, &self.device)?;
+                if batch.target_count == 0 {
+                    continue;
+                }
+                let loss = model.loss_sum(&batch, (c.lora.dropout > 0.0).then_some(&mut rng))?;
+                loss_sum += loss.to_scalar::<f32>()? as f64;
+                let store = (loss / total_targets as f64)?.backward()?;
+                for (g, var) in grads.iter_mut().zip(&vars) {
+                    if let Some(t) = store.get(var.as_tensor()) {
+                        let values = t.flatten_all()?.to_vec1::<f32>()?;
+                        g.iter_mut().zip(values).for_each(|(a, b)| *a += b);
+                    }
+                }
+            }
+            let loss = loss_sum / total_targets.max(1) as f64;
+            if !loss.is_finite() {
+                return Err(Error::Run {
+                    path: run.path().to_path_buf(),
+                    message: format!(
+                        "loss became {loss} at step {}; lower the learning rate (now {})",
+                        state.step + 1,
+                        c.learning_rate
+                    ),
+                });
+            }
+            let grad_norm = clip_grad_norm(&mut grads, c.optimizer.max_grad_norm);
+            opt.step(&mut params, &grads, lr);
+            for (p, var) in params.iter().zip(&vars) {
+                var.set(&Tensor::from_slice(p, var.shape(), &self.device)?)?;
+            }
+            state.step += 1;
+            state.tokens_seen += tokens;
+            last_loss = Some(loss);
+            let step_s = t0.elapsed().as_secs_f64();
+            let elapsed = elapsed_before + started.elapsed().as_secs_f64();
+            let done_here = (state.step - first_step) as f64;
+            let eta = started.elapsed().as_secs_f64() / done_here * (c.steps - state.step) as f64;
+            let tokens_per_s = tokens as f64 / step_s.max(1e-9);
+            run.append_metric(&MetricLine {
+                step: state.step,
+                loss: Some(loss),
+                eval_loss: None,
+                lr: Some(lr),
+                grad_norm: Some(grad_norm),
+                tokens: Some(tokens),
+                tokens_per_s: Some(tokens_per_s),
+                elapsed_s: Some(elapsed),
+            })?;
+            sink.emit(Event::Step {
+                run: 0,
+                step: state.step,
+                loss,
+                lr,
+                grad_norm,
+                tokens_per_s,
+                elapsed_s: elapsed,
+                eta_s: eta,
+            });
+            let last = state.step == c.steps;
+            if !self.val_rows.is_empty()
+                && ((c.eval_every > 0 && state.step % c.eval_every == 0) || last)
+            {
+                let eval_loss = self.evaluate(&model)?;
+                run.append_metric(&MetricLine {
+                    step: state.step,
+                    loss: None,
+                    eval_loss: Some(eval_loss),
+                    lr: None,
+                    grad_norm: None,
+                    tokens: None,
+                    tokens_per_s: None,
+                    elapsed_s: None,
+                })?;
+                sink.emit(Event::Eval {
+                    step: state.step,
+                    loss: eval_loss,
+                });
+            }
+            if last || (c.checkpoint_every > 0 && state.step % c.checkpoint_every == 0) {
+                state.elapsed_s = elapsed;
+                let snapshot = state_with(&state, &order, &rng, &opt);
+                let path =
+                    checkpoint::save(&run.checkpoints_dir(), &snapshot, &lora, &opt, &base_model)?;
+                run.sync_metrics()?;
+                info.step = state.step;
+                run.write_info(info)?;
+                sink.emit(Event::Checkpoint {
+                    step: state.step,
+                    path: path.display().to_string(),
+                });
+            }
+        }
+        let adapter = run.path().join("adapter");
+        lora.save_peft(&adapter, &base_model)?;
+        sink.emit(Event::Finished {
+            steps: state.step,
+            final_loss: last_loss,
+            path: adapter.display().to_string(),
+        });
+        Ok(self.summary(
+            info,
+            RunStatus::Finished,
+            state.step,
+            last_loss,
+            trainable,
+            total,
+            run,
+        ))
+    }
+
+    fn evaluate(&self, model: &CausalLm) -> Result<f64> {
+        let mut sum = 0.0;
+        let mut count = 0usize;
+        for chunk in self
+            .val_rows
+            .iter()
+            .collect::<Vec<_>>()
+            .chunks(self.micro_batch)
+        {
+            let batch = batch::build(chunk, self.pad_id, &self.device)?;
+            if batch.target_count == 0 {
+                continue;
+            }
+            sum += model.loss_sum(&batch, None)?.to_scalar::<f32>()? as f64;
+            count += batch.target_count;
+        }
+        Ok(sum / count.max(1) as f64)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn summary(
+        &self,
+        info: &RunInfo,
+        status: RunStatus,
+        steps: u64,
+        final_loss: Option<f64>,
+        trainable: usize,
+        total: usize,
+        run: &RunDir,
+    ) -> RunSummary {
+        RunSummary {
+            id: info.id.clone(),
+            run_dir: run.path().to_path_buf(),
+            status,
+            steps,
+            final_loss,
+            trainable_params: trainable,
+            total_params: total,
+        }
+    }
+}
+
+fn state_with(state: &State, order: &DataOrder, rng: &ChaCha8Rng, opt: &AdamW) -> State {
+    State {
+        cursor: order.cursor(),
+        rng_word_pos: rng.get_word_pos().to_string(),
+        optimizer_t: opt.t,
+        ..state.clone()
+    }
+}
+
+/// Micro-batch when the user says `auto`, until memory-based sizing (GPU issue)
+/// lands: about 4096 tokens per micro-batch at the 95th-percentile row length.
+fn auto_batch(rows: &[Row]) -> usize {
+    let mut lens: Vec<usize> = rows.iter().map(|r| r.input_ids.len()).collect();
+    lens.sort_unstable();
+    let p95 = lens.get(lens.len() * 95 / 100).copied().unwrap_or(1).max(1);
+    (4096 / p95).clamp(1, 16)
+}
