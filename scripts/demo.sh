@@ -12,4 +12,7 @@ MODEL="$CARGO_TARGET_DIR/demo/tiny-qwen2"
 "$BACKPROP" fixture "$MODEL" --family qwen2
 "$BACKPROP" data check assets/samples/alpaca.jsonl --model "$MODEL" --show 1
 echo
-echo "Next: training lands with issue #4 (\`backprop train\`)."
+"$BACKPROP" train --model "$MODEL" --data assets/samples/alpaca.jsonl \
+    --steps 60 --lr 1e-2 --batch-size 4 --runs-dir "$CARGO_TARGET_DIR/demo/runs"
+echo
+echo "The trained LoRA adapter (PEFT format) is in the run folder above, under adapter/."

@@ -14,5 +14,6 @@ else
     cargo test --locked --workspace --no-fail-fast
 fi
 cargo test --locked --workspace --doc
+cargo run --locked -q -p backpropagate --example train_tiny
 BACKPROP_BIN="$CARGO_TARGET_DIR/debug/backprop" "$BACKPROP_VENV/bin/python" -m pytest -q tests/python
 echo "all tests passed"

@@ -2,6 +2,7 @@
 //! the `backpropagate` engine; `--help` on any subcommand is its manual.
 
 mod data_cmd;
+mod debug_cmd;
 mod train_cmd;
 
 use std::path::PathBuf;
@@ -49,6 +50,9 @@ enum Command {
     Config(ConfigCommand),
     /// Write a tiny random-weight model folder (for demos and tests without a hub)
     Fixture(FixtureArgs),
+    /// Developer tools (reference probes)
+    #[command(subcommand, hide = true)]
+    Debug(debug_cmd::DebugCommand),
 }
 
 #[derive(Subcommand)]
@@ -80,6 +84,9 @@ struct FixtureArgs {
     /// Random seed for the weights
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    /// `tiny` (~0.2M parameters, for tests) or `small` (~30M, for benchmarks)
+    #[arg(long, default_value = "tiny", value_parser = ["tiny", "small"])]
+    size: String,
 }
 
 fn main() -> ExitCode {
@@ -101,7 +108,10 @@ fn run(cli: Cli) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Fixture(args) => {
-            let mut spec = backpropagate::fixture::FixtureSpec::new(args.family);
+            let mut spec = match args.size.as_str() {
+                "small" => backpropagate::fixture::FixtureSpec::small(args.family),
+                _ => backpropagate::fixture::FixtureSpec::new(args.family),
+            };
             spec.seed = args.seed;
             backpropagate::fixture::write_fixture_model(&args.out, &spec)?;
             println!(
@@ -112,6 +122,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Train(args) => train_cmd::train(&args),
+        Command::Debug(cmd) => debug_cmd::run(&cmd),
         Command::MultiRun(_) => planned("multi-run", 8),
         Command::Export(_) => planned("export", 5),
         Command::Push(_) => planned("push", 7),

@@ -273,6 +273,14 @@ impl TrainConfig {
         if self.lora.target_modules.is_empty() {
             problems.push("lora.target_modules must name at least one layer".to_string());
         }
+        for t in &self.lora.target_modules {
+            if !crate::lora::TARGETS.contains(&t.as_str()) {
+                problems.push(format!(
+                    "unknown LoRA target `{t}`; choose from {}",
+                    crate::lora::TARGETS.join(", ")
+                ));
+            }
+        }
         if !(0.0..1.0).contains(&self.val_ratio) {
             problems.push(format!(
                 "val_ratio must be in [0, 1), got {}",

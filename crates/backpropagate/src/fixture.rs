@@ -84,6 +84,19 @@ impl FixtureSpec {
             seed: 0,
         }
     }
+
+    /// A ~30M-parameter model (8 layers, width 512) for benchmarks: big enough that
+    /// matrix multiplies, not bookkeeping, dominate a training step.
+    pub fn small(family: Family) -> Self {
+        FixtureSpec {
+            hidden_size: 512,
+            intermediate_size: 1408,
+            num_layers: 8,
+            num_heads: 8,
+            num_kv_heads: 4,
+            ..Self::new(family)
+        }
+    }
 }
 
 struct FamilyInfo {

@@ -4,7 +4,7 @@
 
 use std::path::Path;
 
-use candle_core::{DType, Device, Module, Result as CResult, Tensor, D};
+use candle_core::{DType, Device, Module, Result as CResult, Tensor};
 use rand_chacha::ChaCha8Rng;
 
 use super::config::ModelConfig;
@@ -13,7 +13,7 @@ use super::ops::{
 };
 use super::rope::RopeTables;
 use super::weights::Weights;
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::lora::{LoraLayer, LoraSet};
 
 /// A frozen linear layer, optionally adapted by LoRA.
@@ -109,7 +109,52 @@ pub struct CausalLm {
     device: Device,
 }
 
+/// Every tensor the checkpoint must hold for `c`, with its shape.
+pub fn expected_tensors(c: &ModelConfig) -> Vec<(String, Vec<usize>)> {
+    let (h, i, v) = (c.hidden_size, c.intermediate_size, c.vocab_size);
+    let q = c.num_heads * c.head_dim;
+    let kv = c.num_kv_heads * c.head_dim;
+    let mut out = vec![("model.embed_tokens.weight".to_string(), vec![v, h])];
+    for l in 0..c.num_layers {
+        let p = format!("model.layers.{l}");
+        let mut linear = |name: &str, o: usize, i: usize, bias: bool| {
+            out.push((format!("{p}.{name}.weight"), vec![o, i]));
+            if bias {
+                out.push((format!("{p}.{name}.bias"), vec![o]));
+            }
+        };
+        linear("self_attn.q_proj", q, h, c.qkv_bias);
+        linear("self_attn.k_proj", kv, h, c.qkv_bias);
+        linear("self_attn.v_proj", kv, h, c.qkv_bias);
+        linear("self_attn.o_proj", h, q, c.o_bias);
+        linear("mlp.gate_proj", i, h, c.mlp_bias);
+        linear("mlp.up_proj", i, h, c.mlp_bias);
+        linear("mlp.down_proj", h, i, c.mlp_bias);
+        out.push((format!("{p}.input_layernorm.weight"), vec![h]));
+        out.push((format!("{p}.post_attention_layernorm.weight"), vec![h]));
+        if c.qk_norm {
+            out.push((format!("{p}.self_attn.q_norm.weight"), vec![c.head_dim]));
+            out.push((format!("{p}.self_attn.k_norm.weight"), vec![c.head_dim]));
+        }
+    }
+    out.push(("model.norm.weight".to_string(), vec![h]));
+    if !c.tie_word_embeddings {
+        out.push(("lm_head.weight".to_string(), vec![v, h]));
+    }
+    out
+}
+
 impl CausalLm {
+    /// Checks a model folder's weights against its config without loading them, so a
+    /// bad download fails before a run starts.
+    pub fn validate(dir: &Path, config: &ModelConfig) -> Result<()> {
+        let w = Weights::open(dir, DType::F32, &Device::Cpu)?;
+        for (name, shape) in expected_tensors(config) {
+            w.check(&name, &shape)?;
+        }
+        Ok(())
+    }
+
     /// Loads the base model from a HF folder, attaching `lora` where it targets.
     pub fn load(
         dir: &Path,
@@ -156,13 +201,7 @@ impl CausalLm {
             });
         }
         let norm = w.get("model.norm.weight", &[h])?;
-        let lm_head = if c.tie_word_embeddings || !w.contains("lm_head.weight") {
-            if !c.tie_word_embeddings {
-                return Err(Error::model(
-                    dir,
-                    "missing tensor `lm_head.weight` and `tie_word_embeddings` is false",
-                ));
-            }
+        let lm_head = if c.tie_word_embeddings {
             embed.clone()
         } else {
             w.get("lm_head.weight", &[v, h])?
@@ -264,9 +303,4 @@ fn repeat_kv(x: Tensor, n_rep: usize) -> CResult<Tensor> {
     x.unsqueeze(2)?
         .expand((b, kv, n_rep, t, d))?
         .reshape((b, kv * n_rep, t, d))
-}
-
-#[allow(dead_code)]
-fn last_dim(x: &Tensor) -> CResult<usize> {
-    x.dim(D::Minus1)
 }

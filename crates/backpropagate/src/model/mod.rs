@@ -8,6 +8,6 @@ mod rope;
 mod weights;
 
 pub use config::{Arch, ModelConfig, RopeScaling, SUPPORTED};
-pub use decoder::{BatchInputs, CausalLm};
+pub use decoder::{expected_tensors, BatchInputs, CausalLm};
 pub use rope::inv_freq;
 pub use weights::Weights;

@@ -50,8 +50,9 @@ impl Weights {
         })
     }
 
-    /// A tensor by its checkpoint name, checked against the expected shape.
-    pub fn get(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
+    /// Checks that a tensor exists with the expected shape and a trainable dtype,
+    /// without loading it.
+    pub fn check(&self, name: &str, shape: &[usize]) -> Result<()> {
         let view = self.files.get(name).map_err(|_| {
             Error::model(
                 &self.dir,
@@ -68,25 +69,24 @@ impl Weights {
             ));
         }
         match view.dtype() {
-            safetensors::Dtype::F32 | safetensors::Dtype::F16 | safetensors::Dtype::BF16 => {}
-            other => {
-                return Err(Error::model(
-                    &self.dir,
-                    format!(
-                        "tensor `{name}` is {other:?}; only f32, f16 and bf16 checkpoints can be trained (quantized bases come with QLoRA)"
-                    ),
-                ))
-            }
+            safetensors::Dtype::F32 | safetensors::Dtype::F16 | safetensors::Dtype::BF16 => Ok(()),
+            other => Err(Error::model(
+                &self.dir,
+                format!(
+                    "tensor `{name}` is {other:?}; only f32, f16 and bf16 checkpoints can be trained (quantized bases come with QLoRA)"
+                ),
+            )),
         }
+    }
+
+    /// A tensor by its checkpoint name, checked, in the compute dtype.
+    pub fn get(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
+        self.check(name, shape)?;
         let t = self
             .files
             .load(name, &self.device)
             .map_err(|e| Error::model(&self.dir, format!("cannot load `{name}`: {e}")))?;
         Ok(t.to_dtype(self.dtype)?)
-    }
-
-    pub fn contains(&self, name: &str) -> bool {
-        self.files.get(name).is_ok()
     }
 }
 

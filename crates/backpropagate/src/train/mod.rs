@@ -12,6 +12,7 @@
 pub mod batch;
 mod checkpoint;
 pub mod optim;
+pub mod probe;
 pub mod schedule;
 
 use std::path::{Path, PathBuf};
@@ -237,6 +238,7 @@ impl Session {
             &crate::model_dir::ModelDir::open(&info.model_dir)?
                 .require("config.json", "the model architecture")?,
         )?;
+        CausalLm::validate(&info.model_dir, &model_config)?;
         let options = PrepareOptions {
             encode: EncodeOptions {
                 max_seq_len: config.max_seq_len,

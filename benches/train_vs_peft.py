@@ -1,0 +1,402 @@
+#!/usr/bin/env python3
+"""LoRA training throughput and peak memory: `backprop train` against PyTorch + PEFT
+on the same model, the same token ids and the same batches, measured in the same run.
+
+    python benches/train_vs_peft.py [--steps 30] [--repeats 3]
+
+(scripts/bench.sh runs it with the project venv.) Both sides train the small qwen2
+fixture (~24M parameters, f32, CPU) with LoRA r16/alpha32, dropout 0, on the 7
+projections, batch 4, AdamW(0.9, 0.999, 1e-8, wd 0.01), cosine schedule with 2 warmup
+steps, grad clip 1.0, on assets/samples/messages.jsonl.
+
+- Ours: `backprop train --json` in its own process. Step times come from the Step
+  events' `elapsed_s`, token counts from the run's metrics.jsonl.
+- Peer: this script again with `--peer`, in its own process: transformers +
+  peft, `torch.set_num_threads(os.cpu_count())`, fed the token ids that
+  `backprop data check --json` prints, in the batches our trainer draws (its seeded
+  shuffle is reproduced below and checked against our per-step token counts).
+
+Throughput = unpadded tokens of steps 3..S / wall time of steps 3..S (steps 1-2 are
+warmup). Peak RSS = ru_maxrss of that one child process (os.wait4). Each side runs
+`--repeats` times, alternating; the table shows medians. It is printed and written
+to $CARGO_TARGET_DIR/bench/train_vs_peft.md (default ~/.cache/backpropagate/target).
+
+Imports: stdlib only in the driver; torch/transformers/peft in the peer process.
+"""
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DATA = os.path.join(ROOT, "assets", "samples", "messages.jsonl")
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+BATCH = 4
+LORA_R, LORA_ALPHA = 16, 32
+LR, WARMUP, SEED, CLIP, WD = 2e-4, 2, 42, 1.0, 0.01
+WARMUP_STEPS_SKIPPED = 2
+
+
+# --- our data order, reproduced ------------------------------------------------------
+# `backprop train` (val_ratio 0) keeps the usable samples in the order of a seeded
+# shuffle (data::split) and then draws them in a second seeded shuffle per epoch
+# (train::batch::DataOrder), both rand 0.8 `SliceRandom::shuffle` with
+# `ChaCha8Rng::seed_from_u64`. Reproduced here so that the peer sees the same batches;
+# main() checks the result against the token counts our run logs.
+
+_M32 = 0xFFFFFFFF
+_M64 = (1 << 64) - 1
+
+
+def _pcg32_seed(state):
+    """rand_core 0.6 `SeedableRng::seed_from_u64`: 32 seed bytes from PCG32."""
+    out = b""
+    for _ in range(8):
+        state = (state * 6364136223846793005 + 11634580027462260723) & _M64
+        xs = (((state >> 18) ^ state) >> 27) & _M32
+        rot = state >> 59
+        out += (((xs >> rot) | (xs << ((32 - rot) & 31))) & _M32).to_bytes(4, "little")
+    return out
+
+
+class _ChaCha8:
+    """rand_chacha 0.3 ChaCha8Rng (64-bit block counter, stream 0), next_u32 only."""
+
+    def __init__(self, seed_u64):
+        key = _pcg32_seed(seed_u64 & _M64)
+        self.key = [int.from_bytes(key[i:i + 4], "little") for i in range(0, 32, 4)]
+        self.counter = 0
+        self.buf = []
+
+    def _block(self):
+        c = self.counter
+        s = [0x61707865, 0x3320646E, 0x79622D32, 0x6B206574] + self.key + [c & _M32, c >> 32, 0, 0]
+        x = list(s)
+
+        def qr(a, b, cc, d):
+            x[a] = (x[a] + x[b]) & _M32
+            x[d] ^= x[a]
+            x[d] = ((x[d] << 16) | (x[d] >> 16)) & _M32
+            x[cc] = (x[cc] + x[d]) & _M32
+            x[b] ^= x[cc]
+            x[b] = ((x[b] << 12) | (x[b] >> 20)) & _M32
+            x[a] = (x[a] + x[b]) & _M32
+            x[d] ^= x[a]
+            x[d] = ((x[d] << 8) | (x[d] >> 24)) & _M32
+            x[cc] = (x[cc] + x[d]) & _M32
+            x[b] ^= x[cc]
+            x[b] = ((x[b] << 7) | (x[b] >> 25)) & _M32
+
+        for _ in range(4):  # 8 rounds
+            qr(0, 4, 8, 12), qr(1, 5, 9, 13), qr(2, 6, 10, 14), qr(3, 7, 11, 15)
+            qr(0, 5, 10, 15), qr(1, 6, 11, 12), qr(2, 7, 8, 13), qr(3, 4, 9, 14)
+        self.counter += 1
+        self.buf = [(x[i] + s[i]) & _M32 for i in range(16)]
+        self.buf.reverse()
+
+    def next_u32(self):
+        if not self.buf:
+            self._block()
+        return self.buf.pop()
+
+
+def _gen_index(rng, n):
+    """rand 0.8 `gen_range(0..n)` for u32: widening multiply with rejection zone."""
+    zone = ((n << (32 - n.bit_length())) & _M32) - 1
+    while True:
+        t = rng.next_u32() * n
+        if t & _M32 <= zone:
+            return t >> 32
+
+
+def _shuffle(n, seed):
+    rng = _ChaCha8(seed)
+    order = list(range(n))
+    for i in range(n - 1, 0, -1):
+        j = _gen_index(rng, i + 1)
+        order[i], order[j] = order[j], order[i]
+    return order
+
+
+def our_batches(samples, steps, batch, seed):
+    """The rows `backprop train` uses at each step (no packing, val_ratio 0)."""
+    usable = [s for s in samples if any(l != -100 for l in s["labels"][1:])]
+    rows = [usable[i] for i in _shuffle(len(usable), seed)]
+    out, epoch, pos, order = [], 0, 0, _shuffle(len(rows), seed)
+    for _ in range(steps):
+        b = []
+        while len(b) < batch:
+            if pos >= len(rows):
+                epoch, pos = epoch + 1, 0
+                order = _shuffle(len(rows), seed ^ ((epoch * 0x9E3779B97F4A7C15) & _M64))
+            b.append(rows[order[pos]])
+            pos += 1
+        out.append(b)
+    return out
+
+
+# --- measuring one child process -----------------------------------------------------
+
+
+def run_measured(cmd, out_path, env=None):
+    """Runs cmd alone, stdout to out_path; returns (exit code, peak RSS MiB, cpu s, wall s).
+
+    os.wait4 reports the rusage of exactly this child (and any children it reaped),
+    not of earlier siblings as RUSAGE_CHILDREN would accumulate."""
+    t = time.perf_counter()
+    with open(out_path, "wb") as out, open(out_path + ".err", "wb") as err:
+        p = subprocess.Popen(cmd, stdout=out, stderr=err, env=env)
+        _, status, ru = os.wait4(p.pid, 0)
+    p.returncode = os.waitstatus_to_exitcode(status)
+    wall = time.perf_counter() - t
+    rss_kib = ru.ru_maxrss / (1024 if sys.platform == "darwin" else 1)  # bytes on macOS
+    return p.returncode, rss_kib / 1024, ru.ru_utime + ru.ru_stime, wall
+
+
+def check_ok(code, out_path, what):
+    if code != 0:
+        with open(out_path + ".err", encoding="utf-8", errors="replace") as f:
+            err = f.read()[-4000:]
+        sys.exit(f"{what} failed (exit {code}):\n{err}")
+
+
+def throughput(steps):
+    """steps: [(tokens, elapsed_s, loss)] in order. Tokens/s over steps 3..S."""
+    k = WARMUP_STEPS_SKIPPED
+    tokens = sum(s[0] for s in steps[k:])
+    return tokens / (steps[-1][1] - steps[k - 1][1]), tokens
+
+
+def run_ours(bin_, model, steps, work, i):
+    runs_dir = os.path.join(work, f"runs-{i}")
+    out = os.path.join(work, f"ours-{i}.jsonl")
+    cmd = [bin_, "train", "--model", model, "--data", DATA, "--steps", str(steps),
+           "--batch-size", str(BATCH), "--grad-accum", "1", "--lr", str(LR),
+           "--lora-r", str(LORA_R), "--lora-alpha", str(LORA_ALPHA), "--lora-dropout", "0",
+           "--warmup", str(WARMUP), "--seed", str(SEED), "--runs-dir", runs_dir, "--json"]
+    code, rss, cpu, wall = run_measured(cmd, out)
+    check_ok(code, out, "backprop train")
+    events = [json.loads(l) for l in open(out, encoding="utf-8") if l.startswith("{")]
+    step_ev = [e for e in events if e.get("type") == "Step"]
+    summary = next(e for e in events if e.get("type") == "Summary")["summary"]
+    metrics = os.path.join(summary["run_dir"], "metrics.jsonl")
+    if not os.path.isabs(metrics):
+        metrics = os.path.join(os.getcwd(), metrics)
+    tokens = {}
+    for line in open(metrics, encoding="utf-8"):
+        m = json.loads(line)
+        if m.get("tokens") is not None:
+            tokens[m["step"]] = m["tokens"]
+    rows = [(tokens[e["step"]], e["elapsed_s"], e["loss"]) for e in step_ev]
+    if len(rows) != steps:
+        sys.exit(f"backprop train logged {len(rows)} steps, expected {steps}")
+    shutil.rmtree(runs_dir, ignore_errors=True)
+    return rows, rss, cpu, wall, {}
+
+
+def run_peer(model, batches_path, steps, work, i):
+    out = os.path.join(work, f"peer-{i}.jsonl")
+    cmd = [sys.executable, os.path.abspath(__file__), "--peer", "--model", model,
+           "--batches", batches_path, "--steps", str(steps)]
+    code, rss, cpu, wall = run_measured(cmd, out)
+    check_ok(code, out, "PyTorch + PEFT peer")
+    lines = [json.loads(l) for l in open(out, encoding="utf-8") if l.startswith("{")]
+    info = next(l for l in lines if l.get("type") == "info")
+    rows = [(l["tokens"], l["elapsed_s"], l["loss"]) for l in lines if l.get("type") == "step"]
+    return rows, rss, cpu, wall, info
+
+
+# --- the peer process ------------------------------------------------------------------
+
+
+def peer_main(args):
+    import torch
+    import transformers
+    import peft
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, get_cosine_schedule_with_warmup
+
+    torch.set_num_threads(os.cpu_count())
+    torch.manual_seed(SEED)
+    with open(args.batches, encoding="utf-8") as f:
+        batches = json.load(f)[: args.steps]
+    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
+    model.config.use_cache = False
+    model = get_peft_model(model, LoraConfig(
+        r=LORA_R, lora_alpha=LORA_ALPHA, lora_dropout=0.0, target_modules=TARGETS,
+        bias="none", task_type="CAUSAL_LM"))
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=LR, betas=(0.9, 0.999), eps=1e-8, weight_decay=WD)
+    sched = get_cosine_schedule_with_warmup(opt, WARMUP, args.steps)
+    print(json.dumps({
+        "type": "info", "torch": torch.__version__, "transformers": transformers.__version__,
+        "peft": peft.__version__, "threads": torch.get_num_threads(),
+        "interop_threads": torch.get_num_interop_threads(),
+        "attn": getattr(model.config, "_attn_implementation", "?"),
+        "trainable": sum(p.numel() for p in params),
+    }), flush=True)
+    start = time.perf_counter()
+    for step, rows in enumerate(batches, 1):
+        t = max(len(r["input_ids"]) for r in rows)
+        ids = torch.zeros((len(rows), t), dtype=torch.long)
+        mask = torch.zeros((len(rows), t), dtype=torch.long)
+        labels = torch.full((len(rows), t), -100, dtype=torch.long)
+        for i, r in enumerate(rows):
+            n = len(r["input_ids"])
+            ids[i, :n] = torch.tensor(r["input_ids"])
+            mask[i, :n] = 1
+            labels[i, :n] = torch.tensor(r["labels"])
+        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, CLIP)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        loss = loss.item()
+        print(json.dumps({
+            "type": "step", "step": step, "loss": loss,
+            "tokens": sum(len(r["input_ids"]) for r in rows),
+            "elapsed_s": time.perf_counter() - start,
+        }), flush=True)
+
+
+# --- driver --------------------------------------------------------------------------
+
+
+def default_bin():
+    target = os.environ.get("CARGO_TARGET_DIR") or os.path.expanduser("~/.cache/backpropagate/target")
+    return os.environ.get("BACKPROP_BIN") or os.path.join(target, "release", "backprop")
+
+
+def default_out():
+    target = os.environ.get("CARGO_TARGET_DIR") or os.path.expanduser("~/.cache/backpropagate/target")
+    return os.path.join(target, "bench", "train_vs_peft.md")
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--steps", type=int, default=30, help="optimizer steps per run (default 30)")
+    ap.add_argument("--repeats", type=int, default=3, help="runs per side; medians reported (default 3)")
+    ap.add_argument("--out", default=default_out(), help="Markdown report path")
+    ap.add_argument("--peer", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--model", help=argparse.SUPPRESS)
+    ap.add_argument("--batches", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.peer:
+        return peer_main(args)
+    if args.steps <= WARMUP_STEPS_SKIPPED:
+        ap.error(f"--steps must be more than {WARMUP_STEPS_SKIPPED} (the untimed warmup steps)")
+
+    bin_ = default_bin()
+    if not os.access(bin_, os.X_OK):
+        sys.exit(f"no backprop binary at {bin_}: build it (cargo build --release -p backprop-cli) "
+                 "or set BACKPROP_BIN")
+    version = subprocess.run([bin_, "--version"], capture_output=True, text=True).stdout.strip()
+    work = tempfile.mkdtemp(prefix="bp-train-vs-peft-")
+    try:
+        model = os.path.join(work, "model")
+        subprocess.run([bin_, "fixture", model, "--family", "qwen2", "--size", "small"],
+                       check=True, stdout=subprocess.DEVNULL)
+        check = subprocess.run([bin_, "data", "check", DATA, "--model", model, "--json",
+                                "--show", "100000"], check=True, capture_output=True, text=True)
+        samples = json.loads(check.stdout)["samples"]
+        batches = our_batches(samples, args.steps, BATCH, SEED)
+        batches_path = os.path.join(work, "batches.json")
+        with open(batches_path, "w", encoding="utf-8") as f:
+            json.dump([[{"input_ids": r["input_ids"], "labels": r["labels"]} for r in b]
+                       for b in batches], f)
+        expected_tokens = [sum(len(r["input_ids"]) for r in b) for b in batches]
+
+        results = {"ours": [], "peer": []}
+        info = {}
+        for i in range(args.repeats):
+            for side in ("ours", "peer"):
+                print(f"[{i + 1}/{args.repeats}] {side} ...", file=sys.stderr, flush=True)
+                if side == "ours":
+                    r = run_ours(bin_, model, args.steps, work, i)
+                else:
+                    r = run_peer(model, batches_path, args.steps, work, i)
+                    info = r[4]
+                rows, rss, cpu, wall = r[:4]
+                tps, tok = throughput(rows)
+                timed = rows[-1][1] - rows[WARMUP_STEPS_SKIPPED - 1][1]
+                results[side].append({
+                    "tps": tps, "rss": rss, "cpu": cpu, "wall": wall, "tokens": tok,
+                    "timed_s": timed, "startup_s": rows[0][1],
+                    "step_tokens": [x[0] for x in rows], "losses": [x[2] for x in rows],
+                })
+                print(f"    {tps:.0f} tokens/s, {rss:.0f} MiB peak RSS, "
+                      f"loss {rows[0][2]:.4f} -> {rows[-1][2]:.4f}, "
+                      f"{cpu / wall:.2f} cores busy on average", file=sys.stderr, flush=True)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+    report = render(args, results, info, version, expected_tokens)
+    print(report)
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out, "w", encoding="utf-8") as f:
+        f.write(report)
+    print(f"written to {args.out}", file=sys.stderr)
+
+
+def render(args, results, info, version, expected_tokens):
+    med = lambda side, k: statistics.median(r[k] for r in results[side])
+    first = lambda side: statistics.median(r["losses"][0] for r in results[side])
+    last = lambda side: statistics.median(r["losses"][-1] for r in results[side])
+    o_tps, p_tps = med("ours", "tps"), med("peer", "tps")
+    o_rss, p_rss = med("ours", "rss"), med("peer", "rss")
+    same_batches = all(r["step_tokens"] == expected_tokens for s in results for r in results[s])
+    ncpu = os.cpu_count()
+    lines = [
+        "# LoRA training: backprop vs PyTorch + PEFT (CPU)",
+        "",
+        f"{datetime.datetime.now().strftime('%Y-%m-%d %H:%M')} · {platform.machine()} · "
+        f"{ncpu} logical cores · {version} · torch {info.get('torch')} "
+        f"({info.get('threads')} intra-op threads, {info.get('interop_threads')} inter-op), "
+        f"transformers {info.get('transformers')} (attn {info.get('attn')}), peft {info.get('peft')}",
+        "",
+        f"qwen2 `small` fixture (f32), {os.path.relpath(DATA, ROOT)}, {args.steps} steps × batch "
+        f"{BATCH} (right-padded), LoRA r{LORA_R}/α{LORA_ALPHA} dropout 0 on 7 projections, "
+        f"AdamW lr {LR:g} wd {WD}, cosine, warmup {WARMUP}, clip {CLIP}. Tokens/s = unpadded "
+        f"tokens of steps {WARMUP_STEPS_SKIPPED + 1}..{args.steps} "
+        f"({results['ours'][0]['tokens']} tokens) / their wall time; "
+        f"medians of {args.repeats} runs per side, alternating. "
+        f"Same batches on both sides: {'yes' if same_batches else 'NO (our data order was not reproduced)'}.",
+        "",
+        "| | tokens/s | peak RSS (MiB) | loss step 1 | loss step "
+        f"{args.steps} | cores busy | step 1 (s) | process wall (s) |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for side, name in (("ours", "ours (backprop)"), ("peer", "PyTorch + PEFT")):
+        lines.append(
+            f"| {name} | {med(side, 'tps'):.0f} | {med(side, 'rss'):.0f} | {first(side):.4f} | "
+            f"{last(side):.4f} | {statistics.median(r['cpu'] / r['wall'] for r in results[side]):.2f} | "
+            f"{med(side, 'startup_s'):.2f} | {med(side, 'wall'):.1f} |")
+    lines += [
+        f"| **ours / peer** | **{o_tps / p_tps:.2f}×** | **{o_rss / p_rss:.2f}×** | | | | | |",
+        "",
+        "Per run (tokens/s, MiB): "
+        + "; ".join(f"{n}: " + ", ".join(f"{r['tps']:.0f}/{r['rss']:.0f}" for r in results[s])
+                    for s, n in (("ours", "ours"), ("peer", "peer"))),
+        "",
+        "Tokens/s ratio > 1: ours faster. RSS ratio < 1: ours smaller. Step-1 losses should "
+        "agree closely (same base model and batch; LoRA B starts at zero on both sides); "
+        "later ones drift because the LoRA A init differs. `cores busy` = (user + sys CPU "
+        "time) / wall time of the whole process (model load and setup included). `step 1` = "
+        "first step's time (first-touch costs; not counted in tokens/s).",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,55 @@
+//! `backprop debug`: developer tools, hidden from the main help.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{Context, Result};
+use backpropagate::lora::write_safetensors;
+use backpropagate::train::probe::probe;
+use candle_core::Tensor;
+use clap::{Args, Subcommand};
+
+#[derive(Subcommand)]
+pub enum DebugCommand {
+    /// One forward/backward pass on a JSON batch; writes logits, loss and LoRA
+    /// gradients to a safetensors file (used by the PyTorch reference tests)
+    Probe(ProbeArgs),
+}
+
+#[derive(Args)]
+pub struct ProbeArgs {
+    #[arg(long)]
+    model: PathBuf,
+    /// PEFT adapter folder (adapter_config.json + adapter_model.safetensors)
+    #[arg(long)]
+    adapter: PathBuf,
+    /// JSON: {"input_ids": [[..], ..], "labels": [[..], ..]}
+    #[arg(long)]
+    batch: PathBuf,
+    #[arg(long)]
+    out: PathBuf,
+}
+
+pub fn run(cmd: &DebugCommand) -> Result<ExitCode> {
+    match cmd {
+        DebugCommand::Probe(a) => {
+            let text = std::fs::read_to_string(&a.batch)
+                .with_context(|| format!("reading {}", a.batch.display()))?;
+            let v: serde_json::Value = serde_json::from_str(&text)?;
+            let ids: Vec<Vec<u32>> = serde_json::from_value(v["input_ids"].clone())?;
+            let labels: Vec<Vec<i32>> = serde_json::from_value(v["labels"].clone())?;
+            let rows: Vec<_> = ids.into_iter().zip(labels).collect();
+            let out = probe(&a.model, &a.adapter, &rows)?;
+            let mut tensors = vec![
+                ("logits".to_string(), out.logits),
+                (
+                    "loss".to_string(),
+                    Tensor::new(&[out.loss as f32], &candle_core::Device::Cpu)?,
+                ),
+            ];
+            tensors.extend(out.grads.into_iter().map(|(k, g)| (format!("grad.{k}"), g)));
+            write_safetensors(&a.out, &tensors)?;
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}

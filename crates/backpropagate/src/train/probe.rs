@@ -1,0 +1,62 @@
+//! One forward + backward pass on a fixed batch, exposing logits, loss and LoRA
+//! gradients — what the reference tests compare with PyTorch + PEFT, and a tool for
+//! debugging a model port.
+
+use std::path::Path;
+
+use candle_core::{Device, Tensor};
+
+use super::batch::{build, Row};
+use crate::error::Result;
+use crate::lora::LoraSet;
+use crate::model::{CausalLm, ModelConfig};
+
+pub struct ProbeOutput {
+    /// (b, t, vocab), row-major, padded positions included.
+    pub logits: Tensor,
+    /// Mean cross-entropy over the batch's targets.
+    pub loss: f64,
+    /// Gradient of `loss` for every LoRA tensor, by PEFT key.
+    pub grads: Vec<(String, Tensor)>,
+}
+
+/// `rows` are (input_ids, labels) pairs; labels use -100 for "no loss". Dropout off.
+pub fn probe(
+    model_dir: &Path,
+    adapter_dir: &Path,
+    rows: &[(Vec<u32>, Vec<i32>)],
+) -> Result<ProbeOutput> {
+    let device = Device::Cpu;
+    let config = ModelConfig::load(&model_dir.join("config.json"))?;
+    let lora = LoraSet::load_peft(adapter_dir, &config, &device)?;
+    let max_len = rows.iter().map(|(ids, _)| ids.len()).max().unwrap_or(1);
+    let model = CausalLm::load(model_dir, config, Some(&lora), max_len, &device)?;
+    let rows: Vec<Row> = rows
+        .iter()
+        .map(|(ids, labels)| Row {
+            input_ids: ids.clone(),
+            labels: labels.clone(),
+            position_ids: (0..ids.len() as u32).collect(),
+            starts: vec![0],
+        })
+        .collect();
+    let refs: Vec<&Row> = rows.iter().collect();
+    let batch = build(&refs, 0, &device)?;
+    let logits = model.logits(&batch)?;
+    let loss_sum = model.loss_sum(&batch, None)?;
+    let loss = (loss_sum / batch.target_count.max(1) as f64)?;
+    let store = loss.backward()?;
+    let mut grads = Vec::new();
+    for (name, var) in lora.named_vars() {
+        let g = match store.get(var.as_tensor()) {
+            Some(g) => g.clone(),
+            None => var.as_tensor().zeros_like()?,
+        };
+        grads.push((name, g));
+    }
+    Ok(ProbeOutput {
+        logits: logits.detach(),
+        loss: loss.to_scalar::<f32>()? as f64,
+        grads,
+    })
+}

@@ -1,0 +1,223 @@
+//! Training on fixture models: the loss really falls, runs stop and resume through
+//! the library API, and bad models fail with errors that name the problem.
+
+mod common;
+
+use std::path::Path;
+
+use backpropagate::config::BatchSize;
+use backpropagate::event::Event;
+use backpropagate::fixture::Family;
+use backpropagate::run::{read_metrics, RunStatus};
+use backpropagate::train::Trainer;
+use common::{fixture, samples_dir};
+
+fn losses(run_dir: &Path) -> Vec<f64> {
+    read_metrics(&run_dir.join("metrics.jsonl"))
+        .unwrap()
+        .into_iter()
+        .filter_map(|m| m.loss)
+        .collect()
+}
+
+fn mean(v: &[f64]) -> f64 {
+    v.iter().sum::<f64>() / v.len() as f64
+}
+
+#[test]
+fn loss_falls_on_the_sample_dataset() {
+    let runs = tempfile::tempdir().unwrap();
+    let mut trainer = Trainer::new(fixture(Family::Qwen2).to_str().unwrap())
+        .lora_r(16)
+        .learning_rate(1e-2)
+        .batch_size(BatchSize::Fixed(4))
+        .runs_dir(runs.path());
+    trainer.config_mut().schedule.warmup_steps = 5;
+    let summary = trainer
+        .train(samples_dir().join("alpaca.jsonl"), 60)
+        .unwrap();
+    assert_eq!(summary.status, RunStatus::Finished);
+    let l = losses(&summary.run_dir);
+    assert_eq!(l.len(), 60);
+    let vocab = 1027f64;
+    // Starts near ln(vocab) (a random model), ends clearly lower.
+    assert!((l[0] - vocab.ln()).abs() < 0.5, "first loss {}", l[0]);
+    let end = mean(&l[50..]);
+    assert!(end < l[0] - 0.4, "first {} → last-10 mean {end}", l[0]);
+    assert!(end < vocab.ln() - 0.2, "last-10 mean {end}");
+    assert!(summary
+        .run_dir
+        .join("adapter/adapter_model.safetensors")
+        .is_file());
+    assert!(summary.trainable_params > 0 && summary.trainable_params < summary.total_params);
+}
+
+#[test]
+fn a_small_dataset_is_memorised() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("eight.jsonl");
+    let text = std::fs::read_to_string(samples_dir().join("alpaca.jsonl")).unwrap();
+    std::fs::write(&data, text.lines().take(8).collect::<Vec<_>>().join("\n")).unwrap();
+    let mut trainer = Trainer::new(fixture(Family::Llama).to_str().unwrap())
+        .learning_rate(1e-2)
+        .batch_size(BatchSize::Fixed(4))
+        .runs_dir(dir.path().join("runs"));
+    trainer.config_mut().lora.dropout = 0.0;
+    trainer.config_mut().schedule.warmup_steps = 5;
+    let summary = trainer.train(&data, 60).unwrap();
+    let l = losses(&summary.run_dir);
+    assert!(l[59] < l[0] - 2.0, "first {} last {}", l[0], l[59]);
+}
+
+#[test]
+fn cancel_stops_with_a_checkpoint_and_resume_finishes() {
+    let runs = tempfile::tempdir().unwrap();
+    let mut trainer = Trainer::new(fixture(Family::Qwen2).to_str().unwrap())
+        .batch_size(BatchSize::Fixed(2))
+        .runs_dir(runs.path());
+    trainer.config_mut().val_ratio = 0.1;
+    trainer.config_mut().eval_every = 3;
+    let cancel = trainer.cancel_token();
+    let trainer = trainer.on_event(move |e: Event| {
+        if let Event::Step { step: 4, .. } = e {
+            cancel.cancel();
+        }
+    });
+    let stopped = trainer
+        .train(samples_dir().join("messages.jsonl"), 8)
+        .unwrap();
+    assert_eq!(stopped.status, RunStatus::Stopped);
+    assert_eq!(stopped.steps, 4);
+    assert!(stopped
+        .run_dir
+        .join("checkpoints/step-4/state.json")
+        .is_file());
+    assert!(!stopped.run_dir.join("adapter").exists());
+
+    let events = std::sync::Mutex::new(Vec::new());
+    let sink = |e: Event| events.lock().unwrap().push(e);
+    let done = Trainer::resume(&stopped.run_dir, &sink, &Default::default()).unwrap();
+    assert_eq!(done.status, RunStatus::Finished);
+    assert_eq!(done.steps, 8);
+    let steps: Vec<u64> = events
+        .lock()
+        .unwrap()
+        .iter()
+        .filter_map(|e| match e {
+            Event::Step { step, .. } => Some(*step),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(steps, vec![5, 6, 7, 8]);
+    let metrics = read_metrics(&done.run_dir.join("metrics.jsonl")).unwrap();
+    assert_eq!(metrics.iter().filter(|m| m.loss.is_some()).count(), 8);
+    let evals: Vec<u64> = metrics
+        .iter()
+        .filter(|m| m.eval_loss.is_some())
+        .map(|m| m.step)
+        .collect();
+    assert_eq!(evals, vec![3, 6, 8]);
+    // Only the newest checkpoints are kept.
+    let kept = std::fs::read_dir(done.run_dir.join("checkpoints"))
+        .unwrap()
+        .count();
+    assert_eq!(kept, 2);
+}
+
+#[test]
+fn bad_data_creates_no_run() {
+    let runs = tempfile::tempdir().unwrap();
+    let err = Trainer::new(fixture(Family::Qwen2).to_str().unwrap())
+        .runs_dir(runs.path().join("runs"))
+        .train(samples_dir().join("broken/bad_lines.jsonl"), 5)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("line 2: missing field `output`"), "{err}");
+    assert!(
+        !runs.path().join("runs").exists(),
+        "nothing written for a bad file"
+    );
+}
+
+fn broken_model(edit: impl FnOnce(&Path)) -> String {
+    let dir = tempfile::tempdir().unwrap().keep();
+    for entry in std::fs::read_dir(fixture(Family::Llama)).unwrap() {
+        let entry = entry.unwrap();
+        std::fs::copy(entry.path(), dir.join(entry.file_name())).unwrap();
+    }
+    edit(&dir);
+    let runs = dir.join("runs");
+    let err = Trainer::new(dir.to_str().unwrap())
+        .runs_dir(&runs)
+        .train(samples_dir().join("alpaca.jsonl"), 1)
+        .unwrap_err()
+        .to_string();
+    assert!(!runs.exists(), "a failed start leaves no run directory");
+    err
+}
+
+fn edit_config(dir: &Path, f: impl FnOnce(&mut serde_json::Value)) {
+    let p = dir.join("config.json");
+    let mut v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap();
+    f(&mut v);
+    std::fs::write(&p, v.to_string()).unwrap();
+}
+
+#[test]
+fn unsupported_architecture_is_named() {
+    let err = broken_model(|d| edit_config(d, |v| v["model_type"] = "gpt2".into()));
+    assert!(
+        err.contains("unsupported architecture `gpt2` (field `model_type`)"),
+        "{err}"
+    );
+}
+
+#[test]
+fn missing_shard_is_named() {
+    let err = broken_model(|d| {
+        std::fs::rename(
+            d.join("model.safetensors"),
+            d.join("model-00001-of-00002.safetensors"),
+        )
+        .unwrap();
+        let index = serde_json::json!({"metadata": {}, "weight_map": {
+            "model.embed_tokens.weight": "model-00001-of-00002.safetensors",
+            "lm_head.weight": "model-00002-of-00002.safetensors"}});
+        std::fs::write(d.join("model.safetensors.index.json"), index.to_string()).unwrap();
+    });
+    assert!(
+        err.contains("shard `model-00002-of-00002.safetensors` listed in the index is missing"),
+        "{err}"
+    );
+}
+
+#[test]
+fn wrong_dtype_and_wrong_shape_are_named() {
+    let err = broken_model(|d| {
+        let p = d.join("model.safetensors");
+        let bytes = std::fs::read(&p).unwrap();
+        let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+        let mut owned: Vec<(String, safetensors::Dtype, Vec<usize>, Vec<u8>)> = st
+            .tensors()
+            .into_iter()
+            .map(|(n, v)| (n, v.dtype(), v.shape().to_vec(), v.data().to_vec()))
+            .collect();
+        for t in owned.iter_mut().filter(|t| t.0 == "model.norm.weight") {
+            t.1 = safetensors::Dtype::I32;
+        }
+        let views: Vec<_> = owned
+            .iter()
+            .map(|(n, d, s, b)| {
+                (
+                    n.clone(),
+                    safetensors::tensor::TensorView::new(*d, s.clone(), b).unwrap(),
+                )
+            })
+            .collect();
+        std::fs::write(&p, safetensors::serialize(views, None).unwrap()).unwrap();
+    });
+    assert!(err.contains("tensor `model.norm.weight` is I32"), "{err}");
+    let err = broken_model(|d| edit_config(d, |v| v["intermediate_size"] = 100.into()));
+    assert!(err.contains("tensor `model.layers.0.mlp.gate_proj.weight` has shape [128, 64] but config.json implies [100, 64]"), "{err}");
+}
