@@ -161,6 +161,17 @@ def run_measured(cmd, out_path, env=None):
     return p.returncode, rss_kib / 1024, ru.ru_utime + ru.ru_stime, wall
 
 
+def busy_cpu_s():
+    """CPU seconds the whole machine has spent busy since boot (Linux; else None)."""
+    try:
+        with open("/proc/stat", encoding="ascii") as f:
+            v = [int(x) for x in f.readline().split()[1:]]
+    except OSError:
+        return None
+    idle = v[3] + (v[4] if len(v) > 4 else 0)  # idle + iowait
+    return (sum(v[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+
+
 def check_ok(code, out_path, what):
     if code != 0:
         with open(out_path + ".err", encoding="utf-8", errors="replace") as f:
@@ -181,7 +192,10 @@ def run_ours(bin_, model, steps, work, i):
     cmd = [bin_, "train", "--model", model, "--data", DATA, "--steps", str(steps),
            "--batch-size", str(BATCH), "--grad-accum", "1", "--lr", str(LR),
            "--lora-r", str(LORA_R), "--lora-alpha", str(LORA_ALPHA), "--lora-dropout", "0",
-           "--warmup", str(WARMUP), "--seed", str(SEED), "--runs-dir", runs_dir, "--json"]
+           "--warmup", str(WARMUP), "--seed", str(SEED), "--runs-dir", runs_dir, "--json",
+           # no mid-run checkpoints inside the timed steps (the peer saves none); the
+           # final one is written after the last step's time is taken
+           "--checkpoint-every", "0"]
     code, rss, cpu, wall = run_measured(cmd, out)
     check_ok(code, out, "backprop train")
     events = [json.loads(l) for l in open(out, encoding="utf-8") if l.startswith("{")]
@@ -317,6 +331,7 @@ def main():
         expected_tokens = [sum(len(r["input_ids"]) for r in b) for b in batches]
 
         results = {"ours": [], "peer": []}
+        busy0, t0 = busy_cpu_s(), time.perf_counter()
         info = {}
         for i in range(args.repeats):
             for side in ("ours", "peer"):
@@ -337,6 +352,10 @@ def main():
                 print(f"    {tps:.0f} tokens/s, {rss:.0f} MiB peak RSS, "
                       f"loss {rows[0][2]:.4f} -> {rows[-1][2]:.4f}, "
                       f"{cpu / wall:.2f} cores busy on average", file=sys.stderr, flush=True)
+        busy1, t1 = busy_cpu_s(), time.perf_counter()
+        ours_cpu = sum(r["cpu"] for side in ("ours", "peer") for r in results[side])
+        results["others"] = (None if busy0 is None or busy1 is None
+                             else (max(0.0, busy1 - busy0 - ours_cpu), t1 - t0))
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
@@ -348,13 +367,23 @@ def main():
     print(f"written to {args.out}", file=sys.stderr)
 
 
+def other_note(others, ncpu):
+    if others is None:
+        return "CPU used by other processes during the runs: unknown (no /proc/stat)."
+    cpu, wall = others
+    return (f"CPU used by other processes during the runs: {cpu:.0f} s in {wall:.0f} s "
+            f"({100 * cpu / (wall * ncpu):.0f}% of the machine; the fixture, data check and "
+            "the driver included). Anything above a few % skews the numbers.")
+
+
 def render(args, results, info, version, expected_tokens):
     med = lambda side, k: statistics.median(r[k] for r in results[side])
     first = lambda side: statistics.median(r["losses"][0] for r in results[side])
     last = lambda side: statistics.median(r["losses"][-1] for r in results[side])
     o_tps, p_tps = med("ours", "tps"), med("peer", "tps")
     o_rss, p_rss = med("ours", "rss"), med("peer", "rss")
-    same_batches = all(r["step_tokens"] == expected_tokens for s in results for r in results[s])
+    same_batches = all(r["step_tokens"] == expected_tokens for s in ("ours", "peer")
+                       for r in results[s])
     ncpu = os.cpu_count()
     lines = [
         "# LoRA training: backprop vs PyTorch + PEFT (CPU)",
@@ -387,6 +416,8 @@ def render(args, results, info, version, expected_tokens):
         "Per run (tokens/s, MiB): "
         + "; ".join(f"{n}: " + ", ".join(f"{r['tps']:.0f}/{r['rss']:.0f}" for r in results[s])
                     for s, n in (("ours", "ours"), ("peer", "peer"))),
+        "",
+        other_note(results["others"], ncpu),
         "",
         "Tokens/s ratio > 1: ours faster. RSS ratio < 1: ours smaller. Step-1 losses should "
         "agree closely (same base model and batch; LoRA B starts at zero on both sides); "

@@ -6,3 +6,4 @@ cd "$(dirname "$0")/.."
 source scripts/env.sh
 ensure_python_env
 BACKPROP_PYTHON="$BACKPROP_VENV/bin/python" cargo bench --locked -p backpropagate --bench data_pipeline
+cargo build --locked --release -p backprop-cli; "$BACKPROP_VENV/bin/python" benches/train_vs_peft.py

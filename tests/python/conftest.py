@@ -33,6 +33,14 @@ def model_dir(request, backprop, tmp_path_factory):
     return out
 
 
+@pytest.fixture(scope="session", params=["llama", "qwen2", "qwen3", "mistral"])
+def any_family_dir(request, backprop, tmp_path_factory):
+    """Every model family the engine supports, for numeric reference checks."""
+    out = tmp_path_factory.mktemp(f"family-{request.param}")
+    backprop("fixture", out, "--family", request.param)
+    return out
+
+
 def data_report(backprop, data, model):
     proc = backprop("data", "check", data, "--model", model, "--json", "--show", "100000")
     return json.loads(proc.stdout)

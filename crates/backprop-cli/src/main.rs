@@ -78,7 +78,8 @@ struct Planned {
 struct FixtureArgs {
     /// Folder to write the model into
     out: PathBuf,
-    /// Model family: llama (Llama 3 layout and template) or qwen2 (ChatML)
+    /// Model family: llama (Llama 3 layout and template), qwen2 (ChatML), qwen3
+    /// (q/k norm, ChatML) or mistral ([INST] template)
     #[arg(long, default_value = "qwen2")]
     family: backpropagate::fixture::Family,
     /// Random seed for the weights

@@ -20,12 +20,16 @@ use tokenizers::{AddedToken, SplitDelimiterBehavior, Tokenizer};
 
 use crate::error::{Error, Result};
 use crate::fsx::{write_atomic, write_f32_safetensors};
+use crate::model::{expected_tensors, ModelConfig};
 
 /// Qwen2-Instruct's chat template, verbatim (ChatML with a default system prompt).
 pub const QWEN2_TEMPLATE: &str = "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}{{ '<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n' }}{% endif %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}";
 
 /// Meta-Llama-3-Instruct's chat template, verbatim.
 pub const LLAMA3_TEMPLATE: &str = "{% set loop_messages = messages %}{% for message in loop_messages %}{% set content = '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n'+ message['content'] | trim + '<|eot_id|>' %}{% if loop.index0 == 0 %}{% set content = bos_token + content %}{% endif %}{{ content }}{% endfor %}{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}";
+
+/// Mistral-7B-Instruct-v0.2's chat template, verbatim (no system role: it raises).
+pub const MISTRAL_TEMPLATE: &str = "{{ bos_token }}{% for message in messages %}{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}{% if message['role'] == 'user' %}{{ '[INST] ' + message['content'] + ' [/INST]' }}{% elif message['role'] == 'assistant' %}{{ message['content'] + eos_token}}{% else %}{{ raise_exception('Only user and assistant roles are supported!') }}{% endif %}{% endfor %}";
 
 /// Pre-tokenizer split of Llama 3 (digits in runs of up to three).
 const LLAMA3_PATTERN: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
@@ -42,6 +46,12 @@ const CORPUS: [&str; 2] = [
 pub enum Family {
     Llama,
     Qwen2,
+    Qwen3,
+    Mistral,
+}
+
+impl Family {
+    pub const ALL: [Family; 4] = [Family::Llama, Family::Qwen2, Family::Qwen3, Family::Mistral];
 }
 
 impl FromStr for Family {
@@ -50,7 +60,11 @@ impl FromStr for Family {
         match s {
             "llama" => Ok(Family::Llama),
             "qwen2" => Ok(Family::Qwen2),
-            _ => Err(format!("unknown fixture family `{s}`; use llama or qwen2")),
+            "qwen3" => Ok(Family::Qwen3),
+            "mistral" => Ok(Family::Mistral),
+            _ => Err(format!(
+                "unknown fixture family `{s}`; use llama, qwen2, qwen3 or mistral"
+            )),
         }
     }
 }
@@ -132,6 +146,18 @@ fn info(family: Family) -> FamilyInfo {
             template: QWEN2_TEMPLATE,
             pattern: QWEN2_PATTERN,
         },
+        Family::Qwen3 => FamilyInfo {
+            template: crate::data::CHATML_TEMPLATE,
+            ..info(Family::Qwen2)
+        },
+        Family::Mistral => FamilyInfo {
+            specials: &["<s>", "</s>", "[INST]", "[/INST]"],
+            bos: Some("<s>"),
+            eos: "</s>",
+            pad: "</s>",
+            template: MISTRAL_TEMPLATE,
+            pattern: LLAMA3_PATTERN,
+        },
     }
 }
 
@@ -149,6 +175,7 @@ pub fn write_fixture_model(dir: &Path, spec: &FixtureSpec) -> Result<()> {
     let id = |t: &str| tokenizer.token_to_id(t);
     let vocab_size = tokenizer.get_vocab_size(true);
     let config = model_config(spec, vocab_size, info.bos.and_then(id), id(info.eos));
+    let parsed = ModelConfig::from_json(&config, &dir.join("config.json"))?;
     write_json(&dir.join("config.json"), &config)?;
     write_json(
         &dir.join("tokenizer_config.json"),
@@ -159,7 +186,7 @@ pub fn write_fixture_model(dir: &Path, spec: &FixtureSpec) -> Result<()> {
         generation["bos_token_id"] = json!(bos);
     }
     write_json(&dir.join("generation_config.json"), &generation)?;
-    write_weights(&dir.join("model.safetensors"), spec, vocab_size)
+    write_weights(&dir.join("model.safetensors"), spec, &parsed)
 }
 
 fn write_json(path: &Path, value: &Value) -> Result<()> {
@@ -170,7 +197,7 @@ fn write_json(path: &Path, value: &Value) -> Result<()> {
 
 fn train_tokenizer(spec: &FixtureSpec, info: &FamilyInfo) -> tokenizers::Result<Tokenizer> {
     let mut tokenizer = Tokenizer::new(BPE::default());
-    if spec.family == Family::Qwen2 {
+    if matches!(spec.family, Family::Qwen2 | Family::Qwen3) {
         tokenizer.with_normalizer(Some(NFC));
     }
     let split = Split::new(
@@ -305,6 +332,27 @@ fn model_config(
             "sliding_window": 2048,
             "max_window_layers": spec.num_layers,
         }),
+        Family::Qwen3 => json!({
+            "architectures": ["Qwen3ForCausalLM"],
+            "model_type": "qwen3",
+            // Wider heads than hidden/heads, as real Qwen3 checkpoints have.
+            "head_dim": 2 * spec.hidden_size / spec.num_heads,
+            "rms_norm_eps": 1e-6,
+            "rope_theta": 1000000.0,
+            "attention_bias": false,
+            "tie_word_embeddings": true,
+            "use_sliding_window": false,
+            "sliding_window": null,
+            "max_window_layers": spec.num_layers,
+        }),
+        Family::Mistral => json!({
+            "architectures": ["MistralForCausalLM"],
+            "model_type": "mistral",
+            "rms_norm_eps": 1e-5,
+            "rope_theta": 1000000.0,
+            "sliding_window": null,
+            "tie_word_embeddings": false,
+        }),
     };
     let mut config = common;
     if let (Value::Object(c), Value::Object(s)) = (&mut config, specific) {
@@ -313,40 +361,10 @@ fn model_config(
     config
 }
 
-/// Tensor names and shapes as the HF checkpoint of the family has them.
-fn weight_shapes(spec: &FixtureSpec, vocab: usize) -> Vec<(String, Vec<usize>)> {
-    let h = spec.hidden_size;
-    let head_dim = h / spec.num_heads;
-    let kv = spec.num_kv_heads * head_dim;
-    let mut shapes = vec![("model.embed_tokens.weight".to_string(), vec![vocab, h])];
-    for l in 0..spec.num_layers {
-        let p = format!("model.layers.{l}");
-        shapes.push((format!("{p}.input_layernorm.weight"), vec![h]));
-        shapes.push((format!("{p}.post_attention_layernorm.weight"), vec![h]));
-        shapes.push((format!("{p}.self_attn.q_proj.weight"), vec![h, h]));
-        shapes.push((format!("{p}.self_attn.k_proj.weight"), vec![kv, h]));
-        shapes.push((format!("{p}.self_attn.v_proj.weight"), vec![kv, h]));
-        shapes.push((format!("{p}.self_attn.o_proj.weight"), vec![h, h]));
-        if spec.family == Family::Qwen2 {
-            shapes.push((format!("{p}.self_attn.q_proj.bias"), vec![h]));
-            shapes.push((format!("{p}.self_attn.k_proj.bias"), vec![kv]));
-            shapes.push((format!("{p}.self_attn.v_proj.bias"), vec![kv]));
-        }
-        let i = spec.intermediate_size;
-        shapes.push((format!("{p}.mlp.gate_proj.weight"), vec![i, h]));
-        shapes.push((format!("{p}.mlp.up_proj.weight"), vec![i, h]));
-        shapes.push((format!("{p}.mlp.down_proj.weight"), vec![h, i]));
-    }
-    shapes.push(("model.norm.weight".to_string(), vec![h]));
-    if spec.family == Family::Llama {
-        shapes.push(("lm_head.weight".to_string(), vec![vocab, h]));
-    }
-    shapes
-}
-
-fn write_weights(path: &Path, spec: &FixtureSpec, vocab: usize) -> Result<()> {
+/// Random weights for every tensor the model code expects of `config`.
+fn write_weights(path: &Path, spec: &FixtureSpec, config: &ModelConfig) -> Result<()> {
     let mut rng = ChaCha8Rng::seed_from_u64(spec.seed);
-    let tensors: Vec<(String, Vec<usize>, Vec<f32>)> = weight_shapes(spec, vocab)
+    let tensors: Vec<(String, Vec<usize>, Vec<f32>)> = expected_tensors(config)
         .into_iter()
         .map(|(name, shape)| {
             let n: usize = shape.iter().product();

@@ -8,18 +8,18 @@ use std::sync::OnceLock;
 use backpropagate::fixture::{write_fixture_model, Family, FixtureSpec};
 
 pub fn fixture(family: Family) -> &'static Path {
-    static LLAMA: OnceLock<tempfile::TempDir> = OnceLock::new();
-    static QWEN2: OnceLock<tempfile::TempDir> = OnceLock::new();
-    let cell = match family {
-        Family::Llama => &LLAMA,
-        Family::Qwen2 => &QWEN2,
-    };
-    cell.get_or_init(|| {
-        let dir = tempfile::tempdir().unwrap();
-        write_fixture_model(dir.path(), &FixtureSpec::new(family)).unwrap();
-        dir
-    })
-    .path()
+    static DIRS: [OnceLock<tempfile::TempDir>; 4] = [const { OnceLock::new() }; 4];
+    let slot = Family::ALL
+        .iter()
+        .position(|f| *f == family)
+        .expect("a known family");
+    DIRS[slot]
+        .get_or_init(|| {
+            let dir = tempfile::tempdir().unwrap();
+            write_fixture_model(dir.path(), &FixtureSpec::new(family)).unwrap();
+            dir
+        })
+        .path()
 }
 
 pub fn samples_dir() -> PathBuf {
