@@ -130,13 +130,14 @@ def our_batches(samples, steps, batch, seed):
     """The rows `backprop train` uses at each step (no packing, val_ratio 0)."""
     usable = [s for s in samples if any(l != -100 for l in s["labels"][1:])]
     rows = [usable[i] for i in _shuffle(len(usable), seed)]
-    out, epoch, pos, order = [], 0, 0, _shuffle(len(rows), seed)
+    out, epoch, pos = [], 0, 0
+    order = _shuffle(len(rows), seed ^ (0x9E3779B97F4A7C15 & _M64))
     for _ in range(steps):
         b = []
         while len(b) < batch:
             if pos >= len(rows):
                 epoch, pos = epoch + 1, 0
-                order = _shuffle(len(rows), seed ^ ((epoch * 0x9E3779B97F4A7C15) & _M64))
+                order = _shuffle(len(rows), seed ^ (((epoch + 1) * 0x9E3779B97F4A7C15) & _M64))
             b.append(rows[order[pos]])
             pos += 1
         out.append(b)
@@ -213,7 +214,7 @@ def run_ours(bin_, model, steps, work, i):
     if len(rows) != steps:
         sys.exit(f"backprop train logged {len(rows)} steps, expected {steps}")
     shutil.rmtree(runs_dir, ignore_errors=True)
-    return rows, rss, cpu, wall, {}
+    return rows, rss, cpu, wall, {"trainable": summary.get("trainable_params")}
 
 
 def run_peer(model, batches_path, steps, work, i):
@@ -232,6 +233,8 @@ def run_peer(model, batches_path, steps, work, i):
 
 
 def peer_main(args):
+    import resource
+
     import torch
     import transformers
     import peft
@@ -257,6 +260,8 @@ def peer_main(args):
         "interop_threads": torch.get_num_interop_threads(),
         "attn": getattr(model.config, "_attn_implementation", "?"),
         "trainable": sum(p.numel() for p in params),
+        "setup_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        / (1024 * 1024 if sys.platform == "darwin" else 1024),
     }), flush=True)
     start = time.perf_counter()
     for step, rows in enumerate(batches, 1):
@@ -332,12 +337,13 @@ def main():
 
         results = {"ours": [], "peer": []}
         busy0, t0 = busy_cpu_s(), time.perf_counter()
-        info = {}
+        info, ours_info = {}, {}
         for i in range(args.repeats):
             for side in ("ours", "peer"):
                 print(f"[{i + 1}/{args.repeats}] {side} ...", file=sys.stderr, flush=True)
                 if side == "ours":
                     r = run_ours(bin_, model, args.steps, work, i)
+                    ours_info = r[4]
                 else:
                     r = run_peer(model, batches_path, args.steps, work, i)
                     info = r[4]
@@ -353,12 +359,13 @@ def main():
                       f"loss {rows[0][2]:.4f} -> {rows[-1][2]:.4f}, "
                       f"{cpu / wall:.2f} cores busy on average", file=sys.stderr, flush=True)
         busy1, t1 = busy_cpu_s(), time.perf_counter()
-        ours_cpu = sum(r["cpu"] for side in ("ours", "peer") for r in results[side])
+        children_cpu = sum(r["cpu"] for side in ("ours", "peer") for r in results[side])
         results["others"] = (None if busy0 is None or busy1 is None
-                             else (max(0.0, busy1 - busy0 - ours_cpu), t1 - t0))
+                             else (max(0.0, busy1 - busy0 - children_cpu), t1 - t0))
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
+    info["ours_trainable"] = ours_info.get("trainable")
     report = render(args, results, info, version, expected_tokens)
     print(report)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
@@ -372,8 +379,8 @@ def other_note(others, ncpu):
         return "CPU used by other processes during the runs: unknown (no /proc/stat)."
     cpu, wall = others
     return (f"CPU used by other processes during the runs: {cpu:.0f} s in {wall:.0f} s "
-            f"({100 * cpu / (wall * ncpu):.0f}% of the machine; the fixture, data check and "
-            "the driver included). Anything above a few % skews the numbers.")
+            f"({100 * cpu / (wall * ncpu):.0f}% of the machine, this driver included). "
+            "Anything above a few % skews the numbers.")
 
 
 def render(args, results, info, version, expected_tokens):
@@ -416,6 +423,10 @@ def render(args, results, info, version, expected_tokens):
         "Per run (tokens/s, MiB): "
         + "; ".join(f"{n}: " + ", ".join(f"{r['tps']:.0f}/{r['rss']:.0f}" for r in results[s])
                     for s, n in (("ours", "ours"), ("peer", "peer"))),
+        "",
+        f"The peer's peak RSS before its first step (Python, torch/transformers/peft imports, "
+        f"model, LoRA, optimizer): {info.get('setup_rss_mib', 0):.0f} MiB. Trainable parameters: "
+        f"ours {info.get('ours_trainable')}, peer {info.get('trainable')}.",
         "",
         other_note(results["others"], ncpu),
         "",

@@ -3,6 +3,7 @@
 
 mod config;
 mod decoder;
+mod fused;
 pub mod ops;
 mod rope;
 mod weights;

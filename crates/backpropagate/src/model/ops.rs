@@ -76,6 +76,11 @@ pub fn frozen_linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
 
 /// RMSNorm as Hugging Face computes it: `w * x / sqrt(mean(x^2) + eps)`.
 pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
+    if x.device().is_cpu() && x.dtype() == DType::F32 {
+        return x
+            .contiguous()?
+            .apply_op2(w, super::fused::RmsNorm { eps: eps as f32 });
+    }
     let ms = x.sqr()?.mean_keepdim(D::Minus1)?;
     let inv = (ms + eps)?.sqrt()?.recip()?;
     x.broadcast_mul(&inv)?.broadcast_mul(w)
@@ -84,6 +89,9 @@ pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
 /// Softmax over the last dimension; the max is detached (softmax is shift-invariant,
 /// so the gradient is unchanged and the max op stays out of the graph).
 pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
+    if x.device().is_cpu() && x.dtype() == DType::F32 {
+        return x.contiguous()?.apply_op1(super::fused::Softmax);
+    }
     let max = x.max_keepdim(D::Minus1)?.detach();
     let e = x.broadcast_sub(&max)?.exp()?;
     let s = e.sum_keepdim(D::Minus1)?;
@@ -104,6 +112,12 @@ pub fn apply_rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
 /// `logits` (n, vocab) f32, `targets` (n,) u32 and `weights` (n,) f32 with 1 for
 /// counted positions and 0 for ignored ones.
 pub fn cross_entropy_sum(logits: &Tensor, targets: &Tensor, weights: &Tensor) -> Result<Tensor> {
+    if logits.device().is_cpu() && logits.dtype() == DType::F32 {
+        let nll = logits
+            .contiguous()?
+            .apply_op2(&targets.contiguous()?, super::fused::CrossEntropy)?;
+        return (nll * weights)?.sum_all();
+    }
     let max = logits.max_keepdim(D::Minus1)?.detach();
     let shifted = logits.broadcast_sub(&max)?;
     let lse = shifted.exp()?.sum_keepdim(D::Minus1)?.log()?;

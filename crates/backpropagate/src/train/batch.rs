@@ -138,8 +138,9 @@ impl DataOrder {
 
     fn shuffle(&self, epoch: u64) -> Vec<usize> {
         let mut order: Vec<usize> = (0..self.n).collect();
-        let mut rng =
-            ChaCha8Rng::seed_from_u64(self.seed ^ epoch.wrapping_mul(0x9E37_79B9_7F4A_7C15));
+        // (epoch + 1) keeps epoch 0 off the stream the train/validation split used.
+        let stream = (epoch + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        let mut rng = ChaCha8Rng::seed_from_u64(self.seed ^ stream);
         order.shuffle(&mut rng);
         order
     }

@@ -1,0 +1,266 @@
+//! Fused CPU kernels with backward passes for the row-wise ops of a transformer:
+//! softmax, RMSNorm and token cross-entropy. Built from basic ops these cost several
+//! single-threaded passes and keep every intermediate alive for backward; here each
+//! is one parallel pass over rows, and backward recomputes what it needs.
+//!
+//! On other devices (CUDA, Metal) the basic-op versions in `ops` are used.
+
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor};
+use rayon::prelude::*;
+
+/// Rows of a contiguous f32 tensor, and the row length.
+fn rows<'a>(s: &'a CpuStorage, l: &Layout) -> Result<(&'a [f32], usize)> {
+    let data = s.as_slice::<f32>()?;
+    let Some((start, end)) = l.contiguous_offsets() else {
+        candle_core::bail!("fused op needs a contiguous input");
+    };
+    let d = l.dims().last().copied().unwrap_or(1).max(1);
+    Ok((&data[start..end], d))
+}
+
+/// Below this many elements a single thread beats rayon's scheduling.
+const PAR_MIN: usize = 1 << 14;
+
+fn par_rows<F>(out: &mut [f32], d: usize, f: F)
+where
+    F: Fn(usize, &mut [f32]) + Sync + Send,
+{
+    if out.len() < PAR_MIN {
+        out.chunks_mut(d).enumerate().for_each(|(i, o)| f(i, o));
+    } else {
+        out.par_chunks_mut(d).enumerate().for_each(|(i, o)| f(i, o));
+    }
+}
+
+pub struct Softmax;
+
+impl CustomOp1 for Softmax {
+    fn name(&self) -> &'static str {
+        "fused-softmax"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (x, d) = rows(s, l)?;
+        let mut out = vec![0f32; x.len()];
+        par_rows(&mut out, d, |i, o| {
+            let x = &x[i * d..(i + 1) * d];
+            let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let mut sum = 0f32;
+            for (o, &v) in o.iter_mut().zip(x) {
+                *o = (v - max).exp();
+                sum += *o;
+            }
+            let inv = 1.0 / sum;
+            o.iter_mut().for_each(|v| *v *= inv);
+        });
+        Ok((CpuStorage::F32(out), l.shape().clone()))
+    }
+
+    fn bwd(&self, _x: &Tensor, y: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
+        Ok(Some(y.apply_op2_no_bwd(&g.contiguous()?, &SoftmaxGrad)?))
+    }
+}
+
+/// dx = y ⊙ (g − Σ g ⊙ y)
+struct SoftmaxGrad;
+
+impl CustomOp2 for SoftmaxGrad {
+    fn name(&self) -> &'static str {
+        "fused-softmax-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        ys: &CpuStorage,
+        yl: &Layout,
+        gs: &CpuStorage,
+        gl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (y, d) = rows(ys, yl)?;
+        let (g, _) = rows(gs, gl)?;
+        let mut out = vec![0f32; y.len()];
+        par_rows(&mut out, d, |i, o| {
+            let (y, g) = (&y[i * d..(i + 1) * d], &g[i * d..(i + 1) * d]);
+            let dot: f32 = y.iter().zip(g).map(|(a, b)| a * b).sum();
+            for ((o, &y), &g) in o.iter_mut().zip(y).zip(g) {
+                *o = y * (g - dot);
+            }
+        });
+        Ok((CpuStorage::F32(out), yl.shape().clone()))
+    }
+}
+
+/// `w ⊙ x / sqrt(mean(x²) + eps)` over the last dimension; `w` is frozen.
+pub struct RmsNorm {
+    pub eps: f32,
+}
+
+impl CustomOp2 for RmsNorm {
+    fn name(&self) -> &'static str {
+        "fused-rms-norm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        ws: &CpuStorage,
+        wl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (x, d) = rows(xs, xl)?;
+        let (w, _) = rows(ws, wl)?;
+        let mut out = vec![0f32; x.len()];
+        let eps = self.eps;
+        par_rows(&mut out, d, |i, o| {
+            let x = &x[i * d..(i + 1) * d];
+            let ms = x.iter().map(|v| v * v).sum::<f32>() / d as f32;
+            let r = 1.0 / (ms + eps).sqrt();
+            for ((o, &x), &w) in o.iter_mut().zip(x).zip(w) {
+                *o = w * (x * r);
+            }
+        });
+        Ok((CpuStorage::F32(out), xl.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _y: &Tensor,
+        g: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let grad = x.apply_op2_no_bwd(
+            &g.contiguous()?,
+            &RmsNormGrad {
+                eps: self.eps,
+                w: w.clone(),
+            },
+        )?;
+        Ok((Some(grad), None))
+    }
+}
+
+/// dx = r·(g⊙w) − x·r³·⟨g⊙w, x⟩/d
+struct RmsNormGrad {
+    eps: f32,
+    w: Tensor,
+}
+
+impl CustomOp2 for RmsNormGrad {
+    fn name(&self) -> &'static str {
+        "fused-rms-norm-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        gs: &CpuStorage,
+        gl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (x, d) = rows(xs, xl)?;
+        let (g, _) = rows(gs, gl)?;
+        let w = self.w.flatten_all()?.to_vec1::<f32>()?;
+        let mut out = vec![0f32; x.len()];
+        let eps = self.eps;
+        par_rows(&mut out, d, |i, o| {
+            let (x, g) = (&x[i * d..(i + 1) * d], &g[i * d..(i + 1) * d]);
+            let ms = x.iter().map(|v| v * v).sum::<f32>() / d as f32;
+            let r = 1.0 / (ms + eps).sqrt();
+            let dot: f32 = x.iter().zip(g).zip(&w).map(|((x, g), w)| g * w * x).sum();
+            let c = r * r * r * dot / d as f32;
+            for (((o, &x), &g), &w) in o.iter_mut().zip(x).zip(g).zip(&w) {
+                *o = r * g * w - x * c;
+            }
+        });
+        Ok((CpuStorage::F32(out), xl.shape().clone()))
+    }
+}
+
+/// Per-row negative log-likelihood of `targets` under softmax(`logits`).
+/// Backward recomputes the softmax instead of keeping an (n, vocab) copy.
+pub struct CrossEntropy;
+
+impl CustomOp2 for CrossEntropy {
+    fn name(&self) -> &'static str {
+        "fused-cross-entropy"
+    }
+
+    fn cpu_fwd(
+        &self,
+        ls: &CpuStorage,
+        ll: &Layout,
+        ts: &CpuStorage,
+        tl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (logits, v) = rows(ls, ll)?;
+        let targets = targets(ts, tl)?;
+        let n = logits.len() / v;
+        let nll: Vec<f32> = (0..n)
+            .into_par_iter()
+            .map(|i| {
+                let row = &logits[i * v..(i + 1) * v];
+                let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                let lse = row.iter().map(|x| (x - max).exp()).sum::<f32>().ln();
+                lse - (row[targets[i] as usize] - max)
+            })
+            .collect();
+        Ok((CpuStorage::F32(nll), Shape::from(n)))
+    }
+
+    fn bwd(
+        &self,
+        logits: &Tensor,
+        targets: &Tensor,
+        _res: &Tensor,
+        g: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let grad = logits.apply_op2_no_bwd(targets, &CrossEntropyGrad { g: g.clone() })?;
+        Ok((Some(grad), None))
+    }
+}
+
+fn targets<'a>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [u32]> {
+    let data = s.as_slice::<u32>()?;
+    let Some((start, end)) = l.contiguous_offsets() else {
+        candle_core::bail!("targets must be contiguous");
+    };
+    Ok(&data[start..end])
+}
+
+/// d nll_i / d logits_i = g_i · (softmax(logits_i) − onehot(target_i))
+struct CrossEntropyGrad {
+    g: Tensor,
+}
+
+impl CustomOp2 for CrossEntropyGrad {
+    fn name(&self) -> &'static str {
+        "fused-cross-entropy-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        ls: &CpuStorage,
+        ll: &Layout,
+        ts: &CpuStorage,
+        tl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (logits, v) = rows(ls, ll)?;
+        let targets = targets(ts, tl)?;
+        let g = self.g.flatten_all()?.to_vec1::<f32>()?;
+        let mut out = vec![0f32; logits.len()];
+        par_rows(&mut out, v, |i, o| {
+            let row = &logits[i * v..(i + 1) * v];
+            let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let mut sum = 0f32;
+            for (o, &x) in o.iter_mut().zip(row) {
+                *o = (x - max).exp();
+                sum += *o;
+            }
+            let scale = g[i] / sum;
+            o.iter_mut().for_each(|p| *p *= scale);
+            o[targets[i] as usize] -= g[i];
+        });
+        Ok((CpuStorage::F32(out), ll.shape().clone()))
+    }
+}
