@@ -3,6 +3,7 @@
 
 mod data_cmd;
 mod debug_cmd;
+mod export_cmd;
 mod train_cmd;
 
 use std::path::PathBuf;
@@ -57,8 +58,8 @@ enum Command {
     Train(Box<train_cmd::TrainArgs>),
     /// Staged multi-run (SLAO) training against forgetting (not implemented yet)
     MultiRun(Planned),
-    /// Export a run: PEFT adapter, merged safetensors, GGUF (not implemented yet)
-    Export(Planned),
+    /// Export a run: PEFT adapter or merged safetensors (GGUF is planned)
+    Export(export_cmd::ExportArgs),
     /// Send a run to Ollama as a model (not implemented yet)
     Push(Planned),
     /// List, inspect and resume runs (not implemented yet)
@@ -150,7 +151,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Command::Train(args) => train_cmd::train(&args),
         Command::Debug(cmd) => debug_cmd::run(&cmd),
         Command::MultiRun(_) => planned("multi-run", 8),
-        Command::Export(_) => planned("export", 5),
+        Command::Export(args) => export_cmd::run(&args),
         Command::Push(_) => planned("push", 7),
         Command::Runs(_) => planned("runs", 4),
         Command::Ollama(_) => planned("ollama", 7),

@@ -17,6 +17,7 @@ pub mod config;
 pub mod data;
 pub mod error;
 pub mod event;
+pub mod export;
 pub mod fixture;
 pub mod fsx;
 pub mod lora;

@@ -11,4 +11,4 @@ mod weights;
 pub use config::{Arch, ModelConfig, RopeScaling, SUPPORTED};
 pub use decoder::{expected_tensors, BatchInputs, CausalLm};
 pub use rope::inv_freq;
-pub use weights::Weights;
+pub use weights::{safetensors_paths, Weights};

@@ -19,23 +19,7 @@ pub struct Weights {
 
 impl Weights {
     pub fn open(dir: &Path, dtype: DType, device: &Device) -> Result<Self> {
-        let single = dir.join("model.safetensors");
-        let index = dir.join("model.safetensors.index.json");
-        let paths = if single.is_file() {
-            vec![single]
-        } else if index.is_file() {
-            shards(&index, dir)?
-        } else {
-            let hint = if dir.join("pytorch_model.bin").exists() {
-                "; this model only has pytorch_model.bin: convert it to safetensors (e.g. with transformers' save_pretrained(safe_serialization=True))"
-            } else {
-                ""
-            };
-            return Err(Error::model(
-                dir,
-                format!("no model.safetensors or model.safetensors.index.json{hint}"),
-            ));
-        };
+        let paths = safetensors_paths(dir)?;
         // SAFETY: the files are mapped read-only; we never write to them while mapped.
         // A file truncated under us by another process would fault, as with any mmap
         // reader (transformers, llama.cpp); this is the documented trade-off for not
@@ -87,6 +71,28 @@ impl Weights {
             .load(name, &self.device)
             .map_err(|e| Error::model(&self.dir, format!("cannot load `{name}`: {e}")))?;
         Ok(t.to_dtype(self.dtype)?)
+    }
+}
+
+/// The weight files of a model folder: `model.safetensors`, or the shards its index
+/// lists (each checked to exist).
+pub fn safetensors_paths(dir: &Path) -> Result<Vec<PathBuf>> {
+    let single = dir.join("model.safetensors");
+    let index = dir.join("model.safetensors.index.json");
+    if single.is_file() {
+        Ok(vec![single])
+    } else if index.is_file() {
+        shards(&index, dir)
+    } else {
+        let hint = if dir.join("pytorch_model.bin").exists() {
+            "; this model only has pytorch_model.bin: convert it to safetensors (e.g. with transformers' save_pretrained(safe_serialization=True))"
+        } else {
+            ""
+        };
+        Err(Error::model(
+            dir,
+            format!("no model.safetensors or model.safetensors.index.json{hint}"),
+        ))
     }
 }
 

@@ -1,0 +1,161 @@
+//! Exports of a trained run: the PEFT adapter as it is, or the base with the LoRA
+//! merged in (`W + s·B·A`) as a Hugging Face checkpoint. Every export is written into
+//! a temporary folder and renamed into `exports/<name>` when complete, so a crash or
+//! a full disk never leaves a partial export under the final name.
+
+mod merged;
+
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+
+use serde::Serialize;
+
+use crate::error::{Error, Result};
+use crate::event::{Event, EventSink, LogLevel};
+use crate::run::{RunDir, RunStatus};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ExportFormat {
+    /// PEFT `adapter_model.safetensors` + `adapter_config.json`.
+    Adapter,
+    /// Base + LoRA merged, HF safetensors (sharded above 5 GB) with config and tokenizer.
+    Merged,
+}
+
+impl FromStr for ExportFormat {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "adapter" | "lora" | "peft" => Ok(ExportFormat::Adapter),
+            "merged" | "hf" => Ok(ExportFormat::Merged),
+            "gguf" => Err("GGUF export is not implemented yet (planned in issue #5); use `merged` and convert with llama.cpp meanwhile".into()),
+            other => Err(format!("unknown export format `{other}`; use adapter or merged")),
+        }
+    }
+}
+
+/// Storage type of merged weights.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum WeightDtype {
+    F32,
+    F16,
+    Bf16,
+}
+
+impl FromStr for WeightDtype {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "f32" | "float32" => Ok(WeightDtype::F32),
+            "f16" | "float16" => Ok(WeightDtype::F16),
+            "bf16" | "bfloat16" => Ok(WeightDtype::Bf16),
+            other => Err(format!("unknown dtype `{other}`; use f32, f16 or bf16")),
+        }
+    }
+}
+
+impl WeightDtype {
+    fn name(self) -> &'static str {
+        match self {
+            WeightDtype::F32 => "f32",
+            WeightDtype::F16 => "f16",
+            WeightDtype::Bf16 => "bf16",
+        }
+    }
+
+    fn torch_name(self) -> &'static str {
+        match self {
+            WeightDtype::F32 => "float32",
+            WeightDtype::F16 => "float16",
+            WeightDtype::Bf16 => "bfloat16",
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct ExportOptions {
+    pub format: ExportFormat,
+    pub dtype: WeightDtype,
+    /// Merged checkpoints are split into shards of at most this many bytes.
+    pub max_shard_bytes: u64,
+}
+
+impl Default for ExportOptions {
+    fn default() -> Self {
+        ExportOptions {
+            format: ExportFormat::Merged,
+            dtype: WeightDtype::F16,
+            max_shard_bytes: 5_000_000_000,
+        }
+    }
+}
+
+/// Exports `run_dir` and returns the export folder.
+pub fn export(run_dir: &Path, options: &ExportOptions, sink: &dyn EventSink) -> Result<PathBuf> {
+    let run = RunDir::open(run_dir)?;
+    let info = run.info()?;
+    let adapter = adapter_source(&run, info.status, sink)?;
+    let name = match options.format {
+        ExportFormat::Adapter => "adapter".to_string(),
+        ExportFormat::Merged => format!("merged-{}", options.dtype.name()),
+    };
+    let exports = run.path().join("exports");
+    let final_dir = exports.join(&name);
+    let tmp = exports.join(format!(".tmp-{name}"));
+    if tmp.exists() {
+        std::fs::remove_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
+    }
+    std::fs::create_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
+    let result = match options.format {
+        ExportFormat::Adapter => copy_files(
+            &adapter,
+            &tmp,
+            &["adapter_model.safetensors", "adapter_config.json"],
+        ),
+        ExportFormat::Merged => merged::write(&info.model_dir, &adapter, &tmp, options, sink),
+    };
+    if let Err(e) = result {
+        let _ = std::fs::remove_dir_all(&tmp);
+        return Err(e);
+    }
+    if final_dir.exists() {
+        std::fs::remove_dir_all(&final_dir).map_err(|e| Error::io(&final_dir, e))?;
+    }
+    std::fs::rename(&tmp, &final_dir).map_err(|e| Error::io(&final_dir, e))?;
+    sink.emit(Event::Log {
+        level: LogLevel::Info,
+        message: format!("exported {name} to {}", final_dir.display()),
+    });
+    Ok(final_dir)
+}
+
+/// The finished adapter, or the newest checkpoint of an unfinished run (with a notice).
+fn adapter_source(run: &RunDir, status: RunStatus, sink: &dyn EventSink) -> Result<PathBuf> {
+    let finished = run.path().join("adapter");
+    if finished.join("adapter_model.safetensors").is_file() {
+        return Ok(finished);
+    }
+    match run.latest_checkpoint()? {
+        Some((step, dir)) => {
+            sink.emit(Event::Log {
+                level: LogLevel::Warn,
+                message: format!("the run is {status:?} and has no final adapter; exporting its checkpoint at step {step}"),
+            });
+            Ok(dir)
+        }
+        None => Err(Error::Run {
+            path: run.path().to_path_buf(),
+            message: "this run has no adapter or checkpoint yet; train it first (`backprop train --resume` continues it)".into(),
+        }),
+    }
+}
+
+fn copy_files(from: &Path, to: &Path, names: &[&str]) -> Result<()> {
+    for name in names {
+        let src = from.join(name);
+        std::fs::copy(&src, to.join(name)).map_err(|e| Error::io(&src, e))?;
+    }
+    Ok(())
+}
