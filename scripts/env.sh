@@ -18,7 +18,10 @@ ensure_python_env() {
         python3 -m venv "$BACKPROP_VENV"
     fi
     if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
-        "$BACKPROP_VENV/bin/pip" install --quiet -r "$req"
+        # llama-cpp-python compiles llama.cpp: only the library, portable CPU code.
+        CMAKE_BUILD_PARALLEL_LEVEL="$(nproc)" \
+        CMAKE_ARGS="-DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAVA_BUILD=OFF -DGGML_NATIVE=OFF" \
+            "$BACKPROP_VENV/bin/pip" install --quiet -r "$req"
         echo "$want" > "$stamp"
     fi
 }

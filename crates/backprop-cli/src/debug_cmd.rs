@@ -5,7 +5,7 @@ use std::process::ExitCode;
 
 use anyhow::{Context, Result};
 use backpropagate::lora::write_safetensors;
-use backpropagate::train::probe::probe;
+use backpropagate::train::probe::{generate_greedy, probe};
 use candle_core::Tensor;
 use clap::{Args, Subcommand};
 
@@ -14,6 +14,21 @@ pub enum DebugCommand {
     /// One forward/backward pass on a JSON batch; writes logits, loss and LoRA
     /// gradients to a safetensors file (used by the PyTorch reference tests)
     Probe(ProbeArgs),
+    /// Greedy generation of token ids (prints them as a JSON array)
+    Generate(GenerateArgs),
+}
+
+#[derive(Args)]
+pub struct GenerateArgs {
+    #[arg(long)]
+    model: PathBuf,
+    #[arg(long)]
+    adapter: Option<PathBuf>,
+    /// Prompt token ids, comma-separated
+    #[arg(long, value_delimiter = ',')]
+    prompt_ids: Vec<u32>,
+    #[arg(long, default_value_t = 16)]
+    max_new: usize,
 }
 
 #[derive(Args)]
@@ -49,6 +64,11 @@ pub fn run(cmd: &DebugCommand) -> Result<ExitCode> {
             ];
             tensors.extend(out.grads.into_iter().map(|(k, g)| (format!("grad.{k}"), g)));
             write_safetensors(&a.out, &tensors)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        DebugCommand::Generate(a) => {
+            let ids = generate_greedy(&a.model, a.adapter.as_deref(), &a.prompt_ids, a.max_new)?;
+            println!("{}", serde_json::to_string(&ids)?);
             Ok(ExitCode::SUCCESS)
         }
     }

@@ -5,7 +5,7 @@ use std::process::ExitCode;
 
 use anyhow::Result;
 use backpropagate::event::{Event, EventSink, LogLevel};
-use backpropagate::export::{export, ExportFormat, ExportOptions, WeightDtype};
+use backpropagate::export::{export, ExportFormat, ExportOptions, GgufQuant, WeightDtype};
 use backpropagate::run::{default_runs_dir, resolve_run};
 use clap::Args;
 
@@ -13,9 +13,13 @@ use clap::Args;
 pub struct ExportArgs {
     /// The run (its id or folder)
     pub run: String,
-    /// `adapter` (PEFT files) or `merged` (base + LoRA as a Hugging Face checkpoint)
-    #[arg(long, default_value = "merged")]
+    /// `adapter` (PEFT files), `merged` (base + LoRA as a Hugging Face checkpoint) or
+    /// `gguf` (base + LoRA in one file for llama.cpp / Ollama)
+    #[arg(long, default_value = "gguf")]
     pub format: ExportFormat,
+    /// GGUF weight type: f32, f16, bf16 or q8_0 (k-quants are planned)
+    #[arg(long, default_value = "q8_0")]
+    pub quant: GgufQuant,
     /// Weight dtype of a merged export: f32, f16 or bf16
     #[arg(long, default_value = "f16")]
     pub dtype: WeightDtype,
@@ -47,6 +51,7 @@ pub fn run(args: &ExportArgs) -> Result<ExitCode> {
     let options = ExportOptions {
         format: args.format,
         dtype: args.dtype,
+        quant: args.quant,
         ..ExportOptions::default()
     };
     let out = export(&dir, &options, &Progress)?;

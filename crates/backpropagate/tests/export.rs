@@ -55,6 +55,7 @@ fn sharded_merged_export_equals_the_single_file_one() {
         format: ExportFormat::Merged,
         dtype: WeightDtype::F32,
         max_shard_bytes: 100_000,
+        ..ExportOptions::default()
     };
     let sharded = export(&summary.run_dir, &sharded_opts, &Silent).unwrap();
     assert_eq!(
@@ -100,8 +101,9 @@ fn a_run_without_adapter_or_checkpoint_cannot_be_exported() {
 
 #[test]
 fn format_names_are_checked() {
-    assert!("gguf"
-        .parse::<ExportFormat>()
+    assert_eq!("gguf".parse::<ExportFormat>(), Ok(ExportFormat::Gguf));
+    assert!("q4_k_m"
+        .parse::<backpropagate::export::GgufQuant>()
         .unwrap_err()
         .contains("not implemented yet"));
     assert!("onnx"

@@ -3,7 +3,12 @@
 //! a temporary folder and renamed into `exports/<name>` when complete, so a crash or
 //! a full disk never leaves a partial export under the final name.
 
+mod gguf;
+mod gguf_file;
 mod merged;
+mod quant;
+
+pub use gguf::GgufQuant;
 
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
@@ -21,6 +26,8 @@ pub enum ExportFormat {
     Adapter,
     /// Base + LoRA merged, HF safetensors (sharded above 5 GB) with config and tokenizer.
     Merged,
+    /// Base + LoRA merged into one GGUF file for llama.cpp and Ollama.
+    Gguf,
 }
 
 impl FromStr for ExportFormat {
@@ -29,8 +36,10 @@ impl FromStr for ExportFormat {
         match s {
             "adapter" | "lora" | "peft" => Ok(ExportFormat::Adapter),
             "merged" | "hf" => Ok(ExportFormat::Merged),
-            "gguf" => Err("GGUF export is not implemented yet (planned in issue #5); use `merged` and convert with llama.cpp meanwhile".into()),
-            other => Err(format!("unknown export format `{other}`; use adapter or merged")),
+            "gguf" => Ok(ExportFormat::Gguf),
+            other => Err(format!(
+                "unknown export format `{other}`; use adapter, merged or gguf"
+            )),
         }
     }
 }
@@ -80,6 +89,8 @@ pub struct ExportOptions {
     pub dtype: WeightDtype,
     /// Merged checkpoints are split into shards of at most this many bytes.
     pub max_shard_bytes: u64,
+    /// Weight type of a GGUF export.
+    pub quant: GgufQuant,
 }
 
 impl Default for ExportOptions {
@@ -88,6 +99,7 @@ impl Default for ExportOptions {
             format: ExportFormat::Merged,
             dtype: WeightDtype::F16,
             max_shard_bytes: 5_000_000_000,
+            quant: GgufQuant::Q8_0,
         }
     }
 }
@@ -100,6 +112,7 @@ pub fn export(run_dir: &Path, options: &ExportOptions, sink: &dyn EventSink) -> 
     let name = match options.format {
         ExportFormat::Adapter => "adapter".to_string(),
         ExportFormat::Merged => format!("merged-{}", options.dtype.name()),
+        ExportFormat::Gguf => format!("gguf-{}", options.quant.name()),
     };
     let exports = run.path().join("exports");
     let final_dir = exports.join(&name);
@@ -115,6 +128,23 @@ pub fn export(run_dir: &Path, options: &ExportOptions, sink: &dyn EventSink) -> 
             &["adapter_model.safetensors", "adapter_config.json"],
         ),
         ExportFormat::Merged => merged::write(&info.model_dir, &adapter, &tmp, options, sink),
+        ExportFormat::Gguf => {
+            let model_name = info
+                .model_dir
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_else(|| "model".into());
+            let file = tmp.join(format!("{model_name}-{}.gguf", options.quant.name()));
+            let title = format!("{model_name} + LoRA ({})", info.id);
+            gguf::write(
+                &info.model_dir,
+                &adapter,
+                &file,
+                options.quant,
+                &title,
+                sink,
+            )
+        }
     };
     if let Err(e) = result {
         let _ = std::fs::remove_dir_all(&tmp);

@@ -60,3 +60,40 @@ pub fn probe(
         grads,
     })
 }
+
+/// Greedy continuation of `prompt` by the base with `adapter` (no KV cache: each
+/// token re-runs the whole sequence; meant for short previews and reference checks).
+pub fn generate_greedy(
+    model_dir: &Path,
+    adapter_dir: Option<&Path>,
+    prompt: &[u32],
+    max_new: usize,
+) -> Result<Vec<u32>> {
+    let device = Device::Cpu;
+    let config = ModelConfig::load(&model_dir.join("config.json"))?;
+    let lora = adapter_dir
+        .map(|d| LoraSet::load_peft(d, &config, &device))
+        .transpose()?;
+    let model = CausalLm::load(
+        model_dir,
+        config,
+        lora.as_ref(),
+        prompt.len() + max_new,
+        &device,
+    )?;
+    let mut ids = prompt.to_vec();
+    for _ in 0..max_new {
+        let row = Row {
+            input_ids: ids.clone(),
+            labels: vec![-100; ids.len()],
+            position_ids: (0..ids.len() as u32).collect(),
+            starts: vec![0],
+        };
+        let batch = build(&[&row], 0, &device)?;
+        let logits = model.logits(&batch)?;
+        let last = logits.get(0)?.get(ids.len() - 1)?;
+        let next = last.argmax(0)?.to_scalar::<u32>()?;
+        ids.push(next);
+    }
+    Ok(ids[prompt.len()..].to_vec())
+}

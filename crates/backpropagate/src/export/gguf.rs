@@ -1,0 +1,446 @@
+//! GGUF export for llama.cpp and Ollama: architecture metadata, the tokenizer (vocab,
+//! merges, token types, special ids, chat template) and every tensor under
+//! llama.cpp's name, merged with the LoRA, permuted where llama.cpp's rotary layout
+//! needs it, converted and streamed out one tensor at a time.
+
+use std::path::Path;
+
+use candle_core::safetensors::MmapedSafetensors;
+use candle_core::{DType, Device, Tensor};
+use serde_json::Value as Json;
+
+use super::gguf_file::{GgmlType, GgufWriter, TensorInfo, Value};
+use super::quant::encode;
+use crate::data::ChatTemplate;
+use crate::error::{Error, Result};
+use crate::event::{Event, EventSink};
+use crate::lora::LoraSet;
+use crate::model::{expected_tensors, inv_freq, safetensors_paths, Arch, ModelConfig, RopeScaling};
+
+/// GGUF weight types we write.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GgufQuant {
+    F32,
+    F16,
+    Bf16,
+    Q8_0,
+}
+
+impl std::str::FromStr for GgufQuant {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s.to_ascii_lowercase().as_str() {
+            "f32" => Ok(GgufQuant::F32),
+            "f16" => Ok(GgufQuant::F16),
+            "bf16" => Ok(GgufQuant::Bf16),
+            "q8_0" => Ok(GgufQuant::Q8_0),
+            "q4_0" | "q4_k_m" | "q5_k_m" | "q6_k" => Err(format!(
+                "GGUF quantization `{s}` is not implemented yet (planned in issue #5); use f16 or q8_0"
+            )),
+            other => Err(format!("unknown GGUF quantization `{other}`; use f32, f16, bf16 or q8_0")),
+        }
+    }
+}
+
+impl GgufQuant {
+    pub fn name(self) -> &'static str {
+        match self {
+            GgufQuant::F32 => "f32",
+            GgufQuant::F16 => "f16",
+            GgufQuant::Bf16 => "bf16",
+            GgufQuant::Q8_0 => "q8_0",
+        }
+    }
+
+    /// llama.cpp's `llama_ftype` for `general.file_type`.
+    fn file_type(self) -> u32 {
+        match self {
+            GgufQuant::F32 => 0,
+            GgufQuant::F16 => 1,
+            GgufQuant::Q8_0 => 7,
+            GgufQuant::Bf16 => 32,
+        }
+    }
+
+    /// Type of a tensor: vectors stay f32 (as llama.cpp's converter keeps them);
+    /// matrices whose rows do not fill whole blocks fall back to f16.
+    fn tensor_type(self, ne: &[u64]) -> GgmlType {
+        if ne.len() < 2 {
+            return GgmlType::F32;
+        }
+        match self {
+            GgufQuant::F32 => GgmlType::F32,
+            GgufQuant::F16 => GgmlType::F16,
+            GgufQuant::Bf16 => GgmlType::Bf16,
+            GgufQuant::Q8_0 if ne[0] % 32 == 0 => GgmlType::Q8_0,
+            GgufQuant::Q8_0 => GgmlType::F16,
+        }
+    }
+}
+
+fn gguf_arch(arch: Arch) -> &'static str {
+    match arch {
+        // llama.cpp runs Mistral checkpoints as the llama architecture.
+        Arch::Llama | Arch::Mistral => "llama",
+        Arch::Qwen2 => "qwen2",
+        Arch::Qwen3 => "qwen3",
+    }
+}
+
+/// llama.cpp's name for a HF tensor.
+fn gguf_name(hf: &str) -> Option<String> {
+    let fixed = match hf {
+        "model.embed_tokens.weight" => Some("token_embd.weight"),
+        "model.norm.weight" => Some("output_norm.weight"),
+        "lm_head.weight" => Some("output.weight"),
+        _ => None,
+    };
+    if let Some(f) = fixed {
+        return Some(f.to_string());
+    }
+    let rest = hf.strip_prefix("model.layers.")?;
+    let (layer, name) = rest.split_once('.')?;
+    let mapped = match name {
+        "input_layernorm.weight" => "attn_norm.weight",
+        "post_attention_layernorm.weight" => "ffn_norm.weight",
+        "self_attn.q_proj.weight" => "attn_q.weight",
+        "self_attn.k_proj.weight" => "attn_k.weight",
+        "self_attn.v_proj.weight" => "attn_v.weight",
+        "self_attn.o_proj.weight" => "attn_output.weight",
+        "self_attn.q_proj.bias" => "attn_q.bias",
+        "self_attn.k_proj.bias" => "attn_k.bias",
+        "self_attn.v_proj.bias" => "attn_v.bias",
+        "self_attn.o_proj.bias" => "attn_output.bias",
+        "self_attn.q_norm.weight" => "attn_q_norm.weight",
+        "self_attn.k_norm.weight" => "attn_k_norm.weight",
+        "mlp.gate_proj.weight" => "ffn_gate.weight",
+        "mlp.up_proj.weight" => "ffn_up.weight",
+        "mlp.down_proj.weight" => "ffn_down.weight",
+        "mlp.gate_proj.bias" => "ffn_gate.bias",
+        "mlp.up_proj.bias" => "ffn_up.bias",
+        "mlp.down_proj.bias" => "ffn_down.bias",
+        _ => return None,
+    };
+    Some(format!("blk.{layer}.{mapped}"))
+}
+
+/// llama.cpp's llama architecture applies rotary embeddings to interleaved pairs,
+/// HF checkpoints to halves: the converter reorders q/k rows per head
+/// (`reshape(heads, 2, d/2, ..).swapaxes(1, 2)`). Qwen2/3 use the halves layout in
+/// llama.cpp too and are written as they are.
+fn permute_rows(t: &Tensor, heads: usize) -> Result<Tensor> {
+    let (out, inp) = match t.dims() {
+        [o, i] => (*o, *i),
+        [o] => (*o, 1),
+        _ => {
+            return Err(Error::InvalidOption(
+                "permute expects a matrix or vector".into(),
+            ))
+        }
+    };
+    let half = out / heads / 2;
+    Ok(t.reshape((heads, 2, half, inp))?
+        .transpose(1, 2)?
+        .contiguous()?
+        .reshape(t.dims())?)
+}
+
+pub fn write(
+    model_dir: &Path,
+    adapter: &Path,
+    out_file: &Path,
+    quant: GgufQuant,
+    name: &str,
+    sink: &dyn EventSink,
+) -> Result<()> {
+    let config = ModelConfig::load(&model_dir.join("config.json"))?;
+    let device = Device::Cpu;
+    let lora = LoraSet::load_peft(adapter, &config, &device)?;
+    let scale = lora.scale();
+    let arch = gguf_arch(config.arch);
+    let permute = arch == "llama";
+
+    let mut meta = arch_metadata(&config, arch, name, quant);
+    meta.extend(tokenizer_metadata(model_dir, &config)?);
+
+    let paths = safetensors_paths(model_dir)?;
+    // SAFETY: read-only mapping of files nobody writes while we export (see Weights::open).
+    let base = unsafe { MmapedSafetensors::multi(&paths) }
+        .map_err(|e| Error::model(model_dir, format!("cannot read the safetensors files: {e}")))?;
+
+    let mut plan: Vec<(Option<String>, TensorInfo)> = Vec::new();
+    if let RopeScaling::Llama3 { .. } = config.rope_scaling {
+        let n = (config.head_dim / 2) as u64;
+        plan.push((
+            None,
+            TensorInfo {
+                name: "rope_freqs.weight".into(),
+                ne: vec![n],
+                ty: GgmlType::F32,
+            },
+        ));
+    }
+    for (hf, shape) in expected_tensors(&config) {
+        let gname = gguf_name(&hf)
+            .ok_or_else(|| Error::model(model_dir, format!("no GGUF name for `{hf}`")))?;
+        let ne: Vec<u64> = shape.iter().rev().map(|&d| d as u64).collect();
+        let ty = quant.tensor_type(&ne);
+        plan.push((
+            Some(hf),
+            TensorInfo {
+                name: gname,
+                ne,
+                ty,
+            },
+        ));
+    }
+    let infos = plan.iter().map(|(_, i)| i.clone()).collect();
+    let mut writer = GgufWriter::create(out_file, &meta, infos)?;
+    let total = plan.len() as u64;
+    for (done, (hf, info)) in plan.iter().enumerate() {
+        let values: Vec<f32> = match hf {
+            None => llama3_rope_factors(&config),
+            Some(hf) => {
+                let mut t = base
+                    .load(hf, &device)
+                    .map_err(|e| Error::model(model_dir, format!("cannot load `{hf}`: {e}")))?
+                    .to_dtype(DType::F32)?;
+                if let Some(module) = hf.strip_suffix(".weight") {
+                    if let Some(layer) = lora.find(module) {
+                        let delta = layer.b.as_tensor().matmul(layer.a.as_tensor())?;
+                        t = (t + (delta * scale)?)?;
+                    }
+                }
+                if permute && (hf.contains("q_proj.") || hf.contains("k_proj.")) {
+                    let heads = if hf.contains("q_proj.") {
+                        config.num_heads
+                    } else {
+                        config.num_kv_heads
+                    };
+                    t = permute_rows(&t, heads)?;
+                }
+                t.flatten_all()?.to_vec1::<f32>()?
+            }
+        };
+        writer.write_tensor(&encode(&values, info.ty))?;
+        sink.emit(Event::Progress {
+            stage: "gguf".into(),
+            done: done as u64 + 1,
+            total,
+        });
+    }
+    writer.finish()
+}
+
+/// `rope_freqs.weight`: llama3 scaling as per-frequency divisors, as the converter
+/// writes it (base inverse frequency over scaled inverse frequency).
+fn llama3_rope_factors(config: &ModelConfig) -> Vec<f32> {
+    let unscaled = ModelConfig {
+        rope_scaling: RopeScaling::None,
+        ..config.clone()
+    };
+    inv_freq(&unscaled)
+        .iter()
+        .zip(inv_freq(config))
+        .map(|(base, scaled)| (base / scaled) as f32)
+        .collect()
+}
+
+fn arch_metadata(
+    c: &ModelConfig,
+    arch: &str,
+    name: &str,
+    quant: GgufQuant,
+) -> Vec<(String, Value)> {
+    let k = |s: &str| format!("{arch}.{s}");
+    let mut m = vec![
+        ("general.architecture".to_string(), Value::Str(arch.into())),
+        ("general.name".to_string(), Value::Str(name.into())),
+        (
+            "general.file_type".to_string(),
+            Value::U32(quant.file_type()),
+        ),
+        ("general.quantization_version".to_string(), Value::U32(2)),
+        (
+            k("context_length"),
+            Value::U32(c.max_position_embeddings as u32),
+        ),
+        (k("embedding_length"), Value::U32(c.hidden_size as u32)),
+        (k("block_count"), Value::U32(c.num_layers as u32)),
+        (
+            k("feed_forward_length"),
+            Value::U32(c.intermediate_size as u32),
+        ),
+        (k("attention.head_count"), Value::U32(c.num_heads as u32)),
+        (
+            k("attention.head_count_kv"),
+            Value::U32(c.num_kv_heads as u32),
+        ),
+        (k("rope.freq_base"), Value::F32(c.rope_theta as f32)),
+        (
+            k("attention.layer_norm_rms_epsilon"),
+            Value::F32(c.rms_norm_eps as f32),
+        ),
+        (k("rope.dimension_count"), Value::U32(c.head_dim as u32)),
+        (k("vocab_size"), Value::U32(c.vocab_size as u32)),
+    ];
+    if c.head_dim * c.num_heads != c.hidden_size {
+        m.push((k("attention.key_length"), Value::U32(c.head_dim as u32)));
+        m.push((k("attention.value_length"), Value::U32(c.head_dim as u32)));
+    }
+    if let RopeScaling::Linear { factor } = c.rope_scaling {
+        m.push((k("rope.scaling.type"), Value::Str("linear".into())));
+        m.push((k("rope.scaling.factor"), Value::F32(factor as f32)));
+    }
+    m
+}
+
+/// Token types of llama.cpp's vocab.
+const NORMAL: i32 = 1;
+const CONTROL: i32 = 3;
+const USER_DEFINED: i32 = 4;
+
+fn tokenizer_metadata(dir: &Path, c: &ModelConfig) -> Result<Vec<(String, Value)>> {
+    let path = dir.join("tokenizer.json");
+    let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
+    let tok: Json = serde_json::from_str(&text)
+        .map_err(|e| Error::model(&path, format!("not valid JSON: {e}")))?;
+    let model = &tok["model"];
+    if model["type"] != "BPE" || model["byte_fallback"] == true {
+        return Err(Error::model(
+            &path,
+            "only byte-level BPE tokenizers (Llama 3, Qwen, GPT-2 style) can be written to GGUF yet; SentencePiece-style vocabularies are planned",
+        ));
+    }
+    let vocab = model["vocab"]
+        .as_object()
+        .ok_or_else(|| Error::model(&path, "missing model.vocab"))?;
+    let mut tokens: Vec<Option<String>> = vec![None; c.vocab_size];
+    let mut types = vec![NORMAL; c.vocab_size];
+    for (t, id) in vocab {
+        if let Some(slot) = id.as_u64().and_then(|i| tokens.get_mut(i as usize)) {
+            *slot = Some(t.clone());
+        }
+    }
+    for added in tok["added_tokens"].as_array().into_iter().flatten() {
+        let (Some(id), Some(content)) = (added["id"].as_u64(), added["content"].as_str()) else {
+            continue;
+        };
+        if let Some(slot) = tokens.get_mut(id as usize) {
+            *slot = Some(content.to_string());
+            types[id as usize] = if added["special"] == true {
+                CONTROL
+            } else {
+                USER_DEFINED
+            };
+        }
+    }
+    // Checkpoints often pad the embedding past the tokenizer; llama.cpp needs a name
+    // for every row.
+    let tokens: Vec<String> = tokens
+        .into_iter()
+        .enumerate()
+        .map(|(i, t)| {
+            t.unwrap_or_else(|| {
+                types[i] = USER_DEFINED;
+                format!("[PAD{i}]")
+            })
+        })
+        .collect();
+    let merges: Vec<String> = model["merges"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|m| match m {
+            Json::String(s) => Some(s.clone()),
+            Json::Array(pair) => Some(format!(
+                "{} {}",
+                pair.first()?.as_str()?,
+                pair.get(1)?.as_str()?
+            )),
+            _ => None,
+        })
+        .collect();
+    let template = ChatTemplate::from_model_dir(dir)?;
+    let id_of = |t: &str| tokens.iter().position(|x| x == t).map(|i| i as u32);
+    let pre = match c.arch {
+        Arch::Qwen2 | Arch::Qwen3 => "qwen2",
+        Arch::Llama | Arch::Mistral => "llama-bpe",
+    };
+    let bos = template.special("bos_token").and_then(id_of);
+    let tokenizer = tokenizers::Tokenizer::from_file(&path)
+        .map_err(|e| Error::model(&path, format!("cannot load the tokenizer: {e}")))?;
+    let adds_bos = match (bos, tokenizer.encode("a", true)) {
+        (Some(b), Ok(enc)) => enc.get_ids().first() == Some(&b),
+        _ => false,
+    };
+    let mut m = vec![
+        (
+            "tokenizer.ggml.model".to_string(),
+            Value::Str("gpt2".into()),
+        ),
+        ("tokenizer.ggml.pre".to_string(), Value::Str(pre.into())),
+        (
+            "tokenizer.ggml.tokens".to_string(),
+            Value::ArrStr(tokens.clone()),
+        ),
+        (
+            "tokenizer.ggml.token_type".to_string(),
+            Value::ArrI32(types),
+        ),
+        ("tokenizer.ggml.merges".to_string(), Value::ArrStr(merges)),
+        (
+            "tokenizer.ggml.add_bos_token".to_string(),
+            Value::Bool(adds_bos),
+        ),
+        (
+            "tokenizer.chat_template".to_string(),
+            Value::Str(template.text().to_string()),
+        ),
+    ];
+    for (key, special) in [
+        ("bos_token_id", "bos_token"),
+        ("eos_token_id", "eos_token"),
+        ("padding_token_id", "pad_token"),
+    ] {
+        if let Some(id) = template.special(special).and_then(id_of) {
+            m.push((format!("tokenizer.ggml.{key}"), Value::U32(id)));
+        }
+    }
+    Ok(m)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_follow_llama_cpp() {
+        assert_eq!(
+            gguf_name("model.layers.3.self_attn.q_proj.weight").unwrap(),
+            "blk.3.attn_q.weight"
+        );
+        assert_eq!(
+            gguf_name("model.layers.0.mlp.down_proj.weight").unwrap(),
+            "blk.0.ffn_down.weight"
+        );
+        assert_eq!(gguf_name("lm_head.weight").unwrap(), "output.weight");
+        assert!(gguf_name("model.layers.0.weird").is_none());
+    }
+
+    #[test]
+    fn permutation_interleaves_rotary_halves_per_head() {
+        // 2 heads of dim 4: rows [h0: 0 1 2 3, h1: 4 5 6 7] → [0 2 1 3, 4 6 5 7].
+        let t = Tensor::arange(0f32, 8.0, &Device::Cpu)
+            .unwrap()
+            .reshape((8, 1))
+            .unwrap();
+        let p = permute_rows(&t, 2)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        assert_eq!(p, vec![0.0, 2.0, 1.0, 3.0, 4.0, 6.0, 5.0, 7.0]);
+    }
+}

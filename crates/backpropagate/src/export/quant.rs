@@ -1,0 +1,58 @@
+//! Conversions of f32 rows into ggml tensor types, bit-exact with ggml's reference
+//! (`quantize_row_q8_0_ref`, `GGML_FP32_TO_FP16`, `GGML_FP32_TO_BF16`).
+
+use half::{bf16, f16};
+use rayon::prelude::*;
+
+use super::gguf_file::GgmlType;
+
+pub fn encode(values: &[f32], ty: GgmlType) -> Vec<u8> {
+    match ty {
+        GgmlType::F32 => values.iter().flat_map(|v| v.to_le_bytes()).collect(),
+        GgmlType::F16 => values
+            .iter()
+            .flat_map(|v| f16::from_f32(*v).to_le_bytes())
+            .collect(),
+        // half's conversion rounds to nearest even, as GGML_FP32_TO_BF16 does.
+        GgmlType::Bf16 => values
+            .iter()
+            .flat_map(|v| bf16::from_f32(*v).to_le_bytes())
+            .collect(),
+        GgmlType::Q8_0 => {
+            let mut out = vec![0u8; values.len() / 32 * 34];
+            out.par_chunks_mut(34)
+                .zip(values.par_chunks(32))
+                .for_each(|(o, x)| q8_0_block(x, o));
+            out
+        }
+    }
+}
+
+/// d = max|x| / 127; q = round(x / d) (half away from zero, as C's roundf).
+fn q8_0_block(x: &[f32], out: &mut [u8]) {
+    let amax = x.iter().fold(0f32, |m, v| m.max(v.abs()));
+    let d = amax / 127.0;
+    let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+    out[..2].copy_from_slice(&f16::from_f32(d).to_le_bytes());
+    for (o, v) in out[2..].iter_mut().zip(x) {
+        *o = ((v * id).round() as i8) as u8;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn q8_0_block_layout() {
+        let x: Vec<f32> = (0..32).map(|i| (i as f32 - 16.0) / 4.0).collect();
+        let b = encode(&x, GgmlType::Q8_0);
+        assert_eq!(b.len(), 34);
+        let d = f16::from_le_bytes([b[0], b[1]]).to_f32();
+        assert!((d - 4.0 / 127.0).abs() < 1e-5);
+        assert_eq!(b[2] as i8, -127);
+        assert_eq!(b[2 + 16] as i8, 0);
+        let zeros = encode(&[0.0; 32], GgmlType::Q8_0);
+        assert!(zeros.iter().all(|&v| v == 0));
+    }
+}
