@@ -155,3 +155,32 @@ def test_llama_cpp_logits_and_greedy_generation_match_ours(backprop, exported, t
     ours_gen = json.loads(backprop("debug", "generate", "--model", model_dir, "--adapter", run / "adapter",
                                    "--prompt-ids", ",".join(map(str, ids)), "--max-new", "12").stdout)
     assert generated == ours_gen
+
+
+def test_gguf_lora_adapter_on_the_gguf_base_matches_ours(backprop, exported, tmp_path):
+    model_dir, run, files, merged = exported
+    runs = run.parent
+    lora_dir = backprop("export", run.name, "--format", "gguf-lora", "--quant", "f32", "--runs-dir", runs).stdout.strip()
+    base_dir = backprop("export", run.name, "--format", "gguf-base", "--quant", "f32", "--runs-dir", runs).stdout.strip()
+    (lora,) = __import__("pathlib").Path(lora_dir).glob("*.gguf")
+    (base,) = __import__("pathlib").Path(base_dir).glob("*.gguf")
+    reader = GGUFReader(lora)
+    assert field(reader, "general.type") == "adapter" and field(reader, "adapter.type") == "lora"
+    assert field(reader, "adapter.lora.alpha") == 32.0
+    names = [t.name for t in reader.tensors]
+    assert "blk.0.attn_q.weight.lora_a" in names and "blk.1.ffn_down.weight.lora_b" in names
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    _, ids = _prompt(tok)
+    (tmp_path / "b.json").write_text(json.dumps({"input_ids": [ids], "labels": [ids]}))
+    backprop("debug", "probe", "--model", model_dir, "--adapter", run / "adapter",
+             "--batch", tmp_path / "b.json", "--out", tmp_path / "o.safetensors")
+    from safetensors.torch import load_file
+    ours = load_file(tmp_path / "o.safetensors")["logits"][0].numpy()
+    plain = _llama(base)
+    plain.eval(ids)
+    with_lora = _llama(base, lora_path=str(lora))
+    with_lora.eval(ids)
+    diff = float(np.abs(np.asarray(with_lora.scores[: len(ids)]) - ours).max())
+    moved = float(np.abs(np.asarray(plain.scores[: len(ids)]) - ours).max())
+    print(f"base + GGUF LoRA vs ours: {diff:.2e} (base alone: {moved:.2e})")
+    assert diff < 1e-3 and moved > 1e-2

@@ -145,9 +145,10 @@ fn permute_rows(t: &Tensor, heads: usize) -> Result<Tensor> {
         .reshape(t.dims())?)
 }
 
+/// Writes the base with `adapter` merged in (or the base alone when `None`).
 pub fn write(
     model_dir: &Path,
-    adapter: &Path,
+    adapter: Option<&Path>,
     out_file: &Path,
     quant: GgufQuant,
     name: &str,
@@ -155,8 +156,9 @@ pub fn write(
 ) -> Result<()> {
     let config = ModelConfig::load(&model_dir.join("config.json"))?;
     let device = Device::Cpu;
-    let lora = LoraSet::load_peft(adapter, &config, &device)?;
-    let scale = lora.scale();
+    let lora = adapter
+        .map(|a| LoraSet::load_peft(a, &config, &device))
+        .transpose()?;
     let arch = gguf_arch(config.arch);
     let permute = arch == "llama";
 
@@ -205,11 +207,12 @@ pub fn write(
                     .load(hf, &device)
                     .map_err(|e| Error::model(model_dir, format!("cannot load `{hf}`: {e}")))?
                     .to_dtype(DType::F32)?;
-                if let Some(module) = hf.strip_suffix(".weight") {
-                    if let Some(layer) = lora.find(module) {
-                        let delta = layer.b.as_tensor().matmul(layer.a.as_tensor())?;
-                        t = (t + (delta * scale)?)?;
-                    }
+                let adapted = hf
+                    .strip_suffix(".weight")
+                    .and_then(|m| Some((lora.as_ref()?, m)));
+                if let Some((lora, layer)) = adapted.and_then(|(l, m)| Some((l, l.find(m)?))) {
+                    let delta = layer.b.as_tensor().matmul(layer.a.as_tensor())?;
+                    t = (t + (delta * lora.scale())?)?;
                 }
                 if permute && (hf.contains("q_proj.") || hf.contains("k_proj.")) {
                     let heads = if hf.contains("q_proj.") {
@@ -228,6 +231,69 @@ pub fn write(
             done: done as u64 + 1,
             total,
         });
+    }
+    writer.finish()
+}
+
+/// A GGUF LoRA adapter for llama.cpp's `--lora` and Ollama's `ADAPTER`: tensors
+/// `<base tensor>.lora_a` (ne = [in, r]) and `.lora_b` (ne = [r, out]), with `lora_b`
+/// permuted like the base weight for llama's q/k. llama.cpp scales by alpha / r, so
+/// rsLoRA's alpha / √r is written as an equivalent alpha.
+pub fn write_lora(
+    model_dir: &Path,
+    adapter: &Path,
+    out_file: &Path,
+    quant: GgufQuant,
+    name: &str,
+) -> Result<()> {
+    let config = ModelConfig::load(&model_dir.join("config.json"))?;
+    let lora = LoraSet::load_peft(adapter, &config, &Device::Cpu)?;
+    let arch = gguf_arch(config.arch);
+    let alpha = lora.scale() * lora.config.r as f64;
+    let meta = vec![
+        ("general.type".to_string(), Value::Str("adapter".into())),
+        ("general.architecture".to_string(), Value::Str(arch.into())),
+        ("general.name".to_string(), Value::Str(name.into())),
+        ("adapter.type".to_string(), Value::Str("lora".into())),
+        ("adapter.lora.alpha".to_string(), Value::F32(alpha as f32)),
+    ];
+    let ty = match quant {
+        GgufQuant::F16 => GgmlType::F16,
+        _ => GgmlType::F32,
+    };
+    let mut plan = Vec::new();
+    for layer in &lora.layers {
+        let base = gguf_name(&format!("{}.weight", layer.module))
+            .ok_or_else(|| Error::model(adapter, format!("no GGUF name for `{}`", layer.module)))?;
+        let mut b = layer.b.as_tensor().clone();
+        if arch == "llama" && (layer.module.ends_with("q_proj") || layer.module.ends_with("k_proj"))
+        {
+            let heads = if layer.module.ends_with("q_proj") {
+                config.num_heads
+            } else {
+                config.num_kv_heads
+            };
+            b = permute_rows(&b, heads)?;
+        }
+        for (suffix, t) in [("lora_a", layer.a.as_tensor().clone()), ("lora_b", b)] {
+            let ne = t.dims().iter().rev().map(|&d| d as u64).collect();
+            plan.push((
+                TensorInfo {
+                    name: format!("{base}.{suffix}"),
+                    ne,
+                    ty,
+                },
+                t,
+            ));
+        }
+    }
+    let mut writer = GgufWriter::create(
+        out_file,
+        &meta,
+        plan.iter().map(|(i, _)| i.clone()).collect(),
+    )?;
+    for (info, t) in &plan {
+        writer.write_tensor(&encode(&t.flatten_all()?.to_vec1::<f32>()?, info.ty))?;
     }
     writer.finish()
 }

@@ -28,6 +28,10 @@ pub enum ExportFormat {
     Merged,
     /// Base + LoRA merged into one GGUF file for llama.cpp and Ollama.
     Gguf,
+    /// The LoRA alone as a GGUF adapter (llama.cpp `--lora`, Ollama `ADAPTER`).
+    GgufLora,
+    /// The base model alone as GGUF, to run a GGUF adapter on.
+    GgufBase,
 }
 
 impl FromStr for ExportFormat {
@@ -37,8 +41,10 @@ impl FromStr for ExportFormat {
             "adapter" | "lora" | "peft" => Ok(ExportFormat::Adapter),
             "merged" | "hf" => Ok(ExportFormat::Merged),
             "gguf" => Ok(ExportFormat::Gguf),
+            "gguf-lora" => Ok(ExportFormat::GgufLora),
+            "gguf-base" => Ok(ExportFormat::GgufBase),
             other => Err(format!(
-                "unknown export format `{other}`; use adapter, merged or gguf"
+                "unknown export format `{other}`; use adapter, merged, gguf, gguf-lora or gguf-base"
             )),
         }
     }
@@ -113,6 +119,8 @@ pub fn export(run_dir: &Path, options: &ExportOptions, sink: &dyn EventSink) -> 
         ExportFormat::Adapter => "adapter".to_string(),
         ExportFormat::Merged => format!("merged-{}", options.dtype.name()),
         ExportFormat::Gguf => format!("gguf-{}", options.quant.name()),
+        ExportFormat::GgufLora => format!("gguf-lora-{}", options.quant.name()),
+        ExportFormat::GgufBase => format!("gguf-base-{}", options.quant.name()),
     };
     let exports = run.path().join("exports");
     let final_dir = exports.join(&name);
@@ -128,22 +136,43 @@ pub fn export(run_dir: &Path, options: &ExportOptions, sink: &dyn EventSink) -> 
             &["adapter_model.safetensors", "adapter_config.json"],
         ),
         ExportFormat::Merged => merged::write(&info.model_dir, &adapter, &tmp, options, sink),
-        ExportFormat::Gguf => {
+        ExportFormat::Gguf | ExportFormat::GgufLora | ExportFormat::GgufBase => {
             let model_name = info
                 .model_dir
                 .file_name()
                 .map(|n| n.to_string_lossy().into_owned())
                 .unwrap_or_else(|| "model".into());
-            let file = tmp.join(format!("{model_name}-{}.gguf", options.quant.name()));
-            let title = format!("{model_name} + LoRA ({})", info.id);
-            gguf::write(
-                &info.model_dir,
-                &adapter,
-                &file,
-                options.quant,
-                &title,
-                sink,
-            )
+            let q = options.quant.name();
+            match options.format {
+                ExportFormat::GgufLora => {
+                    let file = tmp.join(format!("{model_name}-lora-{q}.gguf"));
+                    let title = format!("{model_name} LoRA ({})", info.id);
+                    gguf::write_lora(&info.model_dir, &adapter, &file, options.quant, &title)
+                }
+                ExportFormat::GgufBase => {
+                    let file = tmp.join(format!("{model_name}-{q}.gguf"));
+                    gguf::write(
+                        &info.model_dir,
+                        None,
+                        &file,
+                        options.quant,
+                        &model_name,
+                        sink,
+                    )
+                }
+                _ => {
+                    let file = tmp.join(format!("{model_name}-lora-merged-{q}.gguf"));
+                    let title = format!("{model_name} + LoRA ({})", info.id);
+                    gguf::write(
+                        &info.model_dir,
+                        Some(&adapter),
+                        &file,
+                        options.quant,
+                        &title,
+                        sink,
+                    )
+                }
+            }
         }
     };
     if let Err(e) = result {

@@ -1,0 +1,100 @@
+//! `backprop export` failure modes: a full disk (simulated with a file-size limit)
+//! gives a clear error and leaves no partial export under the final name.
+
+use std::path::Path;
+use std::process::Command;
+
+fn bin() -> &'static str {
+    env!("CARGO_BIN_EXE_backprop")
+}
+
+fn trained_run(dir: &Path) -> String {
+    let model = dir.join("model");
+    let runs = dir.join("runs");
+    let data = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../assets/samples/alpaca.jsonl");
+    let ok = Command::new(bin())
+        .args(["fixture", model.to_str().unwrap()])
+        .status()
+        .unwrap();
+    assert!(ok.success());
+    let out = Command::new(bin())
+        .args([
+            "train",
+            "--model",
+            model.to_str().unwrap(),
+            "--data",
+            data.to_str().unwrap(),
+        ])
+        .args([
+            "--steps",
+            "2",
+            "--runs-dir",
+            runs.to_str().unwrap(),
+            "--json",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let run = std::fs::read_dir(&runs)
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+    run.to_str().unwrap().to_string()
+}
+
+#[cfg(unix)]
+#[test]
+fn a_full_disk_leaves_no_partial_export() {
+    let tmp = tempfile::tempdir().unwrap();
+    let run = trained_run(tmp.path());
+    // 64 KiB file-size limit; SIGXFSZ ignored so writes fail with EFBIG like ENOSPC.
+    let script = format!(
+        "trap '' XFSZ; ulimit -f 64; exec '{}' export '{run}' --format gguf --quant f32",
+        bin()
+    );
+    let out = Command::new("bash").args(["-c", &script]).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains(".gguf") && err.contains("File too large"),
+        "{err}"
+    );
+    let exports = Path::new(&run).join("exports");
+    let left: Vec<_> = std::fs::read_dir(&exports)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert!(left.is_empty(), "left behind: {left:?}");
+
+    // With room, the same export succeeds.
+    let out = Command::new(bin())
+        .args(["export", &run, "--format", "gguf", "--quant", "f32"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(exports.join("gguf-f32").is_dir());
+}
+
+#[test]
+fn unknown_quant_names_say_what_exists() {
+    let out = Command::new(bin())
+        .args(["export", "any", "--quant", "q3_k_xl"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        err.contains("unknown GGUF quantization `q3_k_xl`; use f32, f16, bf16 or q8_0"),
+        "{err}"
+    );
+}
