@@ -102,10 +102,10 @@ fn a_run_without_adapter_or_checkpoint_cannot_be_exported() {
 #[test]
 fn format_names_are_checked() {
     assert_eq!("gguf".parse::<ExportFormat>(), Ok(ExportFormat::Gguf));
-    assert!("q4_k_m"
+    assert!("q3_k_xl"
         .parse::<backpropagate::export::GgufQuant>()
         .unwrap_err()
-        .contains("not implemented yet"));
+        .contains("use f32, f16, bf16, q8_0, q6_k, q5_k_m, q4_k_m or q4_0"));
     assert!("onnx"
         .parse::<ExportFormat>()
         .unwrap_err()

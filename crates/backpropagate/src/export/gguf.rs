@@ -24,6 +24,10 @@ pub enum GgufQuant {
     F16,
     Bf16,
     Q8_0,
+    Q4_0,
+    Q4KM,
+    Q5KM,
+    Q6K,
 }
 
 impl std::str::FromStr for GgufQuant {
@@ -34,10 +38,13 @@ impl std::str::FromStr for GgufQuant {
             "f16" => Ok(GgufQuant::F16),
             "bf16" => Ok(GgufQuant::Bf16),
             "q8_0" => Ok(GgufQuant::Q8_0),
-            "q4_0" | "q4_k_m" | "q5_k_m" | "q6_k" => Err(format!(
-                "GGUF quantization `{s}` is not implemented yet (planned in issue #5); use f16 or q8_0"
+            "q4_0" => Ok(GgufQuant::Q4_0),
+            "q4_k_m" => Ok(GgufQuant::Q4KM),
+            "q5_k_m" => Ok(GgufQuant::Q5KM),
+            "q6_k" => Ok(GgufQuant::Q6K),
+            other => Err(format!(
+                "unknown GGUF quantization `{other}`; use f32, f16, bf16, q8_0, q6_k, q5_k_m, q4_k_m or q4_0"
             )),
-            other => Err(format!("unknown GGUF quantization `{other}`; use f32, f16, bf16 or q8_0")),
         }
     }
 }
@@ -49,6 +56,10 @@ impl GgufQuant {
             GgufQuant::F16 => "f16",
             GgufQuant::Bf16 => "bf16",
             GgufQuant::Q8_0 => "q8_0",
+            GgufQuant::Q4_0 => "q4_0",
+            GgufQuant::Q4KM => "q4_k_m",
+            GgufQuant::Q5KM => "q5_k_m",
+            GgufQuant::Q6K => "q6_k",
         }
     }
 
@@ -58,24 +69,77 @@ impl GgufQuant {
             GgufQuant::F32 => 0,
             GgufQuant::F16 => 1,
             GgufQuant::Q8_0 => 7,
+            GgufQuant::Q4_0 => 2,
+            GgufQuant::Q4KM => 15,
+            GgufQuant::Q5KM => 17,
+            GgufQuant::Q6K => 18,
             GgufQuant::Bf16 => 32,
         }
     }
 
-    /// Type of a tensor: vectors stay f32 (as llama.cpp's converter keeps them);
-    /// matrices whose rows do not fill whole blocks fall back to f16.
-    fn tensor_type(self, ne: &[u64]) -> GgmlType {
-        if ne.len() < 2 {
+    /// Type of a tensor, following llama-quantize's choices for the preset
+    /// (`llama_tensor_get_type` without an importance matrix): vectors and norms stay
+    /// f32; the output (or a tied embedding) gets q6_K; the `_m` presets give attn_v
+    /// and ffn_down q6_K on "more bits" layers; rows that do not fill whole blocks
+    /// fall back (q4_K→q5_0, q5_K→q5_1, q6_K→q8_0, then f16).
+    fn tensor_type(self, t: &TensorRole) -> GgmlType {
+        if t.ne.len() < 2 || !t.name.ends_with("weight") || t.name.contains("_norm.weight") {
             return GgmlType::F32;
         }
-        match self {
-            GgufQuant::F32 => GgmlType::F32,
-            GgufQuant::F16 => GgmlType::F16,
-            GgufQuant::Bf16 => GgmlType::Bf16,
-            GgufQuant::Q8_0 if ne[0] % 32 == 0 => GgmlType::Q8_0,
-            GgufQuant::Q8_0 => GgmlType::F16,
+        let default = match self {
+            GgufQuant::F32 => return GgmlType::F32,
+            GgufQuant::F16 => return GgmlType::F16,
+            GgufQuant::Bf16 => return GgmlType::Bf16,
+            GgufQuant::Q8_0 => GgmlType::Q8_0,
+            GgufQuant::Q4_0 => GgmlType::Q4_0,
+            GgufQuant::Q4KM => GgmlType::Q4K,
+            GgufQuant::Q5KM => GgmlType::Q5K,
+            GgufQuant::Q6K => GgmlType::Q6K,
+        };
+        let nx = t.ne[0] as usize;
+        let more_bits = |i: usize, n: usize| i < n / 8 || i >= 7 * n / 8 || (i - n / 8) % 3 == 2;
+        let m_preset = matches!(self, GgufQuant::Q4KM | GgufQuant::Q5KM);
+        let chosen = if t.name == "output.weight" || (t.tied && t.name == "token_embd.weight") {
+            if nx % default.block().0 != 0 {
+                GgmlType::Q8_0
+            } else if default != GgmlType::Q8_0 {
+                GgmlType::Q6K
+            } else {
+                default
+            }
+        } else if (t.name.contains("attn_v.weight") || t.name.contains("ffn_down.weight"))
+            && m_preset
+            && more_bits(t.index, t.count)
+        {
+            GgmlType::Q6K
+        } else {
+            default
+        };
+        if nx % chosen.block().0 == 0 {
+            return chosen;
+        }
+        let fallback = match chosen {
+            GgmlType::Q4K => GgmlType::Q5_0,
+            GgmlType::Q5K => GgmlType::Q5_1,
+            GgmlType::Q6K => GgmlType::Q8_0,
+            other => other,
+        };
+        if nx % fallback.block().0 == 0 {
+            fallback
+        } else {
+            GgmlType::F16
         }
     }
+}
+
+/// What the mixture rules look at: the GGUF name, dims, and the tensor's position
+/// among the model's tensors of the same role (attn_v, ffn_down).
+struct TensorRole<'a> {
+    name: &'a str,
+    ne: &'a [u64],
+    tied: bool,
+    index: usize,
+    count: usize,
 }
 
 fn gguf_arch(arch: Arch) -> &'static str {
@@ -182,11 +246,31 @@ pub fn write(
             },
         ));
     }
+    let (mut attn_v, mut ffn_down) = (0usize, 0usize);
     for (hf, shape) in expected_tensors(&config) {
         let gname = gguf_name(&hf)
             .ok_or_else(|| Error::model(model_dir, format!("no GGUF name for `{hf}`")))?;
         let ne: Vec<u64> = shape.iter().rev().map(|&d| d as u64).collect();
-        let ty = quant.tensor_type(&ne);
+        // Position among tensors of the same role, counted in file order as
+        // llama-quantize counts them.
+        let counter = if gname.contains("attn_v.weight") {
+            Some(&mut attn_v)
+        } else if gname.contains("ffn_down.weight") {
+            Some(&mut ffn_down)
+        } else {
+            None
+        };
+        let index = counter.as_ref().map_or(0, |c| **c);
+        if let Some(c) = counter {
+            *c += 1;
+        }
+        let ty = quant.tensor_type(&TensorRole {
+            name: &gname,
+            ne: &ne,
+            tied: config.tie_word_embeddings,
+            index,
+            count: config.num_layers,
+        });
         plan.push((
             Some(hf),
             TensorInfo {

@@ -15,7 +15,13 @@ pub const ALIGNMENT: u64 = 32;
 pub enum GgmlType {
     F32 = 0,
     F16 = 1,
+    Q4_0 = 2,
+    Q5_0 = 6,
+    Q5_1 = 7,
     Q8_0 = 8,
+    Q4K = 12,
+    Q5K = 13,
+    Q6K = 14,
     Bf16 = 30,
 }
 
@@ -25,7 +31,13 @@ impl GgmlType {
         match self {
             GgmlType::F32 => (1, 4),
             GgmlType::F16 | GgmlType::Bf16 => (1, 2),
+            GgmlType::Q4_0 => (32, 18),
+            GgmlType::Q5_0 => (32, 22),
+            GgmlType::Q5_1 => (32, 24),
             GgmlType::Q8_0 => (32, 34),
+            GgmlType::Q4K => (256, 144),
+            GgmlType::Q5K => (256, 176),
+            GgmlType::Q6K => (256, 210),
         }
     }
 

@@ -5,6 +5,7 @@
 
 mod gguf;
 mod gguf_file;
+mod kquants;
 mod merged;
 mod quant;
 

@@ -5,6 +5,7 @@ use half::{bf16, f16};
 use rayon::prelude::*;
 
 use super::gguf_file::GgmlType;
+use super::kquants;
 
 pub fn encode(values: &[f32], ty: GgmlType) -> Vec<u8> {
     match ty {
@@ -18,14 +19,25 @@ pub fn encode(values: &[f32], ty: GgmlType) -> Vec<u8> {
             .iter()
             .flat_map(|v| bf16::from_f32(*v).to_le_bytes())
             .collect(),
-        GgmlType::Q8_0 => {
-            let mut out = vec![0u8; values.len() / 32 * 34];
-            out.par_chunks_mut(34)
-                .zip(values.par_chunks(32))
-                .for_each(|(o, x)| q8_0_block(x, o));
-            out
-        }
+        GgmlType::Q8_0 => blocks(values, ty, q8_0_block),
+        GgmlType::Q4_0 => blocks(values, ty, kquants::q4_0_block),
+        GgmlType::Q5_0 => blocks(values, ty, kquants::q5_0_block),
+        GgmlType::Q5_1 => blocks(values, ty, kquants::q5_1_block),
+        GgmlType::Q4K => blocks(values, ty, kquants::q4_k_block),
+        GgmlType::Q5K => blocks(values, ty, kquants::q5_k_block),
+        GgmlType::Q6K => blocks(values, ty, kquants::q6_k_block),
     }
+}
+
+/// Quantizes independent blocks in parallel; the output is the same for any
+/// thread count.
+fn blocks(values: &[f32], ty: GgmlType, f: fn(&[f32], &mut [u8])) -> Vec<u8> {
+    let (n, bytes) = ty.block();
+    let mut out = vec![0u8; values.len() / n * bytes];
+    out.par_chunks_mut(bytes)
+        .zip(values.par_chunks(n))
+        .for_each(|(o, x)| f(x, o));
+    out
 }
 
 /// d = max|x| / 127; q = round(x / d) (half away from zero, as C's roundf).
