@@ -110,8 +110,8 @@ struct FixtureArgs {
     /// Random seed for the weights
     #[arg(long, default_value_t = 0)]
     seed: u64,
-    /// `tiny` (~0.2M parameters, for tests) or `small` (~30M, for benchmarks)
-    #[arg(long, default_value = "tiny", value_parser = ["tiny", "small"])]
+    /// `tiny` (~0.2M parameters, for tests), `small` (~30M) or `medium` (~140M), for benchmarks
+    #[arg(long, default_value = "tiny", value_parser = ["tiny", "small", "medium"])]
     size: String,
 }
 
@@ -137,6 +137,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Command::Fixture(args) => {
             let mut spec = match args.size.as_str() {
                 "small" => backpropagate::fixture::FixtureSpec::small(args.family),
+                "medium" => backpropagate::fixture::FixtureSpec::medium(args.family),
                 _ => backpropagate::fixture::FixtureSpec::new(args.family),
             };
             spec.seed = args.seed;

@@ -99,6 +99,19 @@ impl FixtureSpec {
         }
     }
 
+    /// A ~140M-parameter model (12 layers, width 1024) for export benchmarks, where
+    /// tensor sizes start to look like a real model's.
+    pub fn medium(family: Family) -> Self {
+        FixtureSpec {
+            hidden_size: 1024,
+            intermediate_size: 2816,
+            num_layers: 12,
+            num_heads: 16,
+            num_kv_heads: 4,
+            ..Self::new(family)
+        }
+    }
+
     /// A ~30M-parameter model (8 layers, width 512) for benchmarks: big enough that
     /// matrix multiplies, not bookkeeping, dominate a training step.
     pub fn small(family: Family) -> Self {

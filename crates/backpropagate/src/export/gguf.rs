@@ -5,17 +5,17 @@
 
 use std::path::Path;
 
-use candle_core::safetensors::MmapedSafetensors;
-use candle_core::{DType, Device, Tensor};
+use candle_core::Device;
 use serde_json::Value as Json;
 
+use super::base_reader::{add_lora, permute_rows, BaseReader};
 use super::gguf_file::{GgmlType, GgufWriter, TensorInfo, Value};
 use super::quant::encode;
 use crate::data::ChatTemplate;
 use crate::error::{Error, Result};
 use crate::event::{Event, EventSink};
 use crate::lora::LoraSet;
-use crate::model::{expected_tensors, inv_freq, safetensors_paths, Arch, ModelConfig, RopeScaling};
+use crate::model::{expected_tensors, inv_freq, Arch, ModelConfig, RopeScaling};
 
 /// GGUF weight types we write.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -188,27 +188,6 @@ fn gguf_name(hf: &str) -> Option<String> {
     Some(format!("blk.{layer}.{mapped}"))
 }
 
-/// llama.cpp's llama architecture applies rotary embeddings to interleaved pairs,
-/// HF checkpoints to halves: the converter reorders q/k rows per head
-/// (`reshape(heads, 2, d/2, ..).swapaxes(1, 2)`). Qwen2/3 use the halves layout in
-/// llama.cpp too and are written as they are.
-fn permute_rows(t: &Tensor, heads: usize) -> Result<Tensor> {
-    let (out, inp) = match t.dims() {
-        [o, i] => (*o, *i),
-        [o] => (*o, 1),
-        _ => {
-            return Err(Error::InvalidOption(
-                "permute expects a matrix or vector".into(),
-            ))
-        }
-    };
-    let half = out / heads / 2;
-    Ok(t.reshape((heads, 2, half, inp))?
-        .transpose(1, 2)?
-        .contiguous()?
-        .reshape(t.dims())?)
-}
-
 /// Writes the base with `adapter` merged in (or the base alone when `None`).
 pub fn write(
     model_dir: &Path,
@@ -229,10 +208,7 @@ pub fn write(
     let mut meta = arch_metadata(&config, arch, name, quant);
     meta.extend(tokenizer_metadata(model_dir, &config)?);
 
-    let paths = safetensors_paths(model_dir)?;
-    // SAFETY: read-only mapping of files nobody writes while we export (see Weights::open).
-    let base = unsafe { MmapedSafetensors::multi(&paths) }
-        .map_err(|e| Error::model(model_dir, format!("cannot read the safetensors files: {e}")))?;
+    let base = BaseReader::open(model_dir)?;
 
     let mut plan: Vec<(Option<String>, TensorInfo)> = Vec::new();
     if let RopeScaling::Llama3 { .. } = config.rope_scaling {
@@ -287,16 +263,11 @@ pub fn write(
         let values: Vec<f32> = match hf {
             None => llama3_rope_factors(&config),
             Some(hf) => {
-                let mut t = base
-                    .load(hf, &device)
-                    .map_err(|e| Error::model(model_dir, format!("cannot load `{hf}`: {e}")))?
-                    .to_dtype(DType::F32)?;
-                let adapted = hf
-                    .strip_suffix(".weight")
-                    .and_then(|m| Some((lora.as_ref()?, m)));
-                if let Some((lora, layer)) = adapted.and_then(|(l, m)| Some((l, l.find(m)?))) {
-                    let delta = layer.b.as_tensor().matmul(layer.a.as_tensor())?;
-                    t = (t + (delta * lora.scale())?)?;
+                let mut values = base.read_f32(hf)?;
+                let module = hf.strip_suffix(".weight").unwrap_or(hf);
+                if let Some((lora, layer)) = lora.as_ref().and_then(|l| Some((l, l.find(module)?)))
+                {
+                    add_lora(&mut values, layer, lora.scale())?;
                 }
                 if permute && (hf.contains("q_proj.") || hf.contains("k_proj.")) {
                     let heads = if hf.contains("q_proj.") {
@@ -304,9 +275,15 @@ pub fn write(
                     } else {
                         config.num_kv_heads
                     };
-                    t = permute_rows(&t, heads)?;
+                    let (rows, cols) = (info.ne.get(1).copied().unwrap_or(1), info.ne[0]);
+                    let (rows, cols) = if info.ne.len() == 1 {
+                        (cols, 1)
+                    } else {
+                        (rows, cols)
+                    };
+                    values = permute_rows(&values, rows as usize, cols as usize, heads);
                 }
-                t.flatten_all()?.to_vec1::<f32>()?
+                values
             }
         };
         writer.write_tensor(&encode(&values, info.ty))?;
@@ -349,7 +326,9 @@ pub fn write_lora(
     for layer in &lora.layers {
         let base = gguf_name(&format!("{}.weight", layer.module))
             .ok_or_else(|| Error::model(adapter, format!("no GGUF name for `{}`", layer.module)))?;
-        let mut b = layer.b.as_tensor().clone();
+        let a = layer.a.as_tensor();
+        let (out_f, r) = layer.b.as_tensor().dims2()?;
+        let mut b = layer.b.as_tensor().flatten_all()?.to_vec1::<f32>()?;
         if arch == "llama" && (layer.module.ends_with("q_proj") || layer.module.ends_with("k_proj"))
         {
             let heads = if layer.module.ends_with("q_proj") {
@@ -357,10 +336,14 @@ pub fn write_lora(
             } else {
                 config.num_kv_heads
             };
-            b = permute_rows(&b, heads)?;
+            b = permute_rows(&b, out_f, r, heads);
         }
-        for (suffix, t) in [("lora_a", layer.a.as_tensor().clone()), ("lora_b", b)] {
-            let ne = t.dims().iter().rev().map(|&d| d as u64).collect();
+        let a_values = a.flatten_all()?.to_vec1::<f32>()?;
+        let a_ne = a.dims().iter().rev().map(|&d| d as u64).collect::<Vec<_>>();
+        for (suffix, t, ne) in [
+            ("lora_a", a_values, a_ne),
+            ("lora_b", b, vec![r as u64, out_f as u64]),
+        ] {
             plan.push((
                 TensorInfo {
                     name: format!("{base}.{suffix}"),
@@ -377,7 +360,7 @@ pub fn write_lora(
         plan.iter().map(|(i, _)| i.clone()).collect(),
     )?;
     for (info, t) in &plan {
-        writer.write_tensor(&encode(&t.flatten_all()?.to_vec1::<f32>()?, info.ty))?;
+        writer.write_tensor(&encode(t, info.ty))?;
     }
     writer.finish()
 }
@@ -576,21 +559,5 @@ mod tests {
         );
         assert_eq!(gguf_name("lm_head.weight").unwrap(), "output.weight");
         assert!(gguf_name("model.layers.0.weird").is_none());
-    }
-
-    #[test]
-    fn permutation_interleaves_rotary_halves_per_head() {
-        // 2 heads of dim 4: rows [h0: 0 1 2 3, h1: 4 5 6 7] → [0 2 1 3, 4 6 5 7].
-        let t = Tensor::arange(0f32, 8.0, &Device::Cpu)
-            .unwrap()
-            .reshape((8, 1))
-            .unwrap();
-        let p = permute_rows(&t, 2)
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1::<f32>()
-            .unwrap();
-        assert_eq!(p, vec![0.0, 2.0, 1.0, 3.0, 4.0, 6.0, 5.0, 7.0]);
     }
 }

@@ -6,16 +6,16 @@ use std::fs::File;
 use std::io::{BufWriter, Write};
 use std::path::Path;
 
-use candle_core::safetensors::MmapedSafetensors;
-use candle_core::{DType, Device, Tensor};
+use candle_core::Device;
 use serde_json::{json, Map, Value};
 
+use super::base_reader::{add_lora, BaseReader};
 use super::{ExportOptions, WeightDtype};
 use crate::error::{Error, Result};
 use crate::event::{Event, EventSink};
 use crate::fsx::write_atomic;
 use crate::lora::LoraSet;
-use crate::model::{safetensors_paths, ModelConfig};
+use crate::model::ModelConfig;
 
 /// Files of a model folder that describe it rather than hold weights.
 const SIDE_FILES: [&str; 9] = [
@@ -42,16 +42,8 @@ pub fn write(
     let device = Device::Cpu;
     let lora = LoraSet::load_peft(adapter, &config, &device)?;
     let scale = lora.scale();
-    let paths = safetensors_paths(model_dir)?;
-    // SAFETY: read-only mapping of files nobody writes while we export (see Weights::open).
-    let base = unsafe { MmapedSafetensors::multi(&paths) }
-        .map_err(|e| Error::model(model_dir, format!("cannot read the safetensors files: {e}")))?;
-    let mut tensors: Vec<(String, Vec<usize>)> = base
-        .tensors()
-        .into_iter()
-        .map(|(name, view)| (name, view.shape().to_vec()))
-        .collect();
-    tensors.sort_by(|a, b| a.0.cmp(&b.0));
+    let base = BaseReader::open(model_dir)?;
+    let tensors = base.tensors();
 
     let elem = match options.dtype {
         WeightDtype::F32 => 4u64,
@@ -78,17 +70,12 @@ pub fn write(
         let entries: Vec<&(String, Vec<usize>)> = shard.iter().map(|&i| &tensors[i]).collect();
         let mut writer = StreamWriter::create(&out.join(file), &entries, options.dtype)?;
         for (name, _) in &entries {
-            let mut t = base
-                .load(name, &device)
-                .map_err(|e| Error::model(model_dir, format!("cannot load `{name}`: {e}")))?
-                .to_dtype(DType::F32)?;
-            if let Some(module) = name.strip_suffix(".weight") {
-                if let Some(layer) = lora.find(module) {
-                    let delta = layer.b.as_tensor().matmul(layer.a.as_tensor())?;
-                    t = (t + (delta * scale)?)?;
-                }
+            let mut values = base.read_f32(name)?;
+            let module = name.strip_suffix(".weight").unwrap_or(name);
+            if let Some(layer) = lora.find(module) {
+                add_lora(&mut values, layer, scale)?;
             }
-            writer.write_tensor(&t, options.dtype)?;
+            writer.write_tensor(&values, options.dtype)?;
             weight_map.insert(name.clone(), Value::from(file.clone()));
             done += 1;
             sink.emit(Event::Progress {
@@ -179,25 +166,16 @@ impl StreamWriter {
         })
     }
 
-    fn write_tensor(&mut self, t: &Tensor, dtype: WeightDtype) -> Result<()> {
-        let flat = t.flatten_all()?;
+    fn write_tensor(&mut self, values: &[f32], dtype: WeightDtype) -> Result<()> {
         let bytes: Vec<u8> = match dtype {
-            WeightDtype::F32 => flat
-                .to_vec1::<f32>()?
+            WeightDtype::F32 => values.iter().flat_map(|v| v.to_le_bytes()).collect(),
+            WeightDtype::F16 => values
                 .iter()
-                .flat_map(|v| v.to_le_bytes())
+                .flat_map(|v| half::f16::from_f32(*v).to_le_bytes())
                 .collect(),
-            WeightDtype::F16 => flat
-                .to_dtype(DType::F16)?
-                .to_vec1::<half::f16>()?
+            WeightDtype::Bf16 => values
                 .iter()
-                .flat_map(|v| v.to_le_bytes())
-                .collect(),
-            WeightDtype::Bf16 => flat
-                .to_dtype(DType::BF16)?
-                .to_vec1::<half::bf16>()?
-                .iter()
-                .flat_map(|v| v.to_le_bytes())
+                .flat_map(|v| half::bf16::from_f32(*v).to_le_bytes())
                 .collect(),
         };
         self.file

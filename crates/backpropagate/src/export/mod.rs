@@ -3,6 +3,7 @@
 //! a temporary folder and renamed into `exports/<name>` when complete, so a crash or
 //! a full disk never leaves a partial export under the final name.
 
+mod base_reader;
 mod gguf;
 mod gguf_file;
 mod kquants;

@@ -1,0 +1,192 @@
+//! Reading base weights for exports: one tensor at a time with plain positioned reads
+//! (not a memory map, whose touched pages would stay resident and make an export of a
+//! 14 GB model look like a 14 GB process), converted to f32, with the LoRA delta
+//! added in row chunks so no second full-size buffer is ever allocated.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::io::{Read, Seek, SeekFrom};
+use std::path::{Path, PathBuf};
+
+use half::{bf16, f16};
+use serde_json::Value;
+
+use crate::error::{Error, Result};
+use crate::lora::LoraLayer;
+use crate::model::safetensors_paths;
+
+struct Entry {
+    file: usize,
+    dtype: String,
+    shape: Vec<usize>,
+    start: u64,
+    end: u64,
+}
+
+pub struct BaseReader {
+    files: Vec<PathBuf>,
+    entries: HashMap<String, Entry>,
+    dir: PathBuf,
+}
+
+impl BaseReader {
+    pub fn open(dir: &Path) -> Result<Self> {
+        let files = safetensors_paths(dir)?;
+        let mut entries = HashMap::new();
+        for (i, path) in files.iter().enumerate() {
+            let mut f = File::open(path).map_err(|e| Error::io(path, e))?;
+            let mut len = [0u8; 8];
+            f.read_exact(&mut len).map_err(|e| Error::io(path, e))?;
+            let len = u64::from_le_bytes(len);
+            if len > 100 << 20 {
+                return Err(Error::model(
+                    path,
+                    "safetensors header is implausibly large; is the file corrupt?",
+                ));
+            }
+            let mut header = vec![0u8; len as usize];
+            f.read_exact(&mut header).map_err(|e| Error::io(path, e))?;
+            let header: Value = serde_json::from_slice(&header)
+                .map_err(|e| Error::model(path, format!("unreadable safetensors header: {e}")))?;
+            let base = 8 + len;
+            for (name, info) in header.as_object().into_iter().flatten() {
+                if name == "__metadata__" {
+                    continue;
+                }
+                let bad = || Error::model(path, format!("bad header entry for `{name}`"));
+                let offsets = info["data_offsets"].as_array().ok_or_else(bad)?;
+                let (Some(start), Some(end)) = (
+                    offsets.first().and_then(Value::as_u64),
+                    offsets.get(1).and_then(Value::as_u64),
+                ) else {
+                    return Err(bad());
+                };
+                let shape = info["shape"]
+                    .as_array()
+                    .ok_or_else(bad)?
+                    .iter()
+                    .map(|d| d.as_u64().map(|d| d as usize).ok_or_else(bad))
+                    .collect::<Result<Vec<_>>>()?;
+                let dtype = info["dtype"].as_str().ok_or_else(bad)?.to_string();
+                entries.insert(
+                    name.clone(),
+                    Entry {
+                        file: i,
+                        dtype,
+                        shape,
+                        start: base + start,
+                        end: base + end,
+                    },
+                );
+            }
+        }
+        Ok(BaseReader {
+            files,
+            entries,
+            dir: dir.to_path_buf(),
+        })
+    }
+
+    /// Tensor names with their shapes, sorted by name.
+    pub fn tensors(&self) -> Vec<(String, Vec<usize>)> {
+        let mut out: Vec<_> = self
+            .entries
+            .iter()
+            .map(|(n, e)| (n.clone(), e.shape.clone()))
+            .collect();
+        out.sort();
+        out
+    }
+
+    /// A tensor as f32 values (row-major).
+    pub fn read_f32(&self, name: &str) -> Result<Vec<f32>> {
+        let e = self
+            .entries
+            .get(name)
+            .ok_or_else(|| Error::model(&self.dir, format!("missing tensor `{name}`")))?;
+        let path = &self.files[e.file];
+        let mut f = File::open(path).map_err(|err| Error::io(path, err))?;
+        f.seek(SeekFrom::Start(e.start))
+            .map_err(|err| Error::io(path, err))?;
+        let mut bytes = vec![0u8; (e.end - e.start) as usize];
+        f.read_exact(&mut bytes)
+            .map_err(|err| Error::io(path, err))?;
+        let values =
+            match e.dtype.as_str() {
+                "F32" => bytes
+                    .chunks_exact(4)
+                    .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                    .collect(),
+                "F16" => bytes
+                    .chunks_exact(2)
+                    .map(|b| f16::from_le_bytes([b[0], b[1]]).to_f32())
+                    .collect(),
+                "BF16" => bytes
+                    .chunks_exact(2)
+                    .map(|b| bf16::from_le_bytes([b[0], b[1]]).to_f32())
+                    .collect(),
+                other => return Err(Error::model(
+                    path,
+                    format!(
+                        "tensor `{name}` is {other}; only f32, f16 and bf16 bases can be exported"
+                    ),
+                )),
+            };
+        Ok(values)
+    }
+}
+
+/// Adds `scale · B·A` to the row-major (out × in) weight `w`, 256 rows at a time.
+pub fn add_lora(w: &mut [f32], layer: &LoraLayer, scale: f64) -> Result<()> {
+    let a = layer.a.as_tensor();
+    let b = layer.b.as_tensor();
+    let (out_f, _) = b.dims2()?;
+    let in_f = a.dims2()?.1;
+    const ROWS: usize = 256;
+    let mut r0 = 0;
+    while r0 < out_f {
+        let n = ROWS.min(out_f - r0);
+        let delta: Vec<f32> = (b.narrow(0, r0, n)?.matmul(a)? * scale)?
+            .flatten_all()?
+            .to_vec1()?;
+        for (w, d) in w[r0 * in_f..(r0 + n) * in_f].iter_mut().zip(delta) {
+            *w += d;
+        }
+        r0 += n;
+    }
+    Ok(())
+}
+
+/// Reorders the rows of a row-major (rows × cols) tensor per head, as llama.cpp's
+/// rotary layout for the llama architecture wants: within each head, the first and
+/// second halves of the rows are interleaved (`reshape(heads, 2, d/2, ..)
+/// .swapaxes(1, 2)`).
+pub fn permute_rows(values: &[f32], rows: usize, cols: usize, heads: usize) -> Vec<f32> {
+    let head = rows / heads;
+    let half = head / 2;
+    let mut out = Vec::with_capacity(values.len());
+    for h in 0..heads {
+        for i in 0..half {
+            for part in 0..2 {
+                let src = h * head + part * half + i;
+                out.extend_from_slice(&values[src * cols..(src + 1) * cols]);
+            }
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn permutation_interleaves_rotary_halves_per_head() {
+        // 2 heads of 4 rows: [0 1 2 3 | 4 5 6 7] → [0 2 1 3 | 4 6 5 7].
+        let v: Vec<f32> = (0..8).map(|x| x as f32).collect();
+        assert_eq!(
+            permute_rows(&v, 8, 1, 2),
+            vec![0.0, 2.0, 1.0, 3.0, 4.0, 6.0, 5.0, 7.0]
+        );
+    }
+}
