@@ -12,7 +12,13 @@ MODEL="$CARGO_TARGET_DIR/demo/tiny-qwen2"
 "$BACKPROP" fixture "$MODEL" --family qwen2
 "$BACKPROP" data check assets/samples/alpaca.jsonl --model "$MODEL" --show 1
 echo
+RUNS="$CARGO_TARGET_DIR/demo/runs"
 "$BACKPROP" train --model "$MODEL" --data assets/samples/alpaca.jsonl \
-    --steps 60 --lr 1e-2 --batch-size 4 --runs-dir "$CARGO_TARGET_DIR/demo/runs"
+    --steps 60 --lr 1e-2 --batch-size 4 --runs-dir "$RUNS" --name demo
+RUN=$(ls -td "$RUNS"/*-demo* | head -1)
 echo
-echo "The trained LoRA adapter (PEFT format) is in the run folder above, under adapter/."
+echo "Exporting $RUN:"
+"$BACKPROP" export "$RUN" --format gguf --quant q4_k_m
+"$BACKPROP" export "$RUN" --format adapter
+echo
+echo "Done: a GGUF for llama.cpp / Ollama and the PEFT adapter are under $RUN/exports/."

@@ -82,6 +82,9 @@ pub struct TrainArgs {
     /// Where runs are kept [default: $BACKPROP_HOME/runs or the platform data folder]
     #[arg(long)]
     pub runs_dir: Option<PathBuf>,
+    /// A readable suffix for the run id [default: the data file's name]
+    #[arg(long, conflicts_with = "resume")]
+    pub name: Option<String>,
     /// Print events as JSON lines instead of a progress bar
     #[arg(long)]
     pub json: bool,
@@ -152,10 +155,13 @@ pub fn train(args: &TrainArgs) -> Result<ExitCode> {
         args.apply(&mut config)?;
         config.validate().map_err(anyhow::Error::msg)?;
         let face = Face::new(args.json, config.steps);
-        let s = Trainer::from_config(config)
+        let mut trainer = Trainer::from_config(config)
             .runs_dir(runs_dir)
-            .on_event(face.clone())
-            .start()?;
+            .on_event(face.clone());
+        if let Some(name) = &args.name {
+            trainer = trainer.name(name);
+        }
+        let s = trainer.start()?;
         face.finish();
         s
     };

@@ -111,27 +111,28 @@ impl BaseReader {
         let mut bytes = vec![0u8; (e.end - e.start) as usize];
         f.read_exact(&mut bytes)
             .map_err(|err| Error::io(path, err))?;
-        let values =
-            match e.dtype.as_str() {
-                "F32" => bytes
-                    .chunks_exact(4)
-                    .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-                    .collect(),
-                "F16" => bytes
-                    .chunks_exact(2)
-                    .map(|b| f16::from_le_bytes([b[0], b[1]]).to_f32())
-                    .collect(),
-                "BF16" => bytes
-                    .chunks_exact(2)
-                    .map(|b| bf16::from_le_bytes([b[0], b[1]]).to_f32())
-                    .collect(),
-                other => return Err(Error::model(
+        let values = match e.dtype.as_str() {
+            "F32" => bytes
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                .collect(),
+            "F16" => bytes
+                .chunks_exact(2)
+                .map(|b| f16::from_le_bytes([b[0], b[1]]).to_f32())
+                .collect(),
+            "BF16" => bytes
+                .chunks_exact(2)
+                .map(|b| bf16::from_le_bytes([b[0], b[1]]).to_f32())
+                .collect(),
+            other => {
+                return Err(Error::model(
                     path,
                     format!(
                         "tensor `{name}` is {other}; only f32, f16 and bf16 bases can be exported"
                     ),
-                )),
-            };
+                ))
+            }
+        };
         Ok(values)
     }
 }
