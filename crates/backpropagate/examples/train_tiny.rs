@@ -35,5 +35,7 @@ fn main() -> Result<(), backpropagate::Error> {
         summary.steps,
         summary.run_dir.join("adapter").display()
     );
+    let gguf = summary.export("gguf", "q4_k_m")?;
+    println!("GGUF for llama.cpp / Ollama in {}", gguf.display());
     Ok(())
 }

@@ -192,6 +192,25 @@ pub fn export(run_dir: &Path, options: &ExportOptions, sink: &dyn EventSink) -> 
     Ok(final_dir)
 }
 
+/// The Python package's shape, `export("gguf", quantization="q4_k_m")`: a format
+/// name (adapter, merged, gguf, gguf-lora, gguf-base) and a GGUF quantization (or a
+/// dtype for `merged`).
+pub fn export_as(run_dir: &Path, format: &str, quantization: &str) -> Result<PathBuf> {
+    let format: ExportFormat = format.parse().map_err(Error::InvalidOption)?;
+    let mut options = ExportOptions {
+        format,
+        ..ExportOptions::default()
+    };
+    match format {
+        ExportFormat::Merged => {
+            options.dtype = quantization.parse().map_err(Error::InvalidOption)?
+        }
+        ExportFormat::Adapter => {}
+        _ => options.quant = quantization.parse().map_err(Error::InvalidOption)?,
+    }
+    export(run_dir, &options, &crate::event::Silent)
+}
+
 /// The finished adapter, or the newest checkpoint of an unfinished run (with a notice).
 fn adapter_source(run: &RunDir, status: RunStatus, sink: &dyn EventSink) -> Result<PathBuf> {
     let finished = run.path().join("adapter");

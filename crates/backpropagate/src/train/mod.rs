@@ -61,6 +61,13 @@ pub struct RunSummary {
     pub total_params: usize,
 }
 
+impl RunSummary {
+    /// Exports this run, e.g. `summary.export("gguf", "q4_k_m")`; see [`crate::export`].
+    pub fn export(&self, format: &str, quantization: &str) -> Result<PathBuf> {
+        crate::export::export_as(&self.run_dir, format, quantization)
+    }
+}
+
 /// Builder over `TrainConfig`, in the spirit of the Python package:
 /// `Trainer::new(model).lora_r(16).train(data, steps)`.
 pub struct Trainer {
