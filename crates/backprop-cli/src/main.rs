@@ -4,6 +4,7 @@
 mod data_cmd;
 mod debug_cmd;
 mod export_cmd;
+mod multi_run_cmd;
 mod train_cmd;
 
 use std::path::PathBuf;
@@ -56,8 +57,8 @@ enum Command {
     Data(DataCommand),
     /// Train a LoRA adapter on a model, or resume a run
     Train(Box<train_cmd::TrainArgs>),
-    /// Staged multi-run (SLAO) training against forgetting (not implemented yet)
-    MultiRun(Planned),
+    /// Staged multi-run (SLAO) training against forgetting
+    MultiRun(Box<multi_run_cmd::MultiRunArgs>),
     /// Export a run: PEFT adapter or merged safetensors (GGUF is planned)
     Export(export_cmd::ExportArgs),
     /// Send a run to Ollama as a model (not implemented yet)
@@ -151,7 +152,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
         }
         Command::Train(args) => train_cmd::train(&args),
         Command::Debug(cmd) => debug_cmd::run(&cmd),
-        Command::MultiRun(_) => planned("multi-run", 8),
+        Command::MultiRun(args) => multi_run_cmd::run(&args),
         Command::Export(args) => export_cmd::run(&args),
         Command::Push(_) => planned("push", 7),
         Command::Runs(_) => planned("runs", 4),

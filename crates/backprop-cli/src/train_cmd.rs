@@ -91,7 +91,7 @@ pub struct TrainArgs {
 }
 
 impl TrainArgs {
-    fn apply(&self, c: &mut TrainConfig) -> Result<()> {
+    pub fn apply(&self, c: &mut TrainConfig) -> Result<()> {
         if let Some(m) = &self.model {
             c.model = m.clone();
         }

@@ -69,7 +69,7 @@ fn help_lists_every_planned_subcommand() {
 
 #[test]
 fn unimplemented_subcommands_say_so_and_fail() {
-    for cmd in ["multi-run", "push", "doctor", "serve"] {
+    for cmd in ["push", "doctor", "serve"] {
         let out = backprop(&[cmd]);
         assert_eq!(out.status.code(), Some(2), "{cmd}");
         assert!(text(&out).contains("not implemented yet"), "{cmd}");

@@ -36,6 +36,9 @@ pub struct TrainConfig {
     pub checkpoint_every: u64,
     pub seed: u64,
     pub multi_run: MultiRunConfig,
+    /// Start from this PEFT adapter instead of a fresh LoRA (multi-run stages use it).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub init_adapter: Option<PathBuf>,
 }
 
 impl Default for TrainConfig {
@@ -58,6 +61,7 @@ impl Default for TrainConfig {
             checkpoint_every: 50,
             seed: 42,
             multi_run: MultiRunConfig::default(),
+            init_adapter: None,
         }
     }
 }
@@ -148,6 +152,17 @@ pub struct MultiRunConfig {
     pub runs: u32,
     pub steps_per_run: u64,
     pub replay_ratio: f64,
+    pub method: MultiRunMethod,
+}
+
+/// How a multi-run carries the adapter from one run to the next.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MultiRunMethod {
+    /// SLAO: orthogonal re-initialisation of A, time-aware merging of B.
+    Slao,
+    /// Plain sequential LoRA: each run continues from the previous adapter.
+    Sequential,
 }
 
 impl Default for MultiRunConfig {
@@ -156,6 +171,7 @@ impl Default for MultiRunConfig {
             runs: 3,
             steps_per_run: 50,
             replay_ratio: 0.2,
+            method: MultiRunMethod::Slao,
         }
     }
 }

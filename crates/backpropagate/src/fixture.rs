@@ -410,3 +410,37 @@ fn normal(rng: &mut ChaCha8Rng) -> f32 {
     let u2: f64 = rng.gen();
     ((-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()) as f32
 }
+
+/// Two tasks in sequence for forgetting measurements, from the bundled samples: task A
+/// is the alpaca set (as chat records), task B the bike-shop conversations. Writes
+/// `train.jsonl` (180 A then 180 B) and the held-out `held_a.jsonl` / `held_b.jsonl`
+/// (20 each) into `dir` and returns their paths in that order.
+pub fn write_two_tasks(
+    dir: &Path,
+) -> Result<(std::path::PathBuf, std::path::PathBuf, std::path::PathBuf)> {
+    let records = |text: &str| -> Vec<Value> {
+        text.lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect()
+    };
+    let a: Vec<String> = records(CORPUS[0])
+        .iter()
+        .map(|r| {
+            let (instruction, input) = (r["instruction"].as_str().unwrap_or(""), r["input"].as_str().unwrap_or(""));
+            let user = if input.is_empty() { instruction.to_string() } else { format!("{instruction}\n\n{input}") };
+            json!({"messages": [{"role": "user", "content": user}, {"role": "assistant", "content": r["output"]}]}).to_string()
+        })
+        .collect();
+    let b: Vec<String> = records(CORPUS[1]).iter().map(Value::to_string).collect();
+    let write = |name: &str, lines: &[String]| -> Result<std::path::PathBuf> {
+        let p = dir.join(name);
+        write_atomic(&p, (lines.join("\n") + "\n").as_bytes())?;
+        Ok(p)
+    };
+    let train: Vec<String> = a[..180].iter().chain(&b[..180]).cloned().collect();
+    Ok((
+        write("train.jsonl", &train)?,
+        write("held_a.jsonl", &a[180..])?,
+        write("held_b.jsonl", &b[180..])?,
+    ))
+}

@@ -24,6 +24,7 @@ pub mod lora;
 pub mod model;
 pub mod model_dir;
 pub mod run;
+pub mod slao;
 pub mod train;
 
 pub use config::TrainConfig;

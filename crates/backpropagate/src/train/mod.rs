@@ -147,6 +147,14 @@ impl Trainer {
 
     /// Starts a new run with the configuration as it stands.
     pub fn start(self) -> Result<RunSummary> {
+        let sink = self.sink.clone();
+        let cancel = self.cancel.clone();
+        self.start_with(sink.as_ref(), &cancel)
+    }
+
+    /// Starts a new run reporting to a borrowed sink and cancel token (for callers that
+    /// drive several runs, like multi-run).
+    pub fn start_with(self, sink: &dyn EventSink, cancel: &CancelToken) -> Result<RunSummary> {
         self.config.validate().map_err(Error::InvalidOption)?;
         let model_dir = absolute(Path::new(&self.config.model))?;
         let data = absolute(&self.config.data)?;
@@ -167,9 +175,9 @@ impl Trainer {
             step: 0,
         };
         // Validate data and model before creating anything on disk.
-        let session = Session::prepare(&self.config, &info, &self.device, self.sink.as_ref())?;
+        let session = Session::prepare(&self.config, &info, &self.device, sink)?;
         let run = RunDir::create(&self.runs_dir, &info, &self.config)?;
-        session.run(run, info, None, self.sink.as_ref(), &self.cancel)
+        session.run(run, info, None, sink, cancel)
     }
 
     /// Continues a run from its newest checkpoint (or from the start if it has none).
@@ -391,7 +399,23 @@ impl Session {
             None => {
                 run.truncate_metrics_after(0)?;
                 let mut init_rng = ChaCha8Rng::seed_from_u64(c.seed);
-                let lora = LoraSet::init(&self.model_config, &c.lora, &mut init_rng, &self.device)?;
+                let lora = match &c.init_adapter {
+                    Some(dir) => {
+                        let lora = LoraSet::load_peft(dir, &self.model_config, &self.device)?;
+                        if lora.config.r != c.lora.r
+                            || lora.config.target_modules != c.lora.target_modules
+                        {
+                            return Err(Error::Run {
+                                path: dir.clone(),
+                                message: "the initial adapter's rank or target modules differ from this run's LoRA settings".into(),
+                            });
+                        }
+                        lora
+                    }
+                    None => {
+                        LoraSet::init(&self.model_config, &c.lora, &mut init_rng, &self.device)?
+                    }
+                };
                 let sizes: Vec<usize> = lora
                     .named_vars()
                     .iter()

@@ -97,3 +97,38 @@ pub fn generate_greedy(
     }
     Ok(ids[prompt.len()..].to_vec())
 }
+
+/// Mean token loss of base + `adapter` on every sample of `data` (dropout off), in
+/// micro-batches of 8 — the held-out measure the forgetting comparison uses.
+pub fn evaluate_adapter(
+    model_dir: &Path,
+    adapter_dir: &Path,
+    data: &Path,
+    max_seq_len: usize,
+) -> Result<f64> {
+    use crate::data::{prepare, EncodeOptions, PrepareOptions};
+    let device = Device::Cpu;
+    let config = ModelConfig::load(&model_dir.join("config.json"))?;
+    let lora = LoraSet::load_peft(adapter_dir, &config, &device)?;
+    let options = PrepareOptions {
+        encode: EncodeOptions {
+            max_seq_len,
+            ..EncodeOptions::default()
+        },
+        ..PrepareOptions::default()
+    };
+    let prepared = prepare(data, model_dir, &options)?;
+    let rows: Vec<Row> = prepared.encoded.iter().map(Row::from).collect();
+    let max_len = rows.iter().map(|r| r.input_ids.len()).max().unwrap_or(1);
+    let model = CausalLm::load(model_dir, config, Some(&lora), max_len, &device)?;
+    let (mut sum, mut count) = (0f64, 0usize);
+    for chunk in rows.iter().collect::<Vec<_>>().chunks(8) {
+        let batch = build(chunk, 0, &device)?;
+        if batch.target_count == 0 {
+            continue;
+        }
+        sum += model.loss_sum(&batch, None)?.to_scalar::<f32>()? as f64;
+        count += batch.target_count;
+    }
+    Ok(sum / count.max(1) as f64)
+}
