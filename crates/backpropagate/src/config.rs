@@ -84,17 +84,7 @@ impl Default for LoraConfig {
             alpha: 32.0,
             dropout: 0.05,
             rslora: false,
-            target_modules: [
-                "q_proj",
-                "k_proj",
-                "v_proj",
-                "o_proj",
-                "gate_proj",
-                "up_proj",
-                "down_proj",
-            ]
-            .map(String::from)
-            .to_vec(),
+            target_modules: crate::lora::TARGETS.map(String::from).to_vec(),
         }
     }
 }

@@ -200,27 +200,11 @@ fn continue_runs(
             level: LogLevel::Info,
             message: format!("run {t} of {} ({:?})", c.multi_run.runs, c.multi_run.method),
         });
-        let tag = move |e: Event| match e {
-            Event::Step {
-                step,
-                loss,
-                lr,
-                grad_norm,
-                tokens_per_s,
-                elapsed_s,
-                eta_s,
-                ..
-            } => Event::Step {
-                run: t,
-                step,
-                loss,
-                lr,
-                grad_norm,
-                tokens_per_s,
-                elapsed_s,
-                eta_s,
-            },
-            other => other,
+        let tag = move |mut e: Event| {
+            if let Event::Step { run, .. } = &mut e {
+                *run = t;
+            }
+            e
         };
         let forward = |e: Event| sink.emit(tag(e));
         let existing = find_stage(&stages_dir, t)?;
