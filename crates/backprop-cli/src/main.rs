@@ -63,8 +63,8 @@ enum Command {
     Export(export_cmd::ExportArgs),
     /// Send a run to Ollama as a model (not implemented yet)
     Push(Planned),
-    /// List, inspect and resume runs (not implemented yet)
-    Runs(Planned),
+    /// List runs, newest first (resume one with `backprop train --resume ID`)
+    Runs(RunsArgs),
     /// Talk to a local Ollama: list models, chat (not implemented yet)
     Ollama(Planned),
     /// Check this machine: GPU, drivers, disk, Ollama (not implemented yet)
@@ -92,6 +92,16 @@ enum DataCommand {
 enum ConfigCommand {
     /// Print the default run configuration as TOML
     Defaults,
+}
+
+#[derive(Args)]
+struct RunsArgs {
+    /// Where runs are kept [default: $BACKPROP_HOME/runs or the platform data folder]
+    #[arg(long)]
+    runs_dir: Option<PathBuf>,
+    /// One JSON object per run
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Args)]
@@ -155,7 +165,30 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Command::MultiRun(args) => multi_run_cmd::run(&args),
         Command::Export(args) => export_cmd::run(&args),
         Command::Push(_) => planned("push", 7),
-        Command::Runs(_) => planned("runs", 4),
+        Command::Runs(args) => {
+            let dir = args
+                .runs_dir
+                .unwrap_or_else(backpropagate::run::default_runs_dir);
+            let runs = backpropagate::run::list_runs(&dir)?;
+            if args.json {
+                for r in &runs {
+                    println!("{}", serde_json::to_string(r)?);
+                }
+            } else if runs.is_empty() {
+                println!("no runs in {}", dir.display());
+            } else {
+                for r in &runs {
+                    println!(
+                        "{:<40} {:<9} step {:>6}  {}",
+                        r.id,
+                        format!("{:?}", r.status).to_lowercase(),
+                        r.step,
+                        r.created
+                    );
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Ollama(_) => planned("ollama", 7),
         Command::Doctor(_) => planned("doctor", 9),
         Command::Serve(_) => planned("serve", 6),
