@@ -56,6 +56,6 @@ def test_same_types_and_bytes_as_llama_quantize(backprop, small_run, preset, tmp
         assert np.asarray(m.data).tobytes() == np.asarray(t.data).tobytes(), f"{preset} {name} ({t.tensor_type.name}) bytes differ"
         types[t.tensor_type.name] = types.get(t.tensor_type.name, 0) + 1
     print(f"{preset}: identical to llama.cpp; tensor types {types}")
-    llm = llama_cpp.Llama(model_path=str(ours), n_ctx=32, verbose=False, n_threads=2)
+    llm = llama_cpp.Llama(model_path=str(ours), n_ctx=32, logits_all=True, verbose=False, n_threads=2)
     llm.eval([1, 2, 3, 4])
     assert np.isfinite(np.asarray(llm.scores[:4])).all(), f"llama.cpp runs our {preset} file"
