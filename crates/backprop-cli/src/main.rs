@@ -19,14 +19,30 @@ use clap::{Args, Parser, Subcommand};
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-/// Turns off mimalloc's purging of freed memory. `mi_option_purge_delay` is entry 15
-/// of mimalloc's option enum (v2 and v3), which libmimalloc-sys does not name; its
-/// documented default (10 ms in v2, 1000 ms in v3) is checked first so that a
-/// renumbered enum changes nothing.
+/// Turns off mimalloc's purging of freed memory. mimalloc only fully honours this when
+/// it is set before its first allocation (setting the option at run time leaves most
+/// page faults in), so on Unix the process re-executes itself once with
+/// `MIMALLOC_PURGE_DELAY=-1`; a user's own setting is kept. Elsewhere the option is set
+/// at run time, which helps less.
 fn keep_freed_memory() {
+    if std::env::var_os("MIMALLOC_PURGE_DELAY").is_some() {
+        return;
+    }
+    #[cfg(unix)]
+    if let Ok(exe) = std::env::current_exe() {
+        use std::os::unix::process::CommandExt;
+        // `exec` only returns on failure; then we carry on with the default.
+        let _ = std::process::Command::new(exe)
+            .args(std::env::args_os().skip(1))
+            .env("MIMALLOC_PURGE_DELAY", "-1")
+            .exec();
+    }
+    // `mi_option_purge_delay` is entry 15 of mimalloc's option enum (v2 and v3), which
+    // libmimalloc-sys does not name; its documented default (10 ms in v2, 1000 ms in v3)
+    // is checked first so that a renumbered enum changes nothing.
     const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
     // SAFETY: reading and setting a mimalloc option is thread-safe and has no
-    // preconditions; it runs before any worker thread starts.
+    // preconditions; this runs before any worker thread starts.
     unsafe {
         if matches!(
             libmimalloc_sys::mi_option_get(MI_OPTION_PURGE_DELAY),
