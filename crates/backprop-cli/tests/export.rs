@@ -4,19 +4,14 @@
 use std::path::Path;
 use std::process::Command;
 
-fn bin() -> &'static str {
-    env!("CARGO_BIN_EXE_backprop")
-}
+mod common;
+
+use common::bin;
 
 fn trained_run(dir: &Path) -> String {
-    let model = dir.join("model");
+    let model = common::fixture(dir, "qwen2");
     let runs = dir.join("runs");
-    let data = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../assets/samples/alpaca.jsonl");
-    let ok = Command::new(bin())
-        .args(["fixture", model.to_str().unwrap()])
-        .status()
-        .unwrap();
-    assert!(ok.success());
+    let data = common::samples().join("alpaca.jsonl");
     let out = Command::new(bin())
         .args([
             "train",

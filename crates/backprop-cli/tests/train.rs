@@ -5,22 +5,12 @@ use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
-fn bin() -> &'static str {
-    env!("CARGO_BIN_EXE_backprop")
-}
+mod common;
 
-fn samples() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../assets/samples")
-}
+use common::{bin, samples};
 
 fn fixture(dir: &Path) -> PathBuf {
-    let model = dir.join("model");
-    let ok = Command::new(bin())
-        .args(["fixture", model.to_str().unwrap(), "--family", "llama"])
-        .status()
-        .unwrap();
-    assert!(ok.success());
-    model
+    common::fixture(dir, "llama")
 }
 
 fn train_args(model: &Path, runs: &Path) -> Vec<String> {

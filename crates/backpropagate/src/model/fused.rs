@@ -32,6 +32,22 @@ where
     }
 }
 
+fn row_max(row: &[f32]) -> f32 {
+    row.iter().copied().fold(f32::NEG_INFINITY, f32::max)
+}
+
+/// Writes `exp(x − max x)` of a row into `out` and returns its sum: the numerically
+/// safe numerator and denominator of a softmax.
+fn exp_shifted(row: &[f32], out: &mut [f32]) -> f32 {
+    let max = row_max(row);
+    let mut sum = 0f32;
+    for (o, &v) in out.iter_mut().zip(row) {
+        *o = (v - max).exp();
+        sum += *o;
+    }
+    sum
+}
+
 pub struct Softmax;
 
 impl CustomOp1 for Softmax {
@@ -43,14 +59,7 @@ impl CustomOp1 for Softmax {
         let (x, d) = rows(s, l)?;
         let mut out = vec![0f32; x.len()];
         par_rows(&mut out, d, |i, o| {
-            let x = &x[i * d..(i + 1) * d];
-            let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-            let mut sum = 0f32;
-            for (o, &v) in o.iter_mut().zip(x) {
-                *o = (v - max).exp();
-                sum += *o;
-            }
-            let inv = 1.0 / sum;
+            let inv = 1.0 / exp_shifted(&x[i * d..(i + 1) * d], o);
             o.iter_mut().for_each(|v| *v *= inv);
         });
         Ok((CpuStorage::F32(out), l.shape().clone()))
@@ -200,7 +209,7 @@ impl CustomOp2 for CrossEntropy {
             .into_par_iter()
             .map(|i| {
                 let row = &logits[i * v..(i + 1) * v];
-                let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                let max = row_max(row);
                 let lse = row.iter().map(|x| (x - max).exp()).sum::<f32>().ln();
                 lse - (row[targets[i] as usize] - max)
             })
@@ -250,14 +259,7 @@ impl CustomOp2 for CrossEntropyGrad {
         let g = self.g.flatten_all()?.to_vec1::<f32>()?;
         let mut out = vec![0f32; logits.len()];
         par_rows(&mut out, v, |i, o| {
-            let row = &logits[i * v..(i + 1) * v];
-            let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-            let mut sum = 0f32;
-            for (o, &x) in o.iter_mut().zip(row) {
-                *o = (x - max).exp();
-                sum += *o;
-            }
-            let scale = g[i] / sum;
+            let scale = g[i] / exp_shifted(&logits[i * v..(i + 1) * v], o);
             o.iter_mut().for_each(|p| *p *= scale);
             o[targets[i] as usize] -= g[i];
         });
