@@ -44,3 +44,13 @@ def any_family_dir(request, backprop, tmp_path_factory):
 def data_report(backprop, data, model):
     proc = backprop("data", "check", data, "--model", model, "--json", "--show", "100000")
     return json.loads(proc.stdout)
+
+
+def our_logits(backprop, model, adapter, ids, tmp_path):
+    """Our logits (seq, vocab) for one row of token ids, via `backprop debug probe`."""
+    from safetensors.torch import load_file
+    batch = tmp_path / "probe-batch.json"
+    batch.write_text(json.dumps({"input_ids": [ids], "labels": [ids]}))
+    out = tmp_path / "probe-out.safetensors"
+    backprop("debug", "probe", "--model", model, "--adapter", adapter, "--batch", batch, "--out", out)
+    return load_file(out)["logits"][0]

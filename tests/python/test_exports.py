@@ -6,10 +6,9 @@ import json
 import pytest
 import torch
 from peft import PeftModel
-from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from conftest import SAMPLES
+from conftest import SAMPLES, our_logits
 
 
 @pytest.fixture(scope="module")
@@ -40,10 +39,7 @@ def test_adapter_export_loads_in_peft_with_our_logits(backprop, trained_run, tmp
     peft_model = PeftModel.from_pretrained(base, out).eval()
     ref = hf_logits(peft_model)
     ids = batch()[0].tolist()
-    (tmp_path / "b.json").write_text(json.dumps({"input_ids": [ids], "labels": [ids]}))
-    backprop("debug", "probe", "--model", model_dir, "--adapter", out,
-             "--batch", tmp_path / "b.json", "--out", tmp_path / "o.safetensors")
-    ours = load_file(tmp_path / "o.safetensors")["logits"][0]
+    ours = our_logits(backprop, model_dir, out, ids, tmp_path)
     diff = (ours - ref).abs().max().item()
     assert diff < 1e-4, f"max logit difference {diff}"
     with torch.no_grad(), peft_model.disable_adapter():

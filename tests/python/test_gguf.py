@@ -12,7 +12,7 @@ from gguf import GGMLQuantizationType, GGUFReader
 from gguf.quants import quantize
 from transformers import AutoTokenizer
 
-from conftest import SAMPLES
+from conftest import SAMPLES, our_logits
 
 QUANTS = {"f32": GGMLQuantizationType.F32, "f16": GGMLQuantizationType.F16,
           "bf16": GGMLQuantizationType.BF16, "q8_0": GGMLQuantizationType.Q8_0}
@@ -133,11 +133,7 @@ def test_llama_cpp_logits_and_greedy_generation_match_ours(backprop, exported, t
     model_dir, run, files, merged = exported
     tok = AutoTokenizer.from_pretrained(model_dir)
     _, ids = _prompt(tok)
-    (tmp_path / "b.json").write_text(json.dumps({"input_ids": [ids], "labels": [ids]}))
-    backprop("debug", "probe", "--model", model_dir, "--adapter", run / "adapter",
-             "--batch", tmp_path / "b.json", "--out", tmp_path / "o.safetensors")
-    from safetensors.torch import load_file
-    ours = load_file(tmp_path / "o.safetensors")["logits"][0].numpy()
+    ours = our_logits(backprop, model_dir, run / "adapter", ids, tmp_path).numpy()
     for quant, tol in [("f32", 1e-3), ("f16", 5e-2)]:
         llm = _llama(files[quant])
         llm.eval(ids)
@@ -171,11 +167,7 @@ def test_gguf_lora_adapter_on_the_gguf_base_matches_ours(backprop, exported, tmp
     assert "blk.0.attn_q.weight.lora_a" in names and "blk.1.ffn_down.weight.lora_b" in names
     tok = AutoTokenizer.from_pretrained(model_dir)
     _, ids = _prompt(tok)
-    (tmp_path / "b.json").write_text(json.dumps({"input_ids": [ids], "labels": [ids]}))
-    backprop("debug", "probe", "--model", model_dir, "--adapter", run / "adapter",
-             "--batch", tmp_path / "b.json", "--out", tmp_path / "o.safetensors")
-    from safetensors.torch import load_file
-    ours = load_file(tmp_path / "o.safetensors")["logits"][0].numpy()
+    ours = our_logits(backprop, model_dir, run / "adapter", ids, tmp_path).numpy()
     plain = _llama(base)
     plain.eval(ids)
     with_lora = _llama(base, lora_path=str(lora))

@@ -24,12 +24,7 @@ pub struct Row {
 
 impl From<&Encoded> for Row {
     fn from(e: &Encoded) -> Self {
-        Row {
-            input_ids: e.input_ids.clone(),
-            labels: e.labels.clone(),
-            position_ids: (0..e.input_ids.len() as u32).collect(),
-            starts: vec![0],
-        }
+        Row::single(e.input_ids.clone(), e.labels.clone())
     }
 }
 
@@ -45,6 +40,17 @@ impl From<PackedRow> for Row {
 }
 
 impl Row {
+    /// One unpacked sample: positions count from 0.
+    pub fn single(input_ids: Vec<u32>, labels: Vec<i32>) -> Self {
+        let position_ids = (0..input_ids.len() as u32).collect();
+        Row {
+            input_ids,
+            labels,
+            position_ids,
+            starts: vec![0],
+        }
+    }
+
     /// Positions predicting a trained token (the label of the next position).
     pub fn target_count(&self) -> usize {
         self.labels
@@ -53,6 +59,26 @@ impl Row {
             .filter(|&&l| l != IGNORE_INDEX)
             .count()
     }
+}
+
+/// Mean token loss of `model` over `rows` in micro-batches (no dropout, no gradient
+/// use): validation during training and held-out evaluation after it.
+pub fn mean_loss(
+    model: &crate::model::CausalLm,
+    rows: &[Row],
+    micro_batch: usize,
+    pad_id: u32,
+) -> Result<f64> {
+    let (mut sum, mut count) = (0f64, 0usize);
+    for chunk in rows.iter().collect::<Vec<_>>().chunks(micro_batch.max(1)) {
+        let batch = build(chunk, pad_id, model.device())?;
+        if batch.target_count == 0 {
+            continue;
+        }
+        sum += model.loss_sum(&batch, None)?.to_scalar::<f32>()? as f64;
+        count += batch.target_count;
+    }
+    Ok(sum / count.max(1) as f64)
 }
 
 /// Builds the tensors for one micro-batch.

@@ -633,22 +633,12 @@ impl Session {
     }
 
     fn evaluate(&self, model: &CausalLm) -> Result<f64> {
-        let mut sum = 0.0;
-        let mut count = 0usize;
-        for chunk in self
-            .val_rows
-            .iter()
-            .collect::<Vec<_>>()
-            .chunks(self.micro_batch)
-        {
-            let batch = batch::build(chunk, self.pad_id, &self.device)?;
-            if batch.target_count == 0 {
-                continue;
-            }
-            sum += model.loss_sum(&batch, None)?.to_scalar::<f32>()? as f64;
-            count += batch.target_count;
-        }
-        Ok(sum / count.max(1) as f64)
+        Ok(batch::mean_loss(
+            model,
+            &self.val_rows,
+            self.micro_batch,
+            self.pad_id,
+        )?)
     }
 
     #[allow(clippy::too_many_arguments)]

@@ -6,7 +6,7 @@ use std::path::Path;
 
 use candle_core::{Device, Tensor};
 
-use super::batch::{build, Row};
+use super::batch::{build, mean_loss, Row};
 use crate::error::Result;
 use crate::lora::LoraSet;
 use crate::model::{CausalLm, ModelConfig};
@@ -33,12 +33,7 @@ pub fn probe(
     let model = CausalLm::load(model_dir, config, Some(&lora), max_len, &device)?;
     let rows: Vec<Row> = rows
         .iter()
-        .map(|(ids, labels)| Row {
-            input_ids: ids.clone(),
-            labels: labels.clone(),
-            position_ids: (0..ids.len() as u32).collect(),
-            starts: vec![0],
-        })
+        .map(|(ids, labels)| Row::single(ids.clone(), labels.clone()))
         .collect();
     let refs: Vec<&Row> = rows.iter().collect();
     let batch = build(&refs, 0, &device)?;
@@ -83,12 +78,7 @@ pub fn generate_greedy(
     )?;
     let mut ids = prompt.to_vec();
     for _ in 0..max_new {
-        let row = Row {
-            input_ids: ids.clone(),
-            labels: vec![-100; ids.len()],
-            position_ids: (0..ids.len() as u32).collect(),
-            starts: vec![0],
-        };
+        let row = Row::single(ids.clone(), vec![-100; ids.len()]);
         let batch = build(&[&row], 0, &device)?;
         let logits = model.logits(&batch)?;
         let last = logits.get(0)?.get(ids.len() - 1)?;
@@ -121,14 +111,5 @@ pub fn evaluate_adapter(
     let rows: Vec<Row> = prepared.encoded.iter().map(Row::from).collect();
     let max_len = rows.iter().map(|r| r.input_ids.len()).max().unwrap_or(1);
     let model = CausalLm::load(model_dir, config, Some(&lora), max_len, &device)?;
-    let (mut sum, mut count) = (0f64, 0usize);
-    for chunk in rows.iter().collect::<Vec<_>>().chunks(8) {
-        let batch = build(chunk, 0, &device)?;
-        if batch.target_count == 0 {
-            continue;
-        }
-        sum += model.loss_sum(&batch, None)?.to_scalar::<f32>()? as f64;
-        count += batch.target_count;
-    }
-    Ok(sum / count.max(1) as f64)
+    Ok(mean_loss(&model, &rows, 8, 0)?)
 }
