@@ -5,6 +5,7 @@ mod data_cmd;
 mod debug_cmd;
 mod export_cmd;
 mod multi_run_cmd;
+mod ollama_cmd;
 mod train_cmd;
 
 use std::path::PathBuf;
@@ -75,14 +76,15 @@ enum Command {
     Train(Box<train_cmd::TrainArgs>),
     /// Staged multi-run (SLAO) training against forgetting
     MultiRun(Box<multi_run_cmd::MultiRunArgs>),
-    /// Export a run: PEFT adapter or merged safetensors (GGUF is planned)
+    /// Export a run: PEFT adapter, merged safetensors, GGUF (k-quants) or GGUF LoRA
     Export(export_cmd::ExportArgs),
-    /// Send a run to Ollama as a model (not implemented yet)
-    Push(Planned),
+    /// Send a run to Ollama as a model, with the right chat template and stop tokens
+    Push(Box<ollama_cmd::PushArgs>),
     /// List runs, newest first (resume one with `backprop train --resume ID`)
     Runs(RunsArgs),
-    /// Talk to a local Ollama: list models, chat (not implemented yet)
-    Ollama(Planned),
+    /// Talk to Ollama (OLLAMA_HOST): status, list, show, chat, rm
+    #[command(subcommand)]
+    Ollama(ollama_cmd::OllamaCommand),
     /// Check this machine: GPU, drivers, disk, Ollama (not implemented yet)
     Doctor(Planned),
     /// Serve the web UI and HTTP API headless (not implemented yet)
@@ -180,7 +182,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Command::Debug(cmd) => debug_cmd::run(&cmd),
         Command::MultiRun(args) => multi_run_cmd::run(&args),
         Command::Export(args) => export_cmd::run(&args),
-        Command::Push(_) => planned("push", 7),
+        Command::Push(args) => ollama_cmd::push(&args),
         Command::Runs(args) => {
             let dir = args
                 .runs_dir
@@ -205,7 +207,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        Command::Ollama(_) => planned("ollama", 7),
+        Command::Ollama(cmd) => ollama_cmd::run(&cmd),
         Command::Doctor(_) => planned("doctor", 9),
         Command::Serve(_) => planned("serve", 6),
     }

@@ -6,42 +6,7 @@ use std::process::Command;
 
 mod common;
 
-use common::bin;
-
-fn trained_run(dir: &Path) -> String {
-    let model = common::fixture(dir, "qwen2");
-    let runs = dir.join("runs");
-    let data = common::samples().join("alpaca.jsonl");
-    let out = Command::new(bin())
-        .args([
-            "train",
-            "--model",
-            model.to_str().unwrap(),
-            "--data",
-            data.to_str().unwrap(),
-        ])
-        .args([
-            "--steps",
-            "2",
-            "--runs-dir",
-            runs.to_str().unwrap(),
-            "--json",
-        ])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let run = std::fs::read_dir(&runs)
-        .unwrap()
-        .next()
-        .unwrap()
-        .unwrap()
-        .path();
-    run.to_str().unwrap().to_string()
-}
+use common::{bin, trained_run};
 
 #[cfg(unix)]
 #[test]

@@ -4,14 +4,16 @@
 
 use std::fmt;
 use std::path::{Path, PathBuf};
+use ts_rs::TS;
 
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 use crate::data::TrainOn;
 use crate::error::{Error, Result};
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, TS)]
 #[serde(default, deny_unknown_fields)]
+#[ts(export)]
 pub struct TrainConfig {
     /// Local model folder or Hugging Face repo id.
     pub model: String,
@@ -19,6 +21,7 @@ pub struct TrainConfig {
     pub data: PathBuf,
     pub steps: u64,
     pub learning_rate: f64,
+    #[ts(type = "\"auto\" | number")]
     pub batch_size: BatchSize,
     pub gradient_accumulation: u32,
     pub max_seq_len: usize,
@@ -38,6 +41,7 @@ pub struct TrainConfig {
     pub multi_run: MultiRunConfig,
     /// Start from this PEFT adapter instead of a fresh LoRA (multi-run stages use it).
     #[serde(skip_serializing_if = "Option::is_none")]
+    #[ts(optional = nullable)]
     pub init_adapter: Option<PathBuf>,
 }
 
@@ -66,8 +70,9 @@ impl Default for TrainConfig {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, TS)]
 #[serde(default, deny_unknown_fields)]
+#[ts(export)]
 pub struct LoraConfig {
     pub r: usize,
     pub alpha: f64,
@@ -89,8 +94,9 @@ impl Default for LoraConfig {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, TS)]
 #[serde(default, deny_unknown_fields)]
+#[ts(export)]
 pub struct OptimizerConfig {
     pub weight_decay: f64,
     pub beta1: f64,
@@ -112,16 +118,18 @@ impl Default for OptimizerConfig {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, TS)]
 #[serde(rename_all = "lowercase")]
+#[ts(export)]
 pub enum LrSchedule {
     Cosine,
     Linear,
     Constant,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, TS)]
 #[serde(default, deny_unknown_fields)]
+#[ts(export)]
 pub struct ScheduleConfig {
     pub kind: LrSchedule,
     pub warmup_steps: u64,
@@ -136,8 +144,9 @@ impl Default for ScheduleConfig {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, TS)]
 #[serde(default, deny_unknown_fields)]
+#[ts(export)]
 pub struct MultiRunConfig {
     pub runs: u32,
     pub steps_per_run: u64,
@@ -146,8 +155,9 @@ pub struct MultiRunConfig {
 }
 
 /// How a multi-run carries the adapter from one run to the next.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, TS)]
 #[serde(rename_all = "lowercase")]
+#[ts(export)]
 pub enum MultiRunMethod {
     /// SLAO: orthogonal re-initialisation of A, time-aware merging of B.
     Slao,

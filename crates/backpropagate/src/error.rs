@@ -28,9 +28,19 @@ pub enum Error {
     Tensor(#[from] candle_core::Error),
     #[error("{path}: {message}")]
     Run { path: PathBuf, message: String },
+    #[error(transparent)]
+    Ollama(#[from] crate::ollama::OllamaError),
 }
 
 impl Error {
+    /// What the user can do about it, where the engine knows.
+    pub fn hint(&self) -> Option<String> {
+        match self {
+            Error::Ollama(e) => e.hint(),
+            _ => None,
+        }
+    }
+
     pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
         Error::Io {
             path: path.into(),

@@ -3,10 +3,20 @@
 //! switch on it; see DESIGN.md "Contracts".
 
 use serde::{Deserialize, Serialize};
+use ts_rs::TS;
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, TS)]
 #[serde(tag = "type")]
+#[ts(export)]
 pub enum Event {
+    /// A training run began or resumed; names the run folder every face can open.
+    Started {
+        run_id: String,
+        path: String,
+        total_steps: u64,
+        /// 0 for a new run, else the checkpoint step it resumes from.
+        start_step: u64,
+    },
     Log {
         level: LogLevel,
         message: String,
@@ -50,10 +60,16 @@ pub enum Event {
         error: String,
         hint: Option<String>,
     },
+    /// Stopped on request after writing a checkpoint; the run can be resumed.
+    Stopped {
+        step: u64,
+        path: String,
+    },
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, TS)]
 #[serde(rename_all = "lowercase")]
+#[ts(export)]
 pub enum LogLevel {
     Info,
     Warn,

@@ -23,6 +23,7 @@ pub mod fsx;
 pub mod lora;
 pub mod model;
 pub mod model_dir;
+pub mod ollama;
 pub mod run;
 pub mod slao;
 pub mod train;

@@ -17,6 +17,7 @@ use std::fs::{File, OpenOptions};
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
+use ts_rs::TS;
 
 use serde::{Deserialize, Serialize};
 
@@ -38,8 +39,9 @@ pub fn default_runs_dir() -> PathBuf {
         .join("runs")
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, TS)]
 #[serde(rename_all = "lowercase")]
+#[ts(export)]
 pub enum RunStatus {
     Running,
     Stopped,
@@ -47,7 +49,8 @@ pub enum RunStatus {
     Failed,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, TS)]
+#[ts(export)]
 pub struct RunInfo {
     pub id: String,
     pub created: String,
@@ -61,7 +64,8 @@ pub struct RunInfo {
 }
 
 /// One metrics line.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, TS)]
+#[ts(export)]
 pub struct MetricLine {
     pub step: u64,
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -320,7 +320,7 @@ fn empty_files_are_refused() {
 #[test]
 fn a_huge_line_is_rejected_without_holding_it() {
     let mut bytes = b"{\"text\": \"ok\"}\n{\"text\": \"".to_vec();
-    bytes.extend(std::iter::repeat(b'x').take(3 << 20));
+    bytes.extend(std::iter::repeat_n(b'x', 3 << 20));
     bytes.extend(b"\"}\n{\"text\": \"after\"}\n");
     let options = ReadOptions {
         max_line_bytes: 1 << 20,

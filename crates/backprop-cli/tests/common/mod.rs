@@ -23,3 +23,39 @@ pub fn fixture(dir: &Path, family: &str) -> PathBuf {
     assert!(ok.success());
     model
 }
+
+/// Trains the qwen2 fixture for two steps in `dir/runs` and returns the run folder.
+pub fn trained_run(dir: &Path) -> String {
+    let model = fixture(dir, "qwen2");
+    let runs = dir.join("runs");
+    let data = samples().join("alpaca.jsonl");
+    let out = Command::new(bin())
+        .args([
+            "train",
+            "--model",
+            model.to_str().unwrap(),
+            "--data",
+            data.to_str().unwrap(),
+        ])
+        .args([
+            "--steps",
+            "2",
+            "--runs-dir",
+            runs.to_str().unwrap(),
+            "--json",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let run = std::fs::read_dir(&runs)
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+    run.to_str().unwrap().to_string()
+}

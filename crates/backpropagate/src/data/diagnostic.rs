@@ -3,11 +3,13 @@
 
 use std::fmt;
 use std::path::PathBuf;
+use ts_rs::TS;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, TS)]
 #[serde(rename_all = "lowercase")]
+#[ts(export)]
 pub enum Severity {
     /// The sample cannot be used; training refuses the file.
     Error,
@@ -15,7 +17,8 @@ pub enum Severity {
     Warning,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, TS)]
+#[ts(export)]
 pub struct Diagnostic {
     /// 1-based line number; 0 when the problem is about the whole file.
     pub line: usize,

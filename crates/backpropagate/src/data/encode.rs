@@ -3,6 +3,7 @@
 //! learn (assistant replies by default), and long samples are cut to `max_seq_len`.
 
 use std::path::{Path, PathBuf};
+use ts_rs::TS;
 
 use serde::{Deserialize, Serialize};
 use tokenizers::Tokenizer;
@@ -17,8 +18,9 @@ use crate::model_dir::ModelDir;
 pub const IGNORE_INDEX: i32 = -100;
 
 /// Which tokens carry loss.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, TS)]
 #[serde(rename_all = "lowercase")]
+#[ts(export)]
 pub enum TrainOn {
     /// Only assistant replies (and their end-of-turn token): the model learns to
     /// answer, not to imitate users.

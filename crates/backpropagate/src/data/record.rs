@@ -3,14 +3,16 @@
 //! system/user/assistant messages, or plain text.
 
 use std::fmt;
+use ts_rs::TS;
 
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
 use super::diagnostic::Diagnostic;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, TS)]
 #[serde(rename_all = "snake_case")]
+#[ts(export)]
 pub enum Format {
     /// `{"instruction", "input"?, "output", "system"?}`
     Alpaca,

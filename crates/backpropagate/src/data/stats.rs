@@ -1,13 +1,15 @@
 //! What users see before training: how many samples, how long, how many were cut.
 
 use std::fmt;
+use ts_rs::TS;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use super::encode::Encoded;
 use super::record::Format;
 
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, TS)]
+#[ts(export)]
 pub struct DatasetStats {
     pub format: Format,
     pub samples: usize,

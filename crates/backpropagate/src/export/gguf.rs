@@ -100,7 +100,7 @@ impl GgufQuant {
         let more_bits = |i: usize, n: usize| i < n / 8 || i >= 7 * n / 8 || (i - n / 8) % 3 == 2;
         let m_preset = matches!(self, GgufQuant::Q4KM | GgufQuant::Q5KM);
         let chosen = if t.name == "output.weight" || (t.tied && t.name == "token_embd.weight") {
-            if nx % default.block().0 != 0 {
+            if !nx.is_multiple_of(default.block().0) {
                 GgmlType::Q8_0
             } else if default != GgmlType::Q8_0 {
                 GgmlType::Q6K
@@ -115,7 +115,7 @@ impl GgufQuant {
         } else {
             default
         };
-        if nx % chosen.block().0 == 0 {
+        if nx.is_multiple_of(chosen.block().0) {
             return chosen;
         }
         let fallback = match chosen {
@@ -124,7 +124,7 @@ impl GgufQuant {
             GgmlType::Q6K => GgmlType::Q8_0,
             other => other,
         };
-        if nx % fallback.block().0 == 0 {
+        if nx.is_multiple_of(fallback.block().0) {
             fallback
         } else {
             GgmlType::F16

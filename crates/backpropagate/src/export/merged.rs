@@ -151,7 +151,7 @@ impl StreamWriter {
             offset += bytes;
         }
         let mut text = serde_json::to_string(&Value::Object(header)).expect("header serializes");
-        while text.len() % 8 != 0 {
+        while !text.len().is_multiple_of(8) {
             text.push(' ');
         }
         let f = File::create(path).map_err(|e| Error::io(path, e))?;

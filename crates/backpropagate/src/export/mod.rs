@@ -117,13 +117,7 @@ pub fn export(run_dir: &Path, options: &ExportOptions, sink: &dyn EventSink) -> 
     let run = RunDir::open(run_dir)?;
     let info = run.info()?;
     let adapter = adapter_source(&run, info.status, sink)?;
-    let name = match options.format {
-        ExportFormat::Adapter => "adapter".to_string(),
-        ExportFormat::Merged => format!("merged-{}", options.dtype.name()),
-        ExportFormat::Gguf => format!("gguf-{}", options.quant.name()),
-        ExportFormat::GgufLora => format!("gguf-lora-{}", options.quant.name()),
-        ExportFormat::GgufBase => format!("gguf-base-{}", options.quant.name()),
-    };
+    let name = export_name(options);
     let exports = run.path().join("exports");
     let final_dir = exports.join(&name);
     let tmp = exports.join(format!(".tmp-{name}"));
@@ -192,23 +186,60 @@ pub fn export(run_dir: &Path, options: &ExportOptions, sink: &dyn EventSink) -> 
     Ok(final_dir)
 }
 
+/// The folder under `exports/` that `options` writes.
+pub fn export_name(options: &ExportOptions) -> String {
+    match options.format {
+        ExportFormat::Adapter => "adapter".to_string(),
+        ExportFormat::Merged => format!("merged-{}", options.dtype.name()),
+        ExportFormat::Gguf => format!("gguf-{}", options.quant.name()),
+        ExportFormat::GgufLora => format!("gguf-lora-{}", options.quant.name()),
+        ExportFormat::GgufBase => format!("gguf-base-{}", options.quant.name()),
+    }
+}
+
+/// An earlier export with these options that is newer than the run's adapter, so it
+/// can be reused instead of written again (a resumed run makes it stale).
+pub fn fresh_export(run_dir: &Path, options: &ExportOptions) -> Option<PathBuf> {
+    let dir = run_dir.join("exports").join(export_name(options));
+    let exported = std::fs::metadata(&dir).and_then(|m| m.modified()).ok()?;
+    let run = RunDir::open(run_dir).ok()?;
+    let status = run.info().ok()?.status;
+    let adapter = adapter_source(&run, status, &crate::event::Silent).ok()?;
+    let trained = std::fs::metadata(adapter.join("adapter_model.safetensors"))
+        .and_then(|m| m.modified())
+        .ok()?;
+    (exported >= trained).then_some(dir)
+}
+
 /// The Python package's shape, `export("gguf", quantization="q4_k_m")`: a format
 /// name (adapter, merged, gguf, gguf-lora, gguf-base) and a GGUF quantization (or a
 /// dtype for `merged`).
 pub fn export_as(run_dir: &Path, format: &str, quantization: &str) -> Result<PathBuf> {
-    let format: ExportFormat = format.parse().map_err(Error::InvalidOption)?;
-    let mut options = ExportOptions {
-        format,
-        ..ExportOptions::default()
-    };
-    match format {
-        ExportFormat::Merged => {
-            options.dtype = quantization.parse().map_err(Error::InvalidOption)?
+    export(
+        run_dir,
+        &ExportOptions::parse(format, quantization)?,
+        &crate::event::Silent,
+    )
+}
+
+impl ExportOptions {
+    /// Options from a format name and a GGUF quantization (or a dtype for `merged`),
+    /// as the CLI flags and the UI form give them.
+    pub fn parse(format: &str, quantization: &str) -> Result<Self> {
+        let format: ExportFormat = format.parse().map_err(Error::InvalidOption)?;
+        let mut options = ExportOptions {
+            format,
+            ..ExportOptions::default()
+        };
+        match format {
+            ExportFormat::Merged => {
+                options.dtype = quantization.parse().map_err(Error::InvalidOption)?
+            }
+            ExportFormat::Adapter => {}
+            _ => options.quant = quantization.parse().map_err(Error::InvalidOption)?,
         }
-        ExportFormat::Adapter => {}
-        _ => options.quant = quantization.parse().map_err(Error::InvalidOption)?,
+        Ok(options)
     }
-    export(run_dir, &options, &crate::event::Silent)
 }
 
 /// The finished adapter, or the newest checkpoint of an unfinished run (with a notice).

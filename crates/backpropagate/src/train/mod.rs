@@ -350,6 +350,12 @@ impl Session {
             run: &run,
             inner: face,
         };
+        sink.emit(Event::Started {
+            run_id: info.id.clone(),
+            path: run.path().display().to_string(),
+            total_steps: self.config.steps,
+            start_step: info.step,
+        });
         let result = self.run_inner(&run, &mut info, checkpoint, &sink, cancel);
         match &result {
             Ok(summary) => {
@@ -496,6 +502,10 @@ impl Session {
                 sink.emit(Event::Checkpoint {
                     step: state.step,
                     path: path.display().to_string(),
+                });
+                sink.emit(Event::Stopped {
+                    step: state.step,
+                    path: run.path().display().to_string(),
                 });
                 return Ok(self.summary(
                     info,

@@ -1,0 +1,641 @@
+//! [`Service`]: the calls of docs/http-api.md over the engine. Long work (training,
+//! export, push) runs on its own thread with a cancel token; its events go to every
+//! subscriber tagged with the job, and the job table records how it ended.
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use backpropagate::data::{
+    encode_all, read_jsonl, ChatTemplate, Content, DataError, EncodeOptions, Encoder,
+    PrepareOptions, TemplateSource,
+};
+use backpropagate::event::{Event, EventSink};
+use backpropagate::export::{self, ExportOptions};
+use backpropagate::model::ModelConfig;
+use backpropagate::ollama::{self, OllamaClient, PushOptions};
+use backpropagate::run::{list_runs, resolve_run, RunDir, RunStatus};
+use backpropagate::train::{CancelToken, Trainer};
+use backpropagate::TrainConfig;
+use tokio::sync::broadcast;
+
+use crate::dto::*;
+use crate::error::{ErrorKind, Result, ServiceError};
+
+#[derive(Debug, Clone)]
+pub struct ServiceConfig {
+    /// Runs live in `runs_dir`; uploaded datasets next to it in `datasets/`.
+    pub runs_dir: PathBuf,
+    /// OLLAMA_HOST-style address; `None` reads OLLAMA_HOST.
+    pub ollama_host: Option<String>,
+}
+
+impl Default for ServiceConfig {
+    fn default() -> Self {
+        ServiceConfig {
+            runs_dir: backpropagate::run::default_runs_dir(),
+            ollama_host: None,
+        }
+    }
+}
+
+struct Job {
+    info: JobInfo,
+    cancel: CancelToken,
+}
+
+struct Inner {
+    config: ServiceConfig,
+    events: broadcast::Sender<JobEvent>,
+    jobs: Mutex<Vec<Job>>,
+    next_job: AtomicU64,
+}
+
+/// Cheap to clone; every clone drives the same jobs.
+#[derive(Clone)]
+pub struct Service {
+    inner: Arc<Inner>,
+}
+
+fn bad(message: impl Into<String>) -> ServiceError {
+    ServiceError::new(ErrorKind::BadRequest, message)
+}
+
+impl Service {
+    pub fn new(config: ServiceConfig) -> Self {
+        let (events, _) = broadcast::channel(4096);
+        Service {
+            inner: Arc::new(Inner {
+                config,
+                events,
+                jobs: Mutex::new(Vec::new()),
+                next_job: AtomicU64::new(1),
+            }),
+        }
+    }
+
+    pub fn runs_dir(&self) -> &Path {
+        &self.inner.config.runs_dir
+    }
+
+    fn datasets_dir(&self) -> PathBuf {
+        let runs = self.runs_dir();
+        runs.parent().unwrap_or(runs).join("datasets")
+    }
+
+    /// Every event of every job from now on. A subscriber that falls more than 4096
+    /// events behind skips ahead (charts reload metrics from the run).
+    pub fn subscribe(&self) -> broadcast::Receiver<JobEvent> {
+        self.inner.events.subscribe()
+    }
+
+    pub fn info(&self) -> AppInfo {
+        AppInfo {
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            runs_dir: self.runs_dir().display().to_string(),
+            ollama_host: self
+                .ollama_client()
+                .map(|c| c.host().to_string())
+                .unwrap_or_default(),
+            device: "cpu".to_string(),
+        }
+    }
+
+    pub fn config_defaults(&self) -> TrainConfig {
+        TrainConfig::default()
+    }
+
+    pub fn inspect_model(&self, req: &ModelRequest) -> Result<ModelInfo> {
+        let dir = local_model(&req.model)?;
+        let config_path = dir.join("config.json");
+        let config = ModelConfig::load(&config_path)?;
+        let raw: serde_json::Value = std::fs::read(&config_path)
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .unwrap_or_default();
+        let architecture = raw["architectures"][0].as_str().unwrap_or("").to_string();
+        let template = ChatTemplate::from_model_dir(&dir)?;
+        Ok(ModelInfo {
+            path: dir.display().to_string(),
+            architecture,
+            hidden_size: config.hidden_size,
+            layers: config.num_layers,
+            vocab_size: config.vocab_size,
+            parameters: config.parameter_count() as f64,
+            chat_template: match template.source() {
+                TemplateSource::File(p) => p.file_name().map(|n| n.to_string_lossy().into_owned()),
+                TemplateSource::FallbackChatml => None,
+            },
+        })
+    }
+
+    /// Models of earlier runs, newest first, each once.
+    pub fn recent_models(&self) -> Result<Vec<String>> {
+        let mut seen = BTreeSet::new();
+        let mut out = Vec::new();
+        for run in self.runs()? {
+            let m = run.model_dir.display().to_string();
+            if seen.insert(m.clone()) {
+                out.push(m);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Stores an uploaded dataset (browser drops) and returns its path on this machine.
+    pub fn save_upload(&self, name: &str, bytes: &[u8]) -> Result<UploadedDataset> {
+        use sha2::{Digest, Sha256};
+        let stem: String = Path::new(name)
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default()
+            .chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() || c == '.' || c == '-' || c == '_' {
+                    c
+                } else {
+                    '_'
+                }
+            })
+            .take(80)
+            .collect();
+        if stem.is_empty() || stem.starts_with('.') {
+            return Err(bad(format!("`{name}` is not a usable file name")));
+        }
+        let hash = format!("{:x}", Sha256::digest(bytes));
+        let dir = self.datasets_dir();
+        std::fs::create_dir_all(&dir).map_err(|e| {
+            ServiceError::new(ErrorKind::Internal, format!("{}: {e}", dir.display()))
+        })?;
+        let path = dir.join(format!("{}-{stem}", &hash[..12]));
+        if !path.is_file() {
+            backpropagate::fsx::write_atomic(&path, bytes)?;
+        }
+        Ok(UploadedDataset {
+            path: path.display().to_string(),
+        })
+    }
+
+    /// Validates and tokenizes the data for the model, and renders the first samples.
+    pub fn check_data(&self, req: &DataCheckRequest) -> Result<DataReport> {
+        let model = local_model(&req.model)?;
+        let data = PathBuf::from(&req.data);
+        let encoder = Encoder::from_model_dir(&model)?;
+        let defaults = TrainConfig::default();
+        let options = PrepareOptions {
+            encode: EncodeOptions {
+                max_seq_len: req.max_seq_len.unwrap_or(defaults.max_seq_len),
+                train_on: defaults.train_on,
+            },
+            ..PrepareOptions::default()
+        };
+        let template = match encoder.template().source() {
+            TemplateSource::File(p) => p
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default(),
+            TemplateSource::FallbackChatml => "ChatML (model has none)".to_string(),
+        };
+        let prepared = match read_jsonl(&data, &options.read)
+            .and_then(|raw| encode_all(raw, &encoder, &options))
+        {
+            Ok(p) => p,
+            Err(DataError::Io { path, source }) => {
+                return Err(ServiceError::new(
+                    ErrorKind::NotFound,
+                    format!("cannot read {}: {source}", path.display()),
+                ))
+            }
+            Err(e @ DataError::Invalid { .. }) => {
+                let more = match &e {
+                    DataError::Invalid { more, .. } => *more,
+                    DataError::Io { .. } => 0,
+                };
+                return Ok(DataReport {
+                    ok: false,
+                    path: data.display().to_string(),
+                    stats: None,
+                    template,
+                    warnings: Vec::new(),
+                    problems: e.problems().to_vec(),
+                    more_problems: more,
+                    samples: Vec::new(),
+                });
+            }
+        };
+        let samples = prepared
+            .samples
+            .iter()
+            .zip(&prepared.encoded)
+            .take(req.show.unwrap_or(3))
+            .map(|(sample, enc)| SamplePreview {
+                line: sample.line,
+                text: match &sample.content {
+                    Content::Chat(m) => encoder.template().render(m, false).unwrap_or_default(),
+                    Content::Text(t) => t.clone(),
+                },
+                tokens: enc.input_ids.len(),
+                trainable_tokens: enc.labels.iter().filter(|&&l| l >= 0).count(),
+            })
+            .collect();
+        Ok(DataReport {
+            ok: true,
+            path: prepared.path.display().to_string(),
+            stats: Some(prepared.stats),
+            template,
+            warnings: prepared.warnings,
+            problems: Vec::new(),
+            more_problems: 0,
+            samples,
+        })
+    }
+
+    fn runs(&self) -> Result<Vec<backpropagate::run::RunInfo>> {
+        let mut runs = list_runs(self.runs_dir())?;
+        runs.sort_by(|a, b| b.created.cmp(&a.created).then(b.id.cmp(&a.id)));
+        Ok(runs)
+    }
+
+    pub fn list_runs(&self) -> Result<Vec<backpropagate::run::RunInfo>> {
+        let mut runs = self.runs()?;
+        // A run marked running but with no live job was killed: show it as stopped.
+        let live: BTreeSet<String> = self
+            .jobs()
+            .into_iter()
+            .filter(|j| j.state == JobState::Running)
+            .filter_map(|j| j.run)
+            .collect();
+        for r in &mut runs {
+            if r.status == RunStatus::Running && !live.contains(&r.id) {
+                r.status = RunStatus::Stopped;
+            }
+        }
+        Ok(runs)
+    }
+
+    fn run_dir(&self, id: &str) -> Result<PathBuf> {
+        resolve_run(self.runs_dir(), id).map_err(|e| {
+            ServiceError::new(ErrorKind::NotFound, e.to_string())
+                .hint("Pick a run from the Runs list.")
+        })
+    }
+
+    pub fn get_run(&self, id: &str) -> Result<RunDetail> {
+        let dir = self.run_dir(id)?;
+        let run = RunDir::open(&dir)?;
+        let mut exports = Vec::new();
+        if let Ok(entries) = std::fs::read_dir(dir.join("exports")) {
+            for e in entries.flatten() {
+                let name = e.file_name().to_string_lossy().into_owned();
+                if name.starts_with('.') {
+                    continue;
+                }
+                exports.push(ExportInfo {
+                    bytes: dir_size(&e.path()),
+                    path: e.path().display().to_string(),
+                    name,
+                });
+            }
+        }
+        exports.sort_by(|a, b| a.name.cmp(&b.name));
+        let mut info = run.info()?;
+        if info.status == RunStatus::Running && !self.run_is_live(&info.id) {
+            info.status = RunStatus::Stopped;
+        }
+        Ok(RunDetail {
+            info,
+            config: run.config()?,
+            metrics: run.metrics()?,
+            exports,
+        })
+    }
+
+    fn run_is_live(&self, run: &str) -> bool {
+        self.jobs()
+            .iter()
+            .any(|j| j.state == JobState::Running && j.run.as_deref() == Some(run))
+    }
+
+    pub fn list_jobs(&self) -> Vec<JobInfo> {
+        self.jobs()
+    }
+
+    fn jobs(&self) -> Vec<JobInfo> {
+        self.inner
+            .jobs
+            .lock()
+            .map(|j| j.iter().map(|j| j.info.clone()).collect())
+            .unwrap_or_default()
+    }
+
+    fn update_job(&self, id: &str, f: impl FnOnce(&mut JobInfo)) {
+        if let Ok(mut jobs) = self.inner.jobs.lock() {
+            if let Some(j) = jobs.iter_mut().find(|j| j.info.id == id) {
+                f(&mut j.info);
+            }
+        }
+    }
+
+    /// Registers a job and runs `work` on a thread with a sink that tags events.
+    fn spawn_job(
+        &self,
+        kind: JobKind,
+        run: Option<String>,
+        work: impl FnOnce(&dyn EventSink, &CancelToken) -> Result<String> + Send + 'static,
+    ) -> Result<JobInfo> {
+        let id = format!("j{}", self.inner.next_job.fetch_add(1, Ordering::SeqCst));
+        let cancel = CancelToken::default();
+        let info = JobInfo {
+            id: id.clone(),
+            kind,
+            run: run.clone(),
+            state: JobState::Running,
+            error: None,
+            result: None,
+        };
+        {
+            let mut jobs = self
+                .inner
+                .jobs
+                .lock()
+                .map_err(|_| ServiceError::new(ErrorKind::Internal, "job table poisoned"))?;
+            if kind == JobKind::Train
+                && jobs
+                    .iter()
+                    .any(|j| j.info.kind == JobKind::Train && j.info.state == JobState::Running)
+            {
+                return Err(ServiceError::new(
+                    ErrorKind::Conflict,
+                    "a training run is already going",
+                )
+                .hint("Stop it first, or wait until it finishes."));
+            }
+            if let Some(r) = &run {
+                if jobs
+                    .iter()
+                    .any(|j| j.info.state == JobState::Running && j.info.run.as_ref() == Some(r))
+                {
+                    return Err(ServiceError::new(
+                        ErrorKind::Conflict,
+                        format!("run {r} is busy with another job"),
+                    )
+                    .hint("Wait until it finishes."));
+                }
+            }
+            jobs.push(Job {
+                info: info.clone(),
+                cancel: cancel.clone(),
+            });
+        }
+        let service = self.clone();
+        let job_id = id.clone();
+        std::thread::Builder::new()
+            .name(format!("job-{id}"))
+            .spawn(move || {
+                let run_id = Arc::new(Mutex::new(run));
+                let ended = Arc::new(std::sync::atomic::AtomicBool::new(false));
+                let sink = {
+                    let service = service.clone();
+                    let run_id = run_id.clone();
+                    let job_id = job_id.clone();
+                    let ended = ended.clone();
+                    move |event: Event| {
+                        match &event {
+                            Event::Started { run_id: r, .. } => {
+                                if let Ok(mut cur) = run_id.lock() {
+                                    *cur = Some(r.clone());
+                                }
+                                let r = r.clone();
+                                service.update_job(&job_id, |j| j.run = Some(r));
+                            }
+                            Event::Finished { .. }
+                            | Event::Failed { .. }
+                            | Event::Stopped { .. } => ended.store(true, Ordering::SeqCst),
+                            _ => {}
+                        }
+                        let run = run_id.lock().ok().and_then(|r| r.clone());
+                        let _ = service.inner.events.send(JobEvent {
+                            job: Some(job_id.clone()),
+                            kind: Some(kind),
+                            run,
+                            event,
+                        });
+                    }
+                };
+                let outcome = work(&sink, &cancel);
+                let stopped = cancel.is_cancelled();
+                service.update_job(&job_id, |j| match &outcome {
+                    Ok(result) => {
+                        j.state = if stopped {
+                            JobState::Stopped
+                        } else {
+                            JobState::Finished
+                        };
+                        j.result = Some(result.clone());
+                    }
+                    Err(e) => {
+                        j.state = JobState::Failed;
+                        j.error = Some(e.message.clone());
+                    }
+                });
+                // Training reports its own end; exports, pushes and early failures end here,
+                // so every job's stream ends with exactly one terminal event.
+                if !ended.load(Ordering::SeqCst) {
+                    match outcome {
+                        Ok(result) => sink(Event::Finished {
+                            steps: 0,
+                            final_loss: None,
+                            path: result,
+                        }),
+                        Err(e) => sink(Event::Failed {
+                            error: e.message,
+                            hint: e.hint,
+                        }),
+                    }
+                }
+            })
+            .map_err(|e| {
+                ServiceError::new(
+                    ErrorKind::Internal,
+                    format!("cannot start a worker thread: {e}"),
+                )
+            })?;
+        Ok(info)
+    }
+
+    pub fn start_training(&self, req: StartTraining) -> Result<JobInfo> {
+        let config = req.config;
+        config
+            .validate()
+            .map_err(|m| bad(m).hint("Fix the field named above in the Train form."))?;
+        local_model(&config.model)?;
+        if !config.data.is_file() {
+            return Err(ServiceError::new(
+                ErrorKind::NotFound,
+                format!("{}: no such data file", config.data.display()),
+            )
+            .hint("Drop a JSONL file on the Data screen first."));
+        }
+        let runs_dir = self.runs_dir().to_path_buf();
+        self.spawn_job(JobKind::Train, None, move |sink, cancel| {
+            let summary = Trainer::from_config(config)
+                .runs_dir(runs_dir)
+                .start_with(sink, cancel)?;
+            Ok(summary.run_dir.display().to_string())
+        })
+    }
+
+    pub fn resume_run(&self, id: &str) -> Result<JobInfo> {
+        let dir = self.run_dir(id)?;
+        let info = RunDir::open(&dir)?.info()?;
+        if info.status == RunStatus::Finished {
+            return Err(bad(format!("run {id} already finished all its steps"))
+                .hint("Start a new run to train more."));
+        }
+        self.spawn_job(JobKind::Train, Some(info.id), move |sink, cancel| {
+            let summary = Trainer::resume(&dir, sink, cancel)?;
+            Ok(summary.run_dir.display().to_string())
+        })
+    }
+
+    pub fn stop_job(&self, job: &str) -> Result<JobInfo> {
+        let jobs = self
+            .inner
+            .jobs
+            .lock()
+            .map_err(|_| ServiceError::new(ErrorKind::Internal, "job table poisoned"))?;
+        let j = jobs
+            .iter()
+            .find(|j| j.info.id == job)
+            .ok_or_else(|| ServiceError::new(ErrorKind::NotFound, format!("no job {job}")))?;
+        j.cancel.cancel();
+        Ok(j.info.clone())
+    }
+
+    pub fn export_run(&self, id: &str, req: &ExportRequest) -> Result<JobInfo> {
+        let dir = self.run_dir(id)?;
+        let options = ExportOptions::parse(&req.format, &req.quantization)?;
+        let run = dir.file_name().map(|n| n.to_string_lossy().into_owned());
+        self.spawn_job(JobKind::Export, run, move |sink, _| {
+            let out = export::export(&dir, &options, sink)?;
+            Ok(out.display().to_string())
+        })
+    }
+
+    pub fn push_run(&self, id: &str, req: &PushRequest) -> Result<JobInfo> {
+        let dir = self.run_dir(id)?;
+        ollama::validate_name(&req.name)?;
+        let mut options = PushOptions::new(req.name.clone());
+        options.quant = req.quantization.parse().map_err(|m: String| bad(m))?;
+        options.as_adapter = req.as_adapter;
+        options.overwrite = req.overwrite;
+        options.host = self.inner.config.ollama_host.clone();
+        let run = dir.file_name().map(|n| n.to_string_lossy().into_owned());
+        self.spawn_job(JobKind::Push, run, move |sink, _| {
+            let report = ollama::push_run(&dir, &options, sink)?;
+            Ok(report.name)
+        })
+    }
+
+    fn ollama_client(&self) -> Result<OllamaClient> {
+        Ok(match &self.inner.config.ollama_host {
+            Some(h) => OllamaClient::new(h)?,
+            None => OllamaClient::from_env()?,
+        })
+    }
+
+    pub async fn ollama_status(&self) -> OllamaStatus {
+        let client = match self.ollama_client() {
+            Ok(c) => c,
+            Err(e) => {
+                return OllamaStatus {
+                    host: String::new(),
+                    running: false,
+                    version: None,
+                    error: Some(e.message),
+                    hint: e.hint,
+                }
+            }
+        };
+        let client = client.with_timeout(std::time::Duration::from_secs(5));
+        match client.version().await {
+            Ok(v) => OllamaStatus {
+                host: client.host().to_string(),
+                running: true,
+                version: Some(v),
+                error: None,
+                hint: None,
+            },
+            Err(e) => OllamaStatus {
+                host: client.host().to_string(),
+                running: false,
+                version: None,
+                hint: e.hint(),
+                error: Some(e.to_string()),
+            },
+        }
+    }
+
+    pub async fn ollama_models(&self) -> Result<Vec<OllamaModel>> {
+        let models = self.ollama_client()?.tags().await?;
+        Ok(models
+            .into_iter()
+            .map(|m| OllamaModel {
+                name: m.name,
+                size: m.size,
+                modified_at: m.modified_at,
+            })
+            .collect())
+    }
+
+    pub async fn ollama_chat(&self, req: &ChatRequest) -> Result<ChatMessage> {
+        if req.messages.is_empty() {
+            return Err(bad("there is no message to send"));
+        }
+        let messages: Vec<ollama::ChatMessage> = req
+            .messages
+            .iter()
+            .map(|m| ollama::ChatMessage {
+                role: m.role.clone(),
+                content: m.content.clone(),
+            })
+            .collect();
+        let reply = self
+            .ollama_client()?
+            .chat(&req.model, &messages, 256)
+            .await?;
+        Ok(ChatMessage {
+            role: reply.role,
+            content: reply.content,
+        })
+    }
+}
+
+fn local_model(model: &str) -> Result<PathBuf> {
+    let path = PathBuf::from(model);
+    if path.join("config.json").is_file() {
+        return Ok(path);
+    }
+    if path.exists() {
+        return Err(bad(format!("{model} has no config.json")).hint(
+            "Pick the folder that holds config.json, tokenizer.json and the .safetensors files.",
+        ));
+    }
+    Err(ServiceError::new(
+        ErrorKind::NotFound,
+        format!("{model}: no such model folder"),
+    )
+    .hint(
+        "Give the path of a local model folder (Hugging Face downloads arrive in a later release).",
+    ))
+}
+
+fn dir_size(path: &Path) -> u64 {
+    if path.is_file() {
+        return std::fs::metadata(path).map(|m| m.len()).unwrap_or(0);
+    }
+    std::fs::read_dir(path)
+        .map(|es| es.flatten().map(|e| dir_size(&e.path())).sum())
+        .unwrap_or(0)
+}

@@ -1,0 +1,17 @@
+//! Send to Ollama: a REST client, the Go chat template for a model, and the push that
+//! ties export, upload and create together. See ../shared/notes/ollama.md.
+
+mod client;
+mod error;
+mod name;
+mod push;
+mod template;
+
+pub use client::{
+    parse_host, parse_version, ChatMessage, CreateRequest, ModelEntry, OllamaClient, ShowResponse,
+    DEFAULT_HOST, MIN_VERSION,
+};
+pub use error::OllamaError;
+pub use name::validate_name;
+pub use push::{push_run, PushOptions, PushReport};
+pub use template::{ollama_template, OllamaTemplate, TemplateFamily};

@@ -1,0 +1,455 @@
+//! "Send to Ollama": export the run as GGUF (or reuse a fresh export), upload the blob
+//! unless Ollama has it, create the model with an explicit template, stops and system
+//! prompt, then read it back with `/api/show` to prove Ollama will chat with it right.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Serialize;
+use serde_json::Value;
+
+use super::{
+    ollama_template, validate_name, CreateRequest, OllamaClient, OllamaError, TemplateFamily,
+};
+use crate::data::ChatTemplate;
+use crate::error::{Error, Result};
+use crate::event::{Event, EventSink, LogLevel};
+use crate::export::{self, ExportFormat, ExportOptions, GgufQuant};
+use crate::run::RunDir;
+
+#[derive(Debug, Clone)]
+pub struct PushOptions {
+    /// Ollama model name (`my-model`, `me/my-model:v2`).
+    pub name: String,
+    /// Weight type of the merged GGUF (q4_k_m unless told otherwise).
+    pub quant: GgufQuant,
+    /// Push base + GGUF LoRA as an Ollama ADAPTER instead of one merged file.
+    pub as_adapter: bool,
+    /// Replace an existing model of that name.
+    pub overwrite: bool,
+    /// Replace the system prompt found in the chat template.
+    pub system: Option<String>,
+    /// A Go template to use instead of the derived one.
+    pub template: Option<String>,
+    /// OLLAMA_HOST-style address; `None` reads OLLAMA_HOST.
+    pub host: Option<String>,
+    pub timeout: Duration,
+    /// Upload attempts before giving up (each starts by asking whether the blob arrived).
+    pub upload_attempts: u32,
+}
+
+impl PushOptions {
+    pub fn new(name: impl Into<String>) -> Self {
+        PushOptions {
+            name: name.into(),
+            quant: GgufQuant::Q4KM,
+            as_adapter: false,
+            overwrite: false,
+            system: None,
+            template: None,
+            host: None,
+            timeout: Duration::from_secs(60),
+            upload_attempts: 3,
+        }
+    }
+
+    pub fn client(&self) -> std::result::Result<OllamaClient, OllamaError> {
+        let client = match &self.host {
+            Some(h) => OllamaClient::new(h)?,
+            None => OllamaClient::from_env()?,
+        };
+        Ok(client.with_timeout(self.timeout))
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct PushReport {
+    pub name: String,
+    pub host: String,
+    pub ollama_version: String,
+    pub files: Vec<PathBuf>,
+    /// Bytes sent; 0 when Ollama already had every blob.
+    pub uploaded_bytes: u64,
+    pub family: TemplateFamily,
+    pub stop: Vec<String>,
+}
+
+/// Pushes the run in `run_dir` to Ollama. Blocking: it runs its own small tokio
+/// runtime, so call it from a worker thread, not from inside async code.
+pub fn push_run(run_dir: &Path, options: &PushOptions, sink: &dyn EventSink) -> Result<PushReport> {
+    validate_name(&options.name)?;
+    let run = RunDir::open(run_dir)?;
+    let info = run.info()?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| Error::io(run_dir, e))?;
+    let client = options.client()?;
+
+    // Cheap checks first: a stopped Ollama or a taken name must not cost an export.
+    let version = runtime.block_on(client.check_version())?;
+    sink.emit(log(format!("Ollama {version} at {}", client.host())));
+    if !options.overwrite && runtime.block_on(client.show(&options.name))?.is_some() {
+        return Err(OllamaError::NameTaken {
+            name: options.name.clone(),
+        }
+        .into());
+    }
+
+    let template = derive_template(&info.model_dir, options, sink)?;
+
+    let (files, adapters) = if options.as_adapter {
+        let base = gguf_export(run_dir, ExportFormat::GgufBase, options.quant, sink)?;
+        let lora = gguf_export(run_dir, ExportFormat::GgufLora, GgufQuant::F16, sink)?;
+        (vec![base], vec![lora])
+    } else {
+        (
+            vec![gguf_export(
+                run_dir,
+                ExportFormat::Gguf,
+                options.quant,
+                sink,
+            )?],
+            vec![],
+        )
+    };
+
+    let mut request = CreateRequest {
+        model: options.name.clone(),
+        template: Some(template.template.clone()),
+        system: options.system.clone().or(template.system.clone()),
+        stream: true,
+        ..Default::default()
+    };
+    request.parameters.insert(
+        "stop".into(),
+        Value::Array(template.stop.iter().cloned().map(Value::String).collect()),
+    );
+    let mut uploaded = 0;
+    for (file, is_adapter) in files
+        .iter()
+        .map(|f| (f, false))
+        .chain(adapters.iter().map(|f| (f, true)))
+    {
+        let (digest, sent) =
+            runtime.block_on(send_blob(&client, file, options.upload_attempts, sink))?;
+        uploaded += sent;
+        let key = file_name(file);
+        if is_adapter {
+            request.adapters.insert(key, digest);
+        } else {
+            request.files.insert(key, digest);
+        }
+    }
+
+    sink.emit(Event::Progress {
+        stage: "create".into(),
+        done: 0,
+        total: 1,
+    });
+    let result = runtime.block_on(client.create(&request, |status| {
+        sink.emit(log(format!("ollama: {status}")));
+    }));
+    if let Err(e) = result {
+        if options.as_adapter {
+            if let OllamaError::Stream { message } | OllamaError::Api { message, .. } = &e {
+                if message.to_ascii_lowercase().contains("adapter") {
+                    sink.emit(Event::Log {
+                        level: LogLevel::Warn,
+                        message: "this Ollama did not accept the LoRA adapter; push without \
+                                  --as-adapter to send one merged GGUF instead"
+                            .into(),
+                    });
+                }
+            }
+        }
+        return Err(e.into());
+    }
+    sink.emit(Event::Progress {
+        stage: "create".into(),
+        done: 1,
+        total: 1,
+    });
+
+    verify(&runtime, &client, &options.name, &request, sink)?;
+    sink.emit(log(format!(
+        "`{}` is in Ollama: try it with `ollama run {}`",
+        options.name, options.name
+    )));
+    Ok(PushReport {
+        name: options.name.clone(),
+        host: client.host().to_string(),
+        ollama_version: version,
+        files: files.into_iter().chain(adapters).collect(),
+        uploaded_bytes: uploaded,
+        family: template.family,
+        stop: template.stop,
+    })
+}
+
+fn log(message: String) -> Event {
+    Event::Log {
+        level: LogLevel::Info,
+        message,
+    }
+}
+
+fn file_name(path: &Path) -> String {
+    path.file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "model.gguf".into())
+}
+
+fn derive_template(
+    model_dir: &Path,
+    options: &PushOptions,
+    sink: &dyn EventSink,
+) -> Result<super::OllamaTemplate> {
+    let chat = ChatTemplate::from_model_dir(model_dir)?;
+    let mut t = ollama_template(chat.text(), chat.special("eos_token"));
+    for eos in generation_eos_tokens(model_dir) {
+        if !t.stop.contains(&eos) {
+            t.stop.push(eos);
+        }
+    }
+    if let Some(custom) = &options.template {
+        t.template = custom.clone();
+        t.warning = None;
+    }
+    if let Some(w) = &t.warning {
+        sink.emit(Event::Log {
+            level: LogLevel::Warn,
+            message: w.clone(),
+        });
+    } else {
+        sink.emit(log(format!(
+            "chat template: {:?}, stops {:?}",
+            t.family, t.stop
+        )));
+    }
+    Ok(t)
+}
+
+/// Every `eos_token_id` of generation_config.json (Qwen2 lists `<|im_end|>` and
+/// `<|endoftext|>`, Llama 3 `<|eot_id|>` and `<|end_of_text|>`) as token text, looked
+/// up among tokenizer.json's added tokens. Missing files just mean no extra stops.
+fn generation_eos_tokens(model_dir: &Path) -> Vec<String> {
+    let read = |name: &str| -> Option<Value> {
+        serde_json::from_slice(&std::fs::read(model_dir.join(name)).ok()?).ok()
+    };
+    let Some(generation) = read("generation_config.json") else {
+        return Vec::new();
+    };
+    let ids: Vec<u64> = match generation.get("eos_token_id") {
+        Some(Value::Array(a)) => a.iter().filter_map(Value::as_u64).collect(),
+        Some(v) => v.as_u64().into_iter().collect(),
+        None => Vec::new(),
+    };
+    let Some(tokenizer) = read("tokenizer.json") else {
+        return Vec::new();
+    };
+    let added = tokenizer.get("added_tokens").and_then(Value::as_array);
+    ids.iter()
+        .filter_map(|id| {
+            added?
+                .iter()
+                .find(|t| t.get("id").and_then(Value::as_u64) == Some(*id))?
+                .get("content")?
+                .as_str()
+                .map(String::from)
+        })
+        .collect()
+}
+
+/// The one `.gguf` file of a fresh export with these options, exporting when needed.
+fn gguf_export(
+    run_dir: &Path,
+    format: ExportFormat,
+    quant: GgufQuant,
+    sink: &dyn EventSink,
+) -> Result<PathBuf> {
+    let options = ExportOptions {
+        format,
+        quant,
+        ..ExportOptions::default()
+    };
+    let dir = match export::fresh_export(run_dir, &options) {
+        Some(dir) => {
+            sink.emit(log(format!("reusing the export in {}", dir.display())));
+            dir
+        }
+        None => export::export(run_dir, &options, sink)?,
+    };
+    let entries = std::fs::read_dir(&dir).map_err(|e| Error::io(&dir, e))?;
+    for entry in entries {
+        let path = entry.map_err(|e| Error::io(&dir, e))?.path();
+        if path.extension().is_some_and(|x| x == "gguf") {
+            return Ok(path);
+        }
+    }
+    Err(Error::Run {
+        path: dir,
+        message: "the export folder has no .gguf file; delete it and push again".into(),
+    })
+}
+
+/// Hashes and uploads one file unless Ollama has it; retries a broken upload after
+/// asking again whether the blob arrived. Returns the digest and bytes sent.
+async fn send_blob(
+    client: &OllamaClient,
+    file: &Path,
+    attempts: u32,
+    sink: &dyn EventSink,
+) -> Result<(String, u64)> {
+    let digest = format!("sha256:{}", hash_with_progress(file, sink)?);
+    let total = std::fs::metadata(file)
+        .map_err(|e| Error::io(file, e))?
+        .len();
+    let mut last_error = None;
+    for attempt in 1..=attempts.max(1) {
+        if client.has_blob(&digest).await? {
+            sink.emit(log(format!(
+                "Ollama already has {} ({digest})",
+                file_name(file)
+            )));
+            return Ok((digest, if attempt == 1 { 0 } else { total }));
+        }
+        if attempt > 1 {
+            sink.emit(Event::Log {
+                level: LogLevel::Warn,
+                message: format!(
+                    "upload broke off; sending {} again (attempt {attempt})",
+                    file_name(file)
+                ),
+            });
+        }
+        let outcome = {
+            let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(u64, u64)>();
+            let upload = client.upload_blob(file, &digest, move |d, t| {
+                let _ = tx.send((d, t));
+            });
+            tokio::pin!(upload);
+            let outcome = loop {
+                tokio::select! {
+                    r = &mut upload => break r,
+                    Some((done, total)) = rx.recv() => sink.emit(Event::Progress { stage: "upload".into(), done, total }),
+                }
+            };
+            while let Ok((done, total)) = rx.try_recv() {
+                sink.emit(Event::Progress {
+                    stage: "upload".into(),
+                    done,
+                    total,
+                });
+            }
+            outcome
+        };
+        match outcome {
+            Ok(()) => return Ok((digest, total)),
+            Err(e @ OllamaError::Connection { .. }) | Err(e @ OllamaError::Timeout { .. }) => {
+                last_error = Some(e);
+                tokio::time::sleep(Duration::from_millis(300 * attempt as u64)).await;
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Err(last_error
+        .unwrap_or(OllamaError::Protocol {
+            what: "the upload".into(),
+            message: "no attempt was made".into(),
+        })
+        .into())
+}
+
+fn hash_with_progress(file: &Path, sink: &dyn EventSink) -> Result<String> {
+    use sha2::{Digest, Sha256};
+    use std::io::Read;
+    let mut f = std::fs::File::open(file).map_err(|e| Error::io(file, e))?;
+    let total = f.metadata().map_err(|e| Error::io(file, e))?.len();
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; 4 << 20];
+    let mut done = 0u64;
+    let mut last_emit = 0u64;
+    loop {
+        let n = f.read(&mut buf).map_err(|e| Error::io(file, e))?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+        done += n as u64;
+        if done - last_emit >= 64 << 20 || done == total {
+            sink.emit(Event::Progress {
+                stage: "hash".into(),
+                done,
+                total,
+            });
+            last_emit = done;
+        }
+    }
+    Ok(format!("{:x}", hasher.finalize()))
+}
+
+/// Reads the model back and checks the template and stops arrived as sent.
+fn verify(
+    runtime: &tokio::runtime::Runtime,
+    client: &OllamaClient,
+    name: &str,
+    sent: &CreateRequest,
+    sink: &dyn EventSink,
+) -> Result<()> {
+    let show = runtime
+        .block_on(client.show(name))?
+        .ok_or_else(|| OllamaError::Protocol {
+            what: "the check after creating".into(),
+            message: format!("Ollama said `success` but does not list `{name}`"),
+        })?;
+    let mut problems = Vec::new();
+    if sent.template.as_deref().is_some_and(|t| t != show.template) {
+        problems.push("the template Ollama stored differs from the one sent".to_string());
+    }
+    let stops = show.stops();
+    if let Some(Value::Array(want)) = sent.parameters.get("stop") {
+        for w in want.iter().filter_map(Value::as_str) {
+            if !stops.iter().any(|s| s == w) {
+                problems.push(format!("stop `{w}` is missing"));
+            }
+        }
+    }
+    if problems.is_empty() {
+        sink.emit(log(format!(
+            "checked with /api/show: template and {} stops are set",
+            stops.len()
+        )));
+    } else {
+        sink.emit(Event::Log {
+            level: LogLevel::Warn,
+            message: format!("`{name}` was created, but {}", problems.join("; ")),
+        });
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_generation_eos_becomes_a_stop() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join("generation_config.json"),
+            r#"{"eos_token_id": [7, 9]}"#,
+        )
+        .unwrap();
+        std::fs::write(
+            dir.path().join("tokenizer.json"),
+            r#"{"added_tokens": [{"id": 7, "content": "<|im_end|>"}, {"id": 8, "content": "x"}, {"id": 9, "content": "<|endoftext|>"}]}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            generation_eos_tokens(dir.path()),
+            vec!["<|im_end|>", "<|endoftext|>"]
+        );
+        assert!(generation_eos_tokens(&dir.path().join("missing")).is_empty());
+    }
+}

@@ -1,0 +1,356 @@
+//! Send to Ollama against the local stand-in: the round trip (train → GGUF → blob →
+//! create → tags → show has our template and stops), blob reuse, and the faults users
+//! hit (not running, server dying mid-upload, an error in the stream, a slow server, a
+//! taken or invalid name, adapters refused). Every failure leaves the run intact.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use backpropagate::config::BatchSize;
+use backpropagate::event::{Event, Silent};
+use backpropagate::fixture::Family;
+use backpropagate::ollama::{
+    push_run, CreateRequest, OllamaClient, OllamaError, PushOptions, TemplateFamily,
+};
+use backpropagate::train::Trainer;
+use backpropagate::Error;
+use common::{fixture, samples_dir};
+use ollama_standin::{Faults, StandIn};
+
+fn trained_run(family: Family, runs: &Path) -> PathBuf {
+    Trainer::new(fixture(family).to_str().unwrap())
+        .batch_size(BatchSize::Fixed(2))
+        .runs_dir(runs)
+        .train(samples_dir().join("alpaca.jsonl"), 2)
+        .unwrap()
+        .run_dir
+}
+
+fn options(name: &str, server: &StandIn) -> PushOptions {
+    let mut o = PushOptions::new(name);
+    o.quant = "q8_0".parse().unwrap();
+    o.host = Some(server.url());
+    o
+}
+
+fn block<T>(f: impl std::future::Future<Output = T>) -> T {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+        .block_on(f)
+}
+
+/// Every file of the run outside `exports/` with its size and content hash.
+fn snapshot(run: &Path) -> Vec<(PathBuf, String)> {
+    fn walk(dir: &Path, root: &Path, out: &mut Vec<(PathBuf, String)>) {
+        for e in std::fs::read_dir(dir).unwrap() {
+            let p = e.unwrap().path();
+            let rel = p.strip_prefix(root).unwrap().to_path_buf();
+            if rel.starts_with("exports") {
+                continue;
+            }
+            if p.is_dir() {
+                walk(&p, root, out);
+            } else {
+                out.push((rel, backpropagate::run::sha256_file(&p).unwrap()));
+            }
+        }
+    }
+    let mut out = Vec::new();
+    walk(run, run, &mut out);
+    out.sort();
+    out
+}
+
+fn no_partial_exports(run: &Path) {
+    if let Ok(entries) = std::fs::read_dir(run.join("exports")) {
+        for e in entries {
+            let name = e.unwrap().file_name().to_string_lossy().into_owned();
+            assert!(!name.starts_with(".tmp"), "left a partial export {name}");
+        }
+    }
+}
+
+#[test]
+fn push_round_trip_sets_template_and_stops_and_reuses_blobs() {
+    let runs = tempfile::tempdir().unwrap();
+    let run = trained_run(Family::Qwen2, runs.path());
+    let server = StandIn::start(Faults::default()).unwrap();
+    let events = Arc::new(Mutex::new(Vec::new()));
+    let sink = {
+        let events = events.clone();
+        move |e: Event| events.lock().unwrap().push(e)
+    };
+    let report = push_run(&run, &options("fixture-qwen2", &server), &sink).unwrap();
+    assert_eq!(report.family, TemplateFamily::ChatMl);
+    assert!(report.uploaded_bytes > 0);
+    assert_eq!(report.ollama_version, ollama_standin::VERSION);
+
+    let events = events.lock().unwrap();
+    let uploads: Vec<_> = events
+        .iter()
+        .filter_map(|e| match e {
+            Event::Progress { stage, done, total } if stage == "upload" => Some((*done, *total)),
+            _ => None,
+        })
+        .collect();
+    let &(done, total) = uploads.last().expect("upload progress events");
+    assert_eq!(done, total);
+    assert_eq!(total, report.uploaded_bytes);
+    assert!(events
+        .iter()
+        .any(|e| matches!(e, Event::Log { message, .. } if message.contains("writing manifest"))));
+    drop(events);
+
+    let client = OllamaClient::new(&server.url()).unwrap();
+    let tags = block(client.tags()).unwrap();
+    assert_eq!(tags.len(), 1);
+    assert_eq!(tags[0].name, "fixture-qwen2:latest");
+    let show = block(client.show("fixture-qwen2"))
+        .unwrap()
+        .expect("model exists");
+    assert!(show
+        .template
+        .starts_with("{{- range .Messages }}<|im_start|>"));
+    assert_eq!(show.system, "You are a helpful assistant.");
+    assert_eq!(show.stops(), vec!["<|im_end|>", "<|im_start|>"]);
+    // Ollama's model_info is the GGUF metadata our exporter wrote.
+    assert_eq!(show.model_info["general.architecture"], "qwen2");
+    assert_eq!(show.model_info["tokenizer.ggml.model"], "gpt2");
+
+    // The same name again: refused unless overwriting; the blob is not sent twice.
+    let again = push_run(&run, &options("fixture-qwen2", &server), &Silent).unwrap_err();
+    assert!(
+        matches!(again, Error::Ollama(OllamaError::NameTaken { .. })),
+        "{again}"
+    );
+    assert!(again.hint().unwrap().contains("--overwrite"));
+    let mut o = options("fixture-qwen2", &server);
+    o.overwrite = true;
+    let second = push_run(&run, &o, &Silent).unwrap();
+    assert_eq!(second.uploaded_bytes, 0);
+
+    let reply = block(client.chat(
+        "fixture-qwen2",
+        &[backpropagate::ollama::ChatMessage {
+            role: "user".into(),
+            content: "hi".into(),
+        }],
+        16,
+    ))
+    .unwrap();
+    assert_eq!(reply.role, "assistant");
+    assert!(block(client.delete("fixture-qwen2")).unwrap());
+    assert!(!block(client.delete("fixture-qwen2")).unwrap());
+    assert!(block(client.tags()).unwrap().is_empty());
+}
+
+#[test]
+fn every_family_gets_its_own_template() {
+    let runs = tempfile::tempdir().unwrap();
+    let server = StandIn::start(Faults::default()).unwrap();
+    let client = OllamaClient::new(&server.url()).unwrap();
+    for (family, want, stop) in [
+        (Family::Llama, TemplateFamily::Llama3, "<|eot_id|>"),
+        (Family::Mistral, TemplateFamily::Mistral, "[INST]"),
+        (Family::Qwen3, TemplateFamily::ChatMl, "<|im_end|>"),
+    ] {
+        let run = trained_run(family, runs.path());
+        let name = format!("fixture-{family:?}").to_lowercase();
+        let report = push_run(&run, &options(&name, &server), &Silent).unwrap();
+        assert_eq!(report.family, want, "{family:?}");
+        let show = block(client.show(&name)).unwrap().unwrap();
+        assert!(
+            show.stops().iter().any(|s| s == stop),
+            "{family:?}: {:?}",
+            show.stops()
+        );
+    }
+}
+
+#[test]
+fn ollama_not_running_is_said_plainly_and_nothing_is_exported() {
+    let runs = tempfile::tempdir().unwrap();
+    let run = trained_run(Family::Qwen2, runs.path());
+    let before = snapshot(&run);
+    // A port that was just free: nothing listens there.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut o = PushOptions::new("m");
+    o.host = Some(format!("127.0.0.1:{port}"));
+    let err = push_run(&run, &o, &Silent).unwrap_err();
+    assert!(
+        matches!(err, Error::Ollama(OllamaError::NotRunning { .. })),
+        "{err}"
+    );
+    let hint = err.hint().unwrap();
+    assert!(
+        hint.contains("ollama serve") && hint.contains("OLLAMA_HOST"),
+        "{hint}"
+    );
+    assert_eq!(snapshot(&run), before);
+    assert!(
+        !run.join("exports").exists(),
+        "no export before Ollama answers"
+    );
+}
+
+#[test]
+fn invalid_names_fail_before_any_work() {
+    let runs = tempfile::tempdir().unwrap();
+    let run = trained_run(Family::Qwen2, runs.path());
+    let mut o = PushOptions::new("my model!");
+    o.host = Some("127.0.0.1:1".into());
+    let err = push_run(&run, &o, &Silent).unwrap_err();
+    assert!(
+        matches!(err, Error::Ollama(OllamaError::InvalidName { .. })),
+        "{err}"
+    );
+}
+
+#[test]
+fn server_dying_mid_upload_then_coming_back_resumes_the_push() {
+    let runs = tempfile::tempdir().unwrap();
+    let run = trained_run(Family::Qwen2, runs.path());
+    let before = snapshot(&run);
+    let blobs = tempfile::tempdir().unwrap();
+    let faults = Faults {
+        die_after_upload_bytes: Some(64 * 1024),
+        ..Faults::default()
+    };
+    let server =
+        StandIn::start_at("127.0.0.1:0".parse().unwrap(), blobs.path().into(), faults).unwrap();
+    let addr = server.addr;
+    let mut o = options("resumed", &server);
+    o.upload_attempts = 1;
+    let err = push_run(&run, &o, &Silent).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            Error::Ollama(OllamaError::Connection { .. } | OllamaError::NotRunning { .. })
+        ),
+        "{err}"
+    );
+    assert!(err.hint().is_some());
+    assert_eq!(snapshot(&run), before);
+    no_partial_exports(&run);
+    // Wait for the server thread to finish dying before reusing its port.
+    let t0 = Instant::now();
+    while !server.is_dead() && t0.elapsed() < Duration::from_secs(10) {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(server.is_dead());
+
+    // Ollama restarts; pushing again reuses the export and completes.
+    let _back = StandIn::start_at(addr, blobs.path().into(), Faults::default()).unwrap();
+    let events = Arc::new(Mutex::new(Vec::new()));
+    let sink = {
+        let events = events.clone();
+        move |e: Event| events.lock().unwrap().push(e)
+    };
+    let report = push_run(&run, &o, &sink).unwrap();
+    assert!(report.uploaded_bytes > 64 * 1024);
+    assert!(events.lock().unwrap().iter().any(
+        |e| matches!(e, Event::Log { message, .. } if message.starts_with("reusing the export"))
+    ));
+}
+
+#[test]
+fn an_error_line_in_the_create_stream_is_reported() {
+    let runs = tempfile::tempdir().unwrap();
+    let run = trained_run(Family::Qwen2, runs.path());
+    let before = snapshot(&run);
+    let server = StandIn::start(Faults {
+        create_error: Some("write manifest: no space left on device".into()),
+        ..Faults::default()
+    })
+    .unwrap();
+    let err = push_run(&run, &options("m", &server), &Silent).unwrap_err();
+    match &err {
+        Error::Ollama(OllamaError::Stream { message }) => {
+            assert!(message.contains("no space left"))
+        }
+        other => panic!("{other}"),
+    }
+    assert_eq!(snapshot(&run), before);
+    no_partial_exports(&run);
+}
+
+#[test]
+fn a_slow_server_times_out_with_a_clear_error() {
+    let server = StandIn::start(Faults {
+        delay: Some(Duration::from_secs(5)),
+        ..Faults::default()
+    })
+    .unwrap();
+    let client = OllamaClient::new(&server.url())
+        .unwrap()
+        .with_timeout(Duration::from_millis(300));
+    let err = block(client.version()).unwrap_err();
+    assert!(matches!(err, OllamaError::Timeout { .. }), "{err}");
+    assert!(err.hint().unwrap().contains("busy"));
+}
+
+#[test]
+fn unknown_digests_and_corrupt_uploads_are_refused_like_ollama_does() {
+    let server = StandIn::start(Faults::default()).unwrap();
+    let client = OllamaClient::new(&server.url()).unwrap();
+    let mut req = CreateRequest {
+        model: "m".into(),
+        stream: true,
+        ..Default::default()
+    };
+    req.files
+        .insert("model.gguf".into(), format!("sha256:{}", "ab".repeat(32)));
+    let err = block(client.create(&req, |_| {})).unwrap_err();
+    match err {
+        OllamaError::Api {
+            status, message, ..
+        } => {
+            assert_eq!(status, 400);
+            assert!(message.contains("no such file or directory"), "{message}");
+        }
+        other => panic!("{other}"),
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("x.gguf");
+    std::fs::write(&file, b"GGUF not really").unwrap();
+    let wrong = format!("sha256:{}", "cd".repeat(32));
+    let err = block(client.upload_blob(&file, &wrong, |_, _| {})).unwrap_err();
+    assert!(err.to_string().contains("digest mismatch"), "{err}");
+    assert!(!block(client.has_blob(&wrong)).unwrap());
+}
+
+#[test]
+fn adapters_are_refused_by_current_ollama_with_advice() {
+    let runs = tempfile::tempdir().unwrap();
+    let run = trained_run(Family::Qwen2, runs.path());
+    let server = StandIn::start(Faults::default()).unwrap();
+    let mut o = options("with-adapter", &server);
+    o.as_adapter = true;
+    let warned = Arc::new(Mutex::new(false));
+    let sink = {
+        let warned = warned.clone();
+        move |e: Event| {
+            if let Event::Log { message, .. } = e {
+                if message.contains("without --as-adapter") {
+                    *warned.lock().unwrap() = true;
+                }
+            }
+        }
+    };
+    let err = push_run(&run, &o, &sink).unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("LoRA adapters are no longer supported"),
+        "{err}"
+    );
+    assert!(*warned.lock().unwrap());
+}

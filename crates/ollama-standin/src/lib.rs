@@ -1,0 +1,573 @@
+//! A stand-in for Ollama's REST API on 127.0.0.1, for tests of "Send to Ollama" (Ollama
+//! itself cannot be installed here). It behaves as Ollama's server code does where our
+//! client depends on it: blobs are verified against their sha256 digest (400 on a
+//! mismatch), `create` refuses unknown digests and adapters with Ollama's messages and
+//! streams status lines, `show` returns what was stored, `delete` 404s on unknown
+//! names. It does not run models: `chat` answers with a fixed sentence naming the model
+//! and the template it would use.
+//!
+//! Faults for tests: a slow server, an error line in the create stream, and dying
+//! (all connections dropped) after some upload bytes.
+
+mod gguf_meta;
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::extract::{Path as UrlPath, State};
+use axum::http::{Method, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{any, get, post};
+use axum::{Json, Router};
+use futures_util::StreamExt;
+use serde::Deserialize;
+use serde_json::{json, Map, Value};
+use sha2::{Digest, Sha256};
+
+pub const VERSION: &str = "0.13.0";
+
+#[derive(Debug, Clone, Default)]
+pub struct Faults {
+    /// Every reply waits this long first.
+    pub delay: Option<Duration>,
+    /// `create` streams a few status lines, then `{"error": this}`.
+    pub create_error: Option<String>,
+    /// The whole server dies (connections dropped) once this many upload bytes arrived.
+    pub die_after_upload_bytes: Option<u64>,
+    /// Reported by `/api/version` (default [`VERSION`]).
+    pub version: Option<String>,
+}
+
+#[derive(Debug, Clone)]
+struct Model {
+    name: String,
+    files: BTreeMap<String, String>,
+    template: String,
+    system: String,
+    parameters: Map<String, Value>,
+    model_info: Map<String, Value>,
+    size: u64,
+    modified_at: String,
+}
+
+struct Inner {
+    blobs: PathBuf,
+    models: Mutex<BTreeMap<String, Model>>,
+    faults: Faults,
+    received: AtomicU64,
+    kill: Mutex<Option<tokio::sync::oneshot::Sender<()>>>,
+}
+
+type Shared = Arc<Inner>;
+
+/// A running stand-in; dropping it stops the server.
+pub struct StandIn {
+    pub addr: SocketAddr,
+    blobs: PathBuf,
+    _keep: Option<tempfile::TempDir>,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl StandIn {
+    /// Starts on a free port with a fresh blob store.
+    pub fn start(faults: Faults) -> std::io::Result<StandIn> {
+        let dir = tempfile::tempdir()?;
+        let blobs = dir.path().to_path_buf();
+        let mut s = Self::start_at("127.0.0.1:0".parse().expect("literal"), blobs, faults)?;
+        s._keep = Some(dir);
+        Ok(s)
+    }
+
+    /// Starts on `addr` with blobs kept in `blobs` (so a "restarted" server keeps them).
+    pub fn start_at(addr: SocketAddr, blobs: PathBuf, faults: Faults) -> std::io::Result<StandIn> {
+        std::fs::create_dir_all(&blobs)?;
+        let listener = std::net::TcpListener::bind(addr)?;
+        listener.set_nonblocking(true)?;
+        let addr = listener.local_addr()?;
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let (kill_tx, kill_rx) = tokio::sync::oneshot::channel::<()>();
+        let inner = Arc::new(Inner {
+            blobs: blobs.clone(),
+            models: Mutex::new(BTreeMap::new()),
+            faults,
+            received: AtomicU64::new(0),
+            kill: Mutex::new(Some(kill_tx)),
+        });
+        let thread = std::thread::spawn(move || {
+            let Ok(rt) = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+            else {
+                return;
+            };
+            rt.block_on(async move {
+                let Ok(listener) = tokio::net::TcpListener::from_std(listener) else {
+                    return;
+                };
+                let app = router(inner);
+                tokio::select! {
+                    _ = axum::serve(listener, app) => {}
+                    _ = stop_rx => {}
+                    _ = kill_rx => {}
+                }
+            });
+            // Dropping the runtime here aborts every connection task mid-flight,
+            // like a crashed server.
+            rt.shutdown_background();
+        });
+        Ok(StandIn {
+            addr,
+            blobs,
+            _keep: None,
+            stop: Some(stop_tx),
+            thread: Some(thread),
+        })
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub fn blobs_dir(&self) -> &std::path::Path {
+        &self.blobs
+    }
+
+    /// Stops the server and waits until its port is closed.
+    pub fn stop(&mut self) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+
+    /// True once the server is gone (stopped or died from a fault).
+    pub fn is_dead(&self) -> bool {
+        self.thread.as_ref().is_none_or(|t| t.is_finished())
+    }
+}
+
+impl Drop for StandIn {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+fn router(state: Shared) -> Router {
+    Router::new()
+        .route("/", get(|| async { "Ollama is running" }))
+        .route("/api/version", get(version))
+        .route("/api/blobs/{digest}", any(blob))
+        .route("/api/create", post(create))
+        .route("/api/tags", get(tags))
+        .route("/api/show", post(show))
+        .route("/api/delete", axum::routing::delete(delete))
+        .route("/api/chat", post(chat))
+        .with_state(state)
+}
+
+fn error(status: StatusCode, message: impl Into<String>) -> Response {
+    (status, Json(json!({ "error": message.into() }))).into_response()
+}
+
+async fn delay(s: &Inner) {
+    if let Some(d) = s.faults.delay {
+        tokio::time::sleep(d).await;
+    }
+}
+
+async fn version(State(s): State<Shared>) -> Response {
+    delay(&s).await;
+    let v = s.faults.version.clone().unwrap_or_else(|| VERSION.into());
+    Json(json!({ "version": v })).into_response()
+}
+
+/// `sha256:<64 hex>` → the blob file name Ollama uses (`sha256-<hex>`).
+fn blob_file(s: &Inner, digest: &str) -> Option<PathBuf> {
+    let hex = digest.strip_prefix("sha256:")?;
+    (hex.len() == 64 && hex.bytes().all(|b| b.is_ascii_hexdigit()))
+        .then(|| s.blobs.join(format!("sha256-{hex}")))
+}
+
+async fn blob(
+    State(s): State<Shared>,
+    method: Method,
+    UrlPath(digest): UrlPath<String>,
+    body: Body,
+) -> Response {
+    delay(&s).await;
+    let Some(path) = blob_file(&s, &digest) else {
+        return error(StatusCode::BAD_REQUEST, "invalid digest format");
+    };
+    match method {
+        Method::HEAD => {
+            if path.is_file() {
+                StatusCode::OK.into_response()
+            } else {
+                StatusCode::NOT_FOUND.into_response()
+            }
+        }
+        Method::POST => {
+            if path.is_file() {
+                // Ollama answers 200 without reading a body it already has.
+                return StatusCode::OK.into_response();
+            }
+            let tmp = path.with_extension("partial");
+            let Ok(mut file) = std::fs::File::create(&tmp) else {
+                return error(StatusCode::INTERNAL_SERVER_ERROR, "cannot write blob");
+            };
+            let mut hasher = Sha256::new();
+            let mut stream = body.into_data_stream();
+            while let Some(chunk) = stream.next().await {
+                let Ok(chunk) = chunk else {
+                    let _ = std::fs::remove_file(&tmp);
+                    return error(StatusCode::BAD_REQUEST, "upload interrupted");
+                };
+                hasher.update(&chunk);
+                if file.write_all(&chunk).is_err() {
+                    return error(StatusCode::INTERNAL_SERVER_ERROR, "cannot write blob");
+                }
+                let got =
+                    s.received.fetch_add(chunk.len() as u64, Ordering::SeqCst) + chunk.len() as u64;
+                if s.faults.die_after_upload_bytes.is_some_and(|n| got >= n) {
+                    if let Some(kill) = s.kill.lock().ok().and_then(|mut k| k.take()) {
+                        let _ = kill.send(());
+                    }
+                    std::future::pending::<()>().await;
+                }
+            }
+            drop(file);
+            let got = format!("sha256:{:x}", hasher.finalize());
+            if got != digest {
+                let _ = std::fs::remove_file(&tmp);
+                return error(
+                    StatusCode::BAD_REQUEST,
+                    format!("digest mismatch, expected \"{digest}\", got \"{got}\""),
+                );
+            }
+            if std::fs::rename(&tmp, &path).is_err() {
+                return error(StatusCode::INTERNAL_SERVER_ERROR, "cannot store blob");
+            }
+            StatusCode::CREATED.into_response()
+        }
+        _ => StatusCode::METHOD_NOT_ALLOWED.into_response(),
+    }
+}
+
+#[derive(Deserialize)]
+struct CreateReq {
+    #[serde(default)]
+    model: String,
+    #[serde(default)]
+    name: String,
+    #[serde(default)]
+    files: BTreeMap<String, String>,
+    #[serde(default)]
+    adapters: BTreeMap<String, String>,
+    #[serde(default)]
+    template: String,
+    #[serde(default)]
+    system: String,
+    #[serde(default)]
+    parameters: Map<String, Value>,
+    #[serde(default)]
+    from: String,
+}
+
+fn valid_name(name: &str) -> bool {
+    let (path, tag) = match name.rsplit_once(':') {
+        Some((p, t)) if !t.contains('/') => (p, Some(t)),
+        _ => (name, None),
+    };
+    let ok = |p: &str, tag: bool| {
+        !p.is_empty()
+            && p.len() <= 80
+            && p.chars()
+                .next()
+                .is_some_and(|c| c.is_ascii_alphanumeric() || (tag && c == '_'))
+            && p.chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'))
+    };
+    let parts: Vec<&str> = path.split('/').collect();
+    tag.is_none_or(|t| ok(t, true)) && parts.len() <= 3 && ok(parts[parts.len() - 1], false)
+}
+
+/// Ollama stores `name` as `name:latest` when no tag is given.
+fn full_name(name: &str) -> String {
+    match name.rsplit_once(':') {
+        Some((_, t)) if !t.contains('/') => name.to_string(),
+        _ => format!("{name}:latest"),
+    }
+}
+
+async fn create(State(s): State<Shared>, body: axum::body::Bytes) -> Response {
+    delay(&s).await;
+    if body.is_empty() {
+        return error(StatusCode::BAD_REQUEST, "missing request body");
+    }
+    let req: CreateReq = match serde_json::from_slice(&body) {
+        Ok(r) => r,
+        Err(e) => return error(StatusCode::BAD_REQUEST, e.to_string()),
+    };
+    if !req.adapters.is_empty() {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "LoRA adapters are no longer supported",
+        );
+    }
+    for k in req.files.keys() {
+        if k.starts_with('/') || k.contains("..") {
+            return error(StatusCode::BAD_REQUEST, "file path must be relative");
+        }
+    }
+    let name = if req.model.is_empty() {
+        req.name.clone()
+    } else {
+        req.model.clone()
+    };
+    if !valid_name(&name) {
+        return error(StatusCode::BAD_REQUEST, "invalid model name");
+    }
+    if req.files.is_empty() && req.from.is_empty() {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "neither 'from' or 'files' was specified",
+        );
+    }
+    let mut paths = Vec::new();
+    for digest in req.files.values() {
+        let Some(path) = blob_file(&s, digest) else {
+            return error(StatusCode::BAD_REQUEST, "invalid digest format");
+        };
+        if !path.is_file() {
+            return error(
+                StatusCode::BAD_REQUEST,
+                format!("open {}: no such file or directory", path.display()),
+            );
+        }
+        paths.push(path);
+    }
+
+    let (tx, rx) = tokio::sync::mpsc::channel::<Value>(16);
+    let s2 = s.clone();
+    tokio::spawn(async move {
+        let send = |v: Value| {
+            let tx = tx.clone();
+            async move { tx.send(v).await.is_ok() }
+        };
+        send(json!({"status": "parsing GGUF"})).await;
+        let mut model_info = Map::new();
+        let mut size = 0;
+        for (path, digest) in paths.iter().zip(req.files.values()) {
+            match gguf_meta::read(path) {
+                Ok(meta) => {
+                    model_info = meta.kv;
+                    model_info.insert("general.tensor_count".into(), json!(meta.tensor_count));
+                    model_info.insert("general.gguf_version".into(), json!(meta.version));
+                }
+                Err(e) => {
+                    send(json!({"error": e.to_string(), "status": 400})).await;
+                    return;
+                }
+            }
+            size += std::fs::metadata(path).map(|m| m.len()).unwrap_or(0);
+            send(json!({"status": format!("using existing layer {digest}")})).await;
+        }
+        if let Some(msg) = &s2.faults.create_error {
+            send(json!({"error": msg})).await;
+            return;
+        }
+        for what in ["template", "system", "params"] {
+            send(json!({"status": format!("creating new layer sha256:{}", hex_of(what))})).await;
+        }
+        send(json!({"status": "writing manifest"})).await;
+        let model = Model {
+            name: full_name(&name),
+            files: req.files.clone(),
+            template: req.template.clone(),
+            system: req.system.clone(),
+            parameters: req.parameters.clone(),
+            model_info,
+            size,
+            modified_at: now(),
+        };
+        if let Ok(mut models) = s2.models.lock() {
+            models.insert(model.name.clone(), model);
+        }
+        send(json!({"status": "success"})).await;
+    });
+    let lines = tokio_stream(rx).map(|v| Ok::<_, std::io::Error>(format!("{v}\n")));
+    Response::builder()
+        .header("content-type", "application/x-ndjson")
+        .body(Body::from_stream(lines))
+        .unwrap_or_else(|_| error(StatusCode::INTERNAL_SERVER_ERROR, "stream"))
+}
+
+fn tokio_stream(
+    mut rx: tokio::sync::mpsc::Receiver<Value>,
+) -> impl futures_util::Stream<Item = Value> {
+    futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx))
+}
+
+fn hex_of(s: &str) -> String {
+    format!("{:x}", Sha256::digest(s.as_bytes()))
+}
+
+fn now() -> String {
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    format!("@{secs}")
+}
+
+async fn tags(State(s): State<Shared>) -> Response {
+    delay(&s).await;
+    let models = s.models.lock().map(|m| m.clone()).unwrap_or_default();
+    let list: Vec<Value> = models
+        .values()
+        .map(|m| {
+            json!({
+                "name": m.name, "model": m.name, "modified_at": m.modified_at, "size": m.size,
+                "digest": hex_of(&m.name),
+                "details": {"format": "gguf", "family": m.model_info.get("general.architecture")},
+            })
+        })
+        .collect();
+    Json(json!({ "models": list })).into_response()
+}
+
+#[derive(Deserialize)]
+struct NameReq {
+    #[serde(default)]
+    model: String,
+    #[serde(default)]
+    name: String,
+}
+
+impl NameReq {
+    fn get(&self) -> String {
+        full_name(if self.model.is_empty() {
+            &self.name
+        } else {
+            &self.model
+        })
+    }
+}
+
+fn lookup(s: &Inner, name: &str) -> Option<Model> {
+    s.models.lock().ok()?.get(name).cloned()
+}
+
+/// Ollama prints parameters one per line, name padded to 30 columns, strings quoted.
+fn parameters_text(p: &Map<String, Value>) -> String {
+    let mut out = Vec::new();
+    for (k, v) in p {
+        let values = match v {
+            Value::Array(a) => a.clone(),
+            other => vec![other.clone()],
+        };
+        for v in values {
+            let shown = match &v {
+                Value::String(s) => format!("\"{s}\""),
+                other => other.to_string(),
+            };
+            out.push(format!("{k:<30} {shown}"));
+        }
+    }
+    out.join("\n")
+}
+
+async fn show(State(s): State<Shared>, Json(req): Json<NameReq>) -> Response {
+    delay(&s).await;
+    let name = req.get();
+    let Some(m) = lookup(&s, &name) else {
+        return error(
+            StatusCode::NOT_FOUND,
+            format!("model '{}' not found", req.model),
+        );
+    };
+    let params = parameters_text(&m.parameters);
+    let mut modelfile = format!(
+        "FROM {}\nTEMPLATE \"\"\"{}\"\"\"\n",
+        m.files.keys().next().cloned().unwrap_or_default(),
+        m.template
+    );
+    if !m.system.is_empty() {
+        modelfile.push_str(&format!("SYSTEM \"\"\"{}\"\"\"\n", m.system));
+    }
+    for line in params.lines() {
+        let mut it = line.splitn(2, ' ');
+        modelfile.push_str(&format!(
+            "PARAMETER {} {}\n",
+            it.next().unwrap_or(""),
+            it.next().unwrap_or("").trim()
+        ));
+    }
+    Json(json!({
+        "modelfile": modelfile,
+        "parameters": params,
+        "template": m.template,
+        "system": m.system,
+        "details": {"format": "gguf", "family": m.model_info.get("general.architecture"),
+                    "parameter_size": "", "quantization_level": m.model_info.get("general.file_type")},
+        "model_info": m.model_info,
+    }))
+    .into_response()
+}
+
+async fn delete(State(s): State<Shared>, Json(req): Json<NameReq>) -> Response {
+    delay(&s).await;
+    let name = req.get();
+    let removed = s.models.lock().ok().and_then(|mut m| m.remove(&name));
+    match removed {
+        Some(_) => StatusCode::OK.into_response(),
+        None => error(
+            StatusCode::NOT_FOUND,
+            format!("model '{}' not found", req.model),
+        ),
+    }
+}
+
+#[derive(Deserialize)]
+struct ChatReq {
+    model: String,
+    #[serde(default)]
+    messages: Vec<Value>,
+}
+
+async fn chat(State(s): State<Shared>, Json(req): Json<ChatReq>) -> Response {
+    delay(&s).await;
+    let Some(m) = lookup(&s, &full_name(&req.model)) else {
+        return error(
+            StatusCode::NOT_FOUND,
+            format!("model '{}' not found, try pulling it first", req.model),
+        );
+    };
+    let family = m
+        .model_info
+        .get("general.architecture")
+        .and_then(Value::as_str)
+        .unwrap_or("?");
+    let content = format!(
+        "stand-in reply from {} ({family}, {} messages, template {} chars)",
+        m.name,
+        req.messages.len(),
+        m.template.len()
+    );
+    Json(json!({
+        "model": m.name, "created_at": now(),
+        "message": {"role": "assistant", "content": content},
+        "done": true, "done_reason": "stop",
+    }))
+    .into_response()
+}
