@@ -6,6 +6,7 @@ mod debug_cmd;
 mod export_cmd;
 mod multi_run_cmd;
 mod ollama_cmd;
+mod serve_cmd;
 mod train_cmd;
 
 use std::path::PathBuf;
@@ -87,8 +88,8 @@ enum Command {
     Ollama(ollama_cmd::OllamaCommand),
     /// Check this machine: GPU, drivers, disk, Ollama (not implemented yet)
     Doctor(Planned),
-    /// Serve the web UI and HTTP API headless (not implemented yet)
-    Serve(Planned),
+    /// Serve the web UI and its HTTP API (for a headless GPU box, or a browser)
+    Serve(serve_cmd::ServeArgs),
     /// Show configuration: `backprop config defaults` prints a run.toml with every default
     #[command(subcommand)]
     Config(ConfigCommand),
@@ -209,7 +210,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
         }
         Command::Ollama(cmd) => ollama_cmd::run(&cmd),
         Command::Doctor(_) => planned("doctor", 9),
-        Command::Serve(_) => planned("serve", 6),
+        Command::Serve(args) => serve_cmd::run(&args),
     }
 }
 

@@ -409,9 +409,29 @@ impl Service {
                                 let r = r.clone();
                                 service.update_job(&job_id, |j| j.run = Some(r));
                             }
-                            Event::Finished { .. }
-                            | Event::Failed { .. }
-                            | Event::Stopped { .. } => ended.store(true, Ordering::SeqCst),
+                            // The job ends with its terminal event, so a client reacting to
+                            // it (resume, export) finds the job no longer running.
+                            Event::Finished { path, .. } | Event::Stopped { path, .. } => {
+                                ended.store(true, Ordering::SeqCst);
+                                let state = if matches!(event, Event::Stopped { .. }) {
+                                    JobState::Stopped
+                                } else {
+                                    JobState::Finished
+                                };
+                                let path = path.clone();
+                                service.update_job(&job_id, |j| {
+                                    j.state = state;
+                                    j.result = Some(path);
+                                });
+                            }
+                            Event::Failed { error, .. } => {
+                                ended.store(true, Ordering::SeqCst);
+                                let error = error.clone();
+                                service.update_job(&job_id, |j| {
+                                    j.state = JobState::Failed;
+                                    j.error = Some(error);
+                                });
+                            }
                             _ => {}
                         }
                         let run = run_id.lock().ok().and_then(|r| r.clone());
@@ -424,21 +444,6 @@ impl Service {
                     }
                 };
                 let outcome = work(&sink, &cancel);
-                let stopped = cancel.is_cancelled();
-                service.update_job(&job_id, |j| match &outcome {
-                    Ok(result) => {
-                        j.state = if stopped {
-                            JobState::Stopped
-                        } else {
-                            JobState::Finished
-                        };
-                        j.result = Some(result.clone());
-                    }
-                    Err(e) => {
-                        j.state = JobState::Failed;
-                        j.error = Some(e.message.clone());
-                    }
-                });
                 // Training reports its own end; exports, pushes and early failures end here,
                 // so every job's stream ends with exactly one terminal event.
                 if !ended.load(Ordering::SeqCst) {

@@ -362,15 +362,29 @@ impl Session {
                 info.status = summary.status;
                 info.step = summary.steps;
             }
-            Err(e) => {
-                info.status = RunStatus::Failed;
-                sink.emit(Event::Failed {
-                    error: e.to_string(),
-                    hint: None,
-                });
-            }
+            Err(_) => info.status = RunStatus::Failed,
         }
-        run.write_info(&info)?;
+        let written = run.write_info(&info);
+        // The terminal event comes last, once run.json says how the run ended, so a face
+        // that reacts to it (reload, resume) sees the final state.
+        match (&result, &written) {
+            (Ok(summary), Ok(())) if summary.status == RunStatus::Stopped => {
+                sink.emit(Event::Stopped {
+                    step: summary.steps,
+                    path: run.path().display().to_string(),
+                })
+            }
+            (Ok(summary), Ok(())) => sink.emit(Event::Finished {
+                steps: summary.steps,
+                final_loss: summary.final_loss,
+                path: run.path().join("adapter").display().to_string(),
+            }),
+            (Err(e), _) | (Ok(_), Err(e)) => sink.emit(Event::Failed {
+                error: e.to_string(),
+                hint: e.hint(),
+            }),
+        }
+        written?;
         result
     }
 
@@ -503,10 +517,6 @@ impl Session {
                     step: state.step,
                     path: path.display().to_string(),
                 });
-                sink.emit(Event::Stopped {
-                    step: state.step,
-                    path: run.path().display().to_string(),
-                });
                 return Ok(self.summary(
                     info,
                     RunStatus::Stopped,
@@ -626,11 +636,6 @@ impl Session {
         }
         let adapter = run.path().join("adapter");
         lora.save_peft(&adapter, &base_model)?;
-        sink.emit(Event::Finished {
-            steps: state.step,
-            final_loss: last_loss,
-            path: adapter.display().to_string(),
-        });
         Ok(self.summary(
             info,
             RunStatus::Finished,

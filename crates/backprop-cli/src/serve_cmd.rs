@@ -1,0 +1,455 @@
+//! `backprop serve`: the app API (docs/http-api.md) over HTTP with Server-Sent Events,
+//! and the built web UI, so a headless GPU box gets the same app in a browser. Loopback
+//! only unless a token protects it.
+
+use std::convert::Infallible;
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Component, Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{anyhow, bail, Context, Result};
+use axum::body::Bytes;
+use axum::extract::{Path as UrlPath, Query, Request, State};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use backprop_service::dto::*;
+use backprop_service::{ErrorKind, Service, ServiceConfig, ServiceError};
+use clap::Args;
+use futures_util::Stream;
+use serde::Deserialize;
+
+#[derive(Args)]
+pub struct ServeArgs {
+    /// Address to listen on; anything but loopback needs --token
+    #[arg(long, default_value = "127.0.0.1")]
+    pub host: IpAddr,
+    #[arg(long, default_value_t = 7860)]
+    pub port: u16,
+    /// Secret every request must carry (`Authorization: Bearer ...`, or `#token=` in
+    /// the page address); also read from BACKPROP_TOKEN
+    #[arg(long, env = "BACKPROP_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    /// The built web UI [default: BACKPROP_UI_DIR, else ui/ next to the binary, else
+    /// the source tree's ui/dist]
+    #[arg(long)]
+    pub ui_dir: Option<PathBuf>,
+    /// Where runs are kept [default: $BACKPROP_HOME/runs or the platform data folder]
+    #[arg(long)]
+    pub runs_dir: Option<PathBuf>,
+}
+
+#[derive(Clone)]
+struct AppState {
+    service: Service,
+    token: Option<Arc<str>>,
+    ui_dir: Option<Arc<Path>>,
+}
+
+struct ApiFailure(ServiceError);
+
+impl From<ServiceError> for ApiFailure {
+    fn from(e: ServiceError) -> Self {
+        ApiFailure(e)
+    }
+}
+
+impl IntoResponse for ApiFailure {
+    fn into_response(self) -> Response {
+        let status = match self.0.kind {
+            ErrorKind::BadRequest => StatusCode::BAD_REQUEST,
+            ErrorKind::NotFound => StatusCode::NOT_FOUND,
+            ErrorKind::Conflict => StatusCode::CONFLICT,
+            ErrorKind::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+            ErrorKind::Internal => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        (status, Json(self.0.to_api())).into_response()
+    }
+}
+
+type ApiResult<T> = std::result::Result<Json<T>, ApiFailure>;
+
+/// Runs blocking engine work off the async threads.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> backprop_service::Result<T> + Send + 'static,
+) -> ApiResult<T> {
+    match tokio::task::spawn_blocking(f).await {
+        Ok(r) => r.map(Json).map_err(ApiFailure),
+        Err(e) => Err(ApiFailure(ServiceError::new(
+            ErrorKind::Internal,
+            format!("worker failed: {e}"),
+        ))),
+    }
+}
+
+pub fn run(args: &ServeArgs) -> Result<ExitCode> {
+    let token = args.token.clone().filter(|t| !t.is_empty());
+    if !args.host.is_loopback() && token.is_none() {
+        bail!(
+            "refusing to listen on {} without a token: anyone on the network could train, \
+             read your runs and push models.\n  fix: add --token <secret> (or set BACKPROP_TOKEN), \
+             then open http://<this-host>:{}/#token=<secret>",
+            args.host,
+            args.port
+        );
+    }
+    let ui_dir = find_ui_dir(args.ui_dir.as_deref());
+    let service = Service::new(ServiceConfig {
+        runs_dir: args
+            .runs_dir
+            .clone()
+            .unwrap_or_else(backpropagate::run::default_runs_dir),
+        ollama_host: None,
+    });
+    let state = AppState {
+        service,
+        token: token.map(Arc::from),
+        ui_dir: ui_dir.clone().map(Arc::from),
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async move {
+        let addr = SocketAddr::new(args.host, args.port);
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("cannot listen on {addr} (is another `backprop serve` running? try --port)"))?;
+        let local = listener.local_addr()?;
+        match &ui_dir {
+            Some(d) => eprintln!("serving the web UI from {}", d.display()),
+            None => eprintln!(
+                "warning: no built web UI found (run `npm run build`, or pass --ui-dir); serving the API only"
+            ),
+        }
+        // Tests and scripts read this line to learn the port when --port 0 is used.
+        println!("listening on http://{local}");
+        axum::serve(listener, router(state))
+            .with_graceful_shutdown(async {
+                let _ = tokio::signal::ctrl_c().await;
+            })
+            .await
+            .map_err(|e| anyhow!("server stopped: {e}"))
+    })?;
+    Ok(ExitCode::SUCCESS)
+}
+
+fn find_ui_dir(given: Option<&Path>) -> Option<PathBuf> {
+    let mut candidates = Vec::new();
+    if let Some(g) = given {
+        candidates.push(g.to_path_buf());
+    }
+    if let Some(env) = std::env::var_os("BACKPROP_UI_DIR") {
+        candidates.push(PathBuf::from(env));
+    }
+    if let Some(exe_dir) = std::env::current_exe()
+        .ok()
+        .and_then(|e| e.parent().map(Path::to_path_buf))
+    {
+        candidates.push(exe_dir.join("ui"));
+    }
+    candidates.push(Path::new(env!("CARGO_MANIFEST_DIR")).join("../../ui/dist"));
+    candidates
+        .into_iter()
+        .find(|d| d.join("index.html").is_file())
+        .and_then(|d| d.canonicalize().ok())
+}
+
+fn router(state: AppState) -> Router {
+    let api = Router::new()
+        .route("/info", get(info))
+        .route("/config/defaults", get(config_defaults))
+        .route("/models/inspect", post(inspect_model))
+        .route("/models/recent", get(recent_models))
+        .route("/datasets", post(upload_dataset))
+        .route("/data/check", post(check_data))
+        .route("/runs", get(list_runs).post(start_training))
+        .route("/runs/{id}", get(get_run))
+        .route("/runs/{id}/resume", post(resume_run))
+        .route("/runs/{id}/export", post(export_run))
+        .route("/runs/{id}/push", post(push_run))
+        .route("/jobs", get(list_jobs))
+        .route("/jobs/{job}/stop", post(stop_job))
+        .route("/ollama/status", get(ollama_status))
+        .route("/ollama/models", get(ollama_models))
+        .route("/ollama/chat", post(ollama_chat))
+        .route("/events", get(events))
+        .fallback(|| async {
+            ApiFailure(ServiceError::new(ErrorKind::NotFound, "no such API call"))
+        })
+        // Datasets are uploaded whole; 2 GiB covers any JSONL worth training on.
+        .layer(axum::extract::DefaultBodyLimit::max(2 << 30))
+        .layer(middleware::from_fn_with_state(state.clone(), require_token));
+    Router::new()
+        .nest("/api", api)
+        .fallback(static_file)
+        .layer(middleware::from_fn(security_headers))
+        .with_state(state)
+}
+
+async fn security_headers(req: Request, next: Next) -> Response {
+    let mut resp = next.run(req).await;
+    let h = resp.headers_mut();
+    h.insert(
+        header::CONTENT_SECURITY_POLICY,
+        HeaderValue::from_static(
+            "default-src 'self'; connect-src 'self'; img-src 'self' data:; style-src 'self' 'unsafe-inline'; script-src 'self'; frame-ancestors 'none'",
+        ),
+    );
+    h.insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        HeaderValue::from_static("nosniff"),
+    );
+    h.insert(
+        header::REFERRER_POLICY,
+        HeaderValue::from_static("no-referrer"),
+    );
+    resp
+}
+
+#[derive(Deserialize)]
+struct TokenQuery {
+    token: Option<String>,
+}
+
+/// Constant-time comparison, so the token cannot be guessed byte by byte from timing.
+fn same(a: &str, b: &str) -> bool {
+    a.len() == b.len()
+        && a.bytes()
+            .zip(b.bytes())
+            .fold(0u8, |acc, (x, y)| acc | (x ^ y))
+            == 0
+}
+
+async fn require_token(
+    State(state): State<AppState>,
+    Query(q): Query<TokenQuery>,
+    headers: HeaderMap,
+    req: Request,
+    next: Next,
+) -> Response {
+    let Some(want) = &state.token else {
+        return next.run(req).await;
+    };
+    let bearer = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    let given = bearer.or(q.token.as_deref());
+    if given.is_some_and(|g| same(g, want)) {
+        return next.run(req).await;
+    }
+    (
+        StatusCode::UNAUTHORIZED,
+        Json(ApiError {
+            error: "this server needs a token".into(),
+            hint: Some("Open the page as http://host:port/#token=<secret> (the token given to `backprop serve --token`).".into()),
+        }),
+    )
+        .into_response()
+}
+
+async fn static_file(State(state): State<AppState>, uri: axum::http::Uri) -> Response {
+    let Some(root) = &state.ui_dir else {
+        return (
+            StatusCode::NOT_FOUND,
+            "The web UI is not built. Run `npm ci && npm run build` in the repository, or pass --ui-dir.",
+        )
+            .into_response();
+    };
+    let rel = uri.path().trim_start_matches('/');
+    let rel = Path::new(if rel.is_empty() { "index.html" } else { rel });
+    // Only plain names below the UI folder: no `..`, no absolute paths.
+    if rel.components().any(|c| !matches!(c, Component::Normal(_))) {
+        return StatusCode::BAD_REQUEST.into_response();
+    }
+    let mut path = root.join(rel);
+    if !path.is_file() {
+        // Client-side routes load the app shell.
+        path = root.join("index.html");
+    }
+    match tokio::fs::read(&path).await {
+        Ok(bytes) => {
+            let mime = match path.extension().and_then(|e| e.to_str()).unwrap_or("") {
+                "html" => "text/html; charset=utf-8",
+                "js" | "mjs" => "text/javascript; charset=utf-8",
+                "css" => "text/css; charset=utf-8",
+                "svg" => "image/svg+xml",
+                "png" => "image/png",
+                "ico" => "image/x-icon",
+                "json" | "map" => "application/json",
+                "woff2" => "font/woff2",
+                _ => "application/octet-stream",
+            };
+            let cache = if rel.starts_with("assets") {
+                "public, max-age=31536000, immutable"
+            } else {
+                "no-cache"
+            };
+            (
+                [(header::CONTENT_TYPE, mime), (header::CACHE_CONTROL, cache)],
+                bytes,
+            )
+                .into_response()
+        }
+        Err(_) => StatusCode::NOT_FOUND.into_response(),
+    }
+}
+
+async fn info(State(s): State<AppState>) -> Json<AppInfo> {
+    Json(s.service.info())
+}
+
+async fn config_defaults(State(s): State<AppState>) -> Json<backpropagate::TrainConfig> {
+    Json(s.service.config_defaults())
+}
+
+async fn inspect_model(
+    State(s): State<AppState>,
+    Json(req): Json<ModelRequest>,
+) -> ApiResult<ModelInfo> {
+    blocking(move || s.service.inspect_model(&req)).await
+}
+
+async fn recent_models(State(s): State<AppState>) -> ApiResult<Vec<String>> {
+    blocking(move || s.service.recent_models()).await
+}
+
+#[derive(Deserialize)]
+struct UploadQuery {
+    name: String,
+}
+
+async fn upload_dataset(
+    State(s): State<AppState>,
+    Query(q): Query<UploadQuery>,
+    body: Bytes,
+) -> ApiResult<UploadedDataset> {
+    blocking(move || s.service.save_upload(&q.name, &body)).await
+}
+
+async fn check_data(
+    State(s): State<AppState>,
+    Json(req): Json<DataCheckRequest>,
+) -> ApiResult<DataReport> {
+    blocking(move || s.service.check_data(&req)).await
+}
+
+async fn list_runs(State(s): State<AppState>) -> ApiResult<Vec<backpropagate::run::RunInfo>> {
+    blocking(move || s.service.list_runs()).await
+}
+
+async fn get_run(State(s): State<AppState>, UrlPath(id): UrlPath<String>) -> ApiResult<RunDetail> {
+    blocking(move || s.service.get_run(&id)).await
+}
+
+async fn start_training(
+    State(s): State<AppState>,
+    Json(req): Json<StartTraining>,
+) -> ApiResult<JobInfo> {
+    blocking(move || s.service.start_training(req)).await
+}
+
+async fn resume_run(State(s): State<AppState>, UrlPath(id): UrlPath<String>) -> ApiResult<JobInfo> {
+    blocking(move || s.service.resume_run(&id)).await
+}
+
+async fn export_run(
+    State(s): State<AppState>,
+    UrlPath(id): UrlPath<String>,
+    Json(req): Json<ExportRequest>,
+) -> ApiResult<JobInfo> {
+    blocking(move || s.service.export_run(&id, &req)).await
+}
+
+async fn push_run(
+    State(s): State<AppState>,
+    UrlPath(id): UrlPath<String>,
+    Json(req): Json<PushRequest>,
+) -> ApiResult<JobInfo> {
+    blocking(move || s.service.push_run(&id, &req)).await
+}
+
+async fn list_jobs(State(s): State<AppState>) -> Json<Vec<JobInfo>> {
+    Json(s.service.list_jobs())
+}
+
+async fn stop_job(State(s): State<AppState>, UrlPath(job): UrlPath<String>) -> ApiResult<JobInfo> {
+    s.service.stop_job(&job).map(Json).map_err(ApiFailure)
+}
+
+async fn ollama_status(State(s): State<AppState>) -> Json<OllamaStatus> {
+    Json(s.service.ollama_status().await)
+}
+
+async fn ollama_models(State(s): State<AppState>) -> ApiResult<Vec<OllamaModel>> {
+    s.service
+        .ollama_models()
+        .await
+        .map(Json)
+        .map_err(ApiFailure)
+}
+
+async fn ollama_chat(
+    State(s): State<AppState>,
+    Json(req): Json<ChatRequest>,
+) -> ApiResult<ChatMessage> {
+    s.service
+        .ollama_chat(&req)
+        .await
+        .map(Json)
+        .map_err(ApiFailure)
+}
+
+async fn events(
+    State(s): State<AppState>,
+) -> Sse<impl Stream<Item = Result<SseEvent, Infallible>>> {
+    let mut rx = s.service.subscribe();
+    let stream = async_stream(move |yield_| async move {
+        loop {
+            match rx.recv().await {
+                Ok(ev) => {
+                    let data = serde_json::to_string(&ev).unwrap_or_default();
+                    if !yield_(SseEvent::default().data(data)).await {
+                        break;
+                    }
+                }
+                // Fell behind: say so and keep going; the UI reloads the run's metrics.
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                    if !yield_(SseEvent::default().event("lagged").data(n.to_string())).await {
+                        break;
+                    }
+                }
+                Err(tokio::sync::broadcast::error::RecvError::Closed) => break,
+            }
+        }
+    });
+    Sse::new(stream).keep_alive(KeepAlive::new().interval(Duration::from_secs(15)))
+}
+
+/// A stream fed by an async producer through a small channel; the producer's `yield_`
+/// returns false once the client went away.
+fn async_stream<F, Fut>(producer: F) -> impl Stream<Item = Result<SseEvent, Infallible>>
+where
+    F: FnOnce(
+        Box<
+            dyn Fn(SseEvent) -> std::pin::Pin<Box<dyn std::future::Future<Output = bool> + Send>>
+                + Send
+                + Sync,
+        >,
+    ) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<SseEvent>(64);
+    let yield_ = Box::new(move |ev: SseEvent| {
+        let tx = tx.clone();
+        Box::pin(async move { tx.send(ev).await.is_ok() })
+            as std::pin::Pin<Box<dyn std::future::Future<Output = bool> + Send>>
+    });
+    tokio::spawn(producer(yield_));
+    futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx).map(|o| o.map(Ok)))
+}
