@@ -8,7 +8,11 @@ SUDO=""
 if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
 
 need=()
-for pkg in build-essential pkg-config python3 python3-venv curl ca-certificates; do
+# The desktop window builds on WebKitGTK; the UI tests drive Debian's Chromium, and the
+# desktop test drives the real window under Xvfb through WebKitWebDriver.
+for pkg in build-essential pkg-config python3 python3-venv curl ca-certificates \
+    libwebkit2gtk-4.1-dev libgtk-3-dev librsvg2-dev \
+    chromium xvfb xauth webkit2gtk-driver; do
     dpkg -s "$pkg" >/dev/null 2>&1 || need+=("$pkg")
 done
 if [ ${#need[@]} -gt 0 ]; then
@@ -27,4 +31,16 @@ if ! command -v cargo >/dev/null 2>&1; then
     # shellcheck disable=SC1091
     source "$HOME/.cargo/env"
 fi
-echo "setup: ok ($(cargo --version))"
+# The web UI is built with Node.js (20.19 or newer, as Vite requires).
+if ! node -e 'const [a,b]=process.versions.node.split(".").map(Number); process.exit(a>20||(a==20&&b>=19)?0:1)' 2>/dev/null; then
+    echo "setup: Node.js 20.19+ is needed for the web UI (found: $(node --version 2>/dev/null || echo none))."
+    echo "       Install it from https://nodejs.org (or your package manager) and run this again."
+    exit 1
+fi
+
+# tauri-driver bridges WebDriver to the desktop window for the desktop test.
+if ! command -v tauri-driver >/dev/null 2>&1 && [ ! -x "$HOME/.cargo/bin/tauri-driver" ]; then
+    echo "setup: installing tauri-driver (once)"
+    cargo install --quiet --locked tauri-driver
+fi
+echo "setup: ok ($(cargo --version), node $(node --version))"

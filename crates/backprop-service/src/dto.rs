@@ -114,7 +114,8 @@ pub struct StartTraining {
 pub struct ExportRequest {
     /// adapter | merged | gguf | gguf-lora | gguf-base
     pub format: String,
-    /// f32 | f16 | bf16 | q8_0 | q4_0 | q5_0 | q5_1 | q4_k_m | q5_k_m | q6_k
+    /// GGUF: f32 | f16 | bf16 | q8_0 | q4_0 | q4_k_m | q5_k_m | q6_k; merged: the weight
+    /// dtype f32 | f16 | bf16; ignored for adapter.
     pub quantization: String,
 }
 

@@ -1,0 +1,84 @@
+// A few WebDriver calls over plain HTTP (W3C protocol), enough to drive the desktop
+// window through tauri-driver → WebKitWebDriver without a client library.
+
+export class WebDriver {
+  constructor(base) {
+    this.base = base;
+    this.session = null;
+  }
+
+  async call(method, path, body) {
+    const res = await fetch(`${this.base}${path}`, {
+      method,
+      headers: { 'content-type': 'application/json' },
+      body: body === undefined ? undefined : JSON.stringify(body),
+    });
+    const json = await res.json().catch(() => ({}));
+    if (!res.ok) {
+      const v = json.value ?? {};
+      throw new Error(`${method} ${path}: ${res.status} ${v.error ?? ''} ${v.message ?? ''}`);
+    }
+    return json.value;
+  }
+
+  async start(application, env) {
+    const caps = { 'tauri:options': { application, ...(env ? { env } : {}) }, browserName: 'wry' };
+    const v = await this.call('POST', '/session', { capabilities: { alwaysMatch: caps } });
+    this.session = v.sessionId;
+  }
+
+  s(path) {
+    return `/session/${this.session}${path}`;
+  }
+
+  async find(testid) {
+    const v = await this.call('POST', this.s('/element'), {
+      using: 'css selector',
+      value: `[data-testid="${testid}"]`,
+    });
+    return Object.values(v)[0];
+  }
+
+  /** Waits until `testid` exists (and `pred` holds for it). */
+  async waitFor(testid, pred = async () => true, timeoutMs = 120_000) {
+    const deadline = Date.now() + timeoutMs;
+    let last;
+    while (Date.now() < deadline) {
+      try {
+        const el = await this.find(testid);
+        if (await pred(el)) return el;
+      } catch (e) {
+        last = e;
+      }
+      await new Promise((r) => setTimeout(r, 250));
+    }
+    throw new Error(`timed out waiting for ${testid}${last ? `: ${last.message}` : ''}`);
+  }
+
+  async click(testid) {
+    const el = await this.waitFor(testid);
+    await this.call('POST', this.s(`/element/${el}/click`), {});
+  }
+
+  async type(testid, text) {
+    const el = await this.waitFor(testid);
+    await this.call('POST', this.s(`/element/${el}/clear`), {});
+    await this.call('POST', this.s(`/element/${el}/value`), { text });
+  }
+
+  async attr(el, name) {
+    return this.call('GET', this.s(`/element/${el}/attribute/${name}`));
+  }
+
+  async text(el) {
+    return this.call('GET', this.s(`/element/${el}/text`));
+  }
+
+  async screenshot() {
+    return Buffer.from(await this.call('GET', this.s('/screenshot')), 'base64');
+  }
+
+  async end() {
+    if (this.session) await this.call('DELETE', this.s('')).catch(() => {});
+  }
+}
