@@ -9,6 +9,7 @@ source scripts/env.sh
 
 export BACKPROP_ARTIFACTS="${BACKPROP_ARTIFACTS:-$PWD/target/e2e}"
 mkdir -p "$BACKPROP_ARTIFACTS"
+rm -f "$BACKPROP_ARTIFACTS"/*.png
 work=$(mktemp -d)
 pids=()
 cleanup() {

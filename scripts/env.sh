@@ -25,3 +25,16 @@ ensure_python_env() {
         echo "$want" > "$stamp"
     fi
 }
+
+# Installs the web UI's npm packages when package-lock.json changed, and builds ui/dist
+# (the desktop binary embeds it, `backprop serve` serves it).
+ensure_ui() {
+    local stamp="node_modules/.lock.sha256"
+    local want
+    want=$(cat package-lock.json ui/package.json | sha256sum | cut -d' ' -f1)
+    if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+        PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD=1 npm ci --no-audit --no-fund --loglevel=error
+        echo "$want" > "$stamp"
+    fi
+    npm run --silent build
+}

@@ -149,9 +149,13 @@ fn forward_events(app: AppHandle, service: &Service) {
                         let note = match &ev.event {
                             Event::Finished { final_loss, .. } => Some(format!(
                                 "Training finished{}",
-                                final_loss.map(|l| format!(", loss {l:.3}")).unwrap_or_default()
+                                final_loss
+                                    .map(|l| format!(", loss {l:.3}"))
+                                    .unwrap_or_default()
                             )),
-                            Event::Failed { error, .. } => Some(format!("Training failed: {error}")),
+                            Event::Failed { error, .. } => {
+                                Some(format!("Training failed: {error}"))
+                            }
                             _ => None,
                         };
                         if let Some(body) = note {

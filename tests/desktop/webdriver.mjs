@@ -74,6 +74,15 @@ export class WebDriver {
     return this.call('GET', this.s(`/element/${el}/text`));
   }
 
+  /** The element's textContent, trimmed (WebKitWebDriver's element text can differ). */
+  async content(el) {
+    const v = await this.call('POST', this.s('/execute/sync'), {
+      script: 'return arguments[0].textContent',
+      args: [{ 'element-6066-11e4-a52e-4f735466cecf': el }],
+    });
+    return String(v ?? '').trim();
+  }
+
   async screenshot() {
     return Buffer.from(await this.call('GET', this.s('/screenshot')), 'base64');
   }

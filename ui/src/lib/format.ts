@@ -51,7 +51,29 @@ export function fmtDuration(s: number | null | undefined): string {
   return `${h}h ${String(m % 60).padStart(2, '0')}m`;
 }
 
-const dateFmt = new Intl.DateTimeFormat(undefined, {
+/**
+ * The first of `candidates` that Intl accepts, else `en-US`. WebKitGTK reports the POSIX
+ * locale "C" as the language under LANG=C (and Intl's default follows it), which Intl
+ * rejects with a RangeError: formatting with that default would stop the app loading.
+ */
+export function pickLocale(candidates: readonly (string | undefined)[]): string {
+  for (const l of candidates) {
+    if (!l) continue;
+    try {
+      const [canonical] = Intl.getCanonicalLocales(l);
+      if (canonical) return canonical;
+    } catch {
+      // not a BCP 47 tag; try the next one
+    }
+  }
+  return 'en-US';
+}
+
+export const LOCALE = pickLocale(
+  typeof navigator === 'undefined' ? [] : [navigator.language, ...(navigator.languages ?? [])],
+);
+
+const dateFmt = new Intl.DateTimeFormat(LOCALE, {
   year: 'numeric',
   month: 'short',
   day: 'numeric',
