@@ -354,3 +354,38 @@ fn adapters_are_refused_by_current_ollama_with_advice() {
     );
     assert!(*warned.lock().unwrap());
 }
+
+#[test]
+fn an_old_ollama_is_refused_before_any_work() {
+    let runs = tempfile::tempdir().unwrap();
+    let run = trained_run(Family::Qwen2, runs.path());
+    let server = StandIn::start(Faults {
+        version: Some("0.5.4".into()),
+        ..Faults::default()
+    })
+    .unwrap();
+    let err = push_run(&run, &options("m", &server), &Silent).unwrap_err();
+    assert!(
+        matches!(err, Error::Ollama(OllamaError::TooOld { .. })),
+        "{err}"
+    );
+    assert!(err.to_string().contains("0.5.4") && err.to_string().contains("0.5.7"));
+    assert!(!run.join("exports").exists());
+}
+
+#[test]
+fn the_library_call_pushes_a_summary() {
+    let runs = tempfile::tempdir().unwrap();
+    let server = StandIn::start(Faults::default()).unwrap();
+    let summary = Trainer::new(fixture(Family::Llama).to_str().unwrap())
+        .batch_size(BatchSize::Fixed(2))
+        .runs_dir(runs.path())
+        .train(samples_dir().join("alpaca.jsonl"), 1)
+        .unwrap();
+    // The library reads OLLAMA_HOST like Ollama's own CLI; this test binary sets it
+    // only here, and no other test in it reads the variable.
+    std::env::set_var("OLLAMA_HOST", server.url());
+    let report = summary.push_to_ollama("from-library").unwrap();
+    assert_eq!(report.family, TemplateFamily::Llama3);
+    assert_eq!(report.host, server.url());
+}

@@ -6,6 +6,7 @@
 //! use backpropagate::train::Trainer;
 //! let summary = Trainer::new("models/qwen2").lora_r(16).train("data.jsonl", 60)?;
 //! println!("adapter in {}", summary.run_dir.join("adapter").display());
+//! summary.push_to_ollama("my-model")?; // then: ollama run my-model
 //! # Ok::<(), backpropagate::Error>(())
 //! ```
 
@@ -65,6 +66,17 @@ impl RunSummary {
     /// Exports this run, e.g. `summary.export("gguf", "q4_k_m")`; see [`crate::export`].
     pub fn export(&self, format: &str, quantization: &str) -> Result<PathBuf> {
         crate::export::export_as(&self.run_dir, format, quantization)
+    }
+
+    /// Sends this run to Ollama (`OLLAMA_HOST`) as `name`, as a q4_k_m GGUF with the
+    /// model's chat template and stop tokens, e.g. `summary.push_to_ollama("my-model")`.
+    /// Blocking; see [`crate::ollama::push_run`] for the options.
+    pub fn push_to_ollama(&self, name: &str) -> Result<crate::ollama::PushReport> {
+        crate::ollama::push_run(
+            &self.run_dir,
+            &crate::ollama::PushOptions::new(name),
+            &Silent,
+        )
     }
 }
 
