@@ -5,6 +5,7 @@ const COMMANDS: &[&str] = &[
     "config_defaults",
     "inspect_model",
     "recent_models",
+    "download_model",
     "check_data",
     "list_runs",
     "get_run",

@@ -45,6 +45,12 @@ async fn inspect_model(s: State<'_, Service>, req: ModelRequest) -> Reply<ModelI
 }
 
 #[tauri::command]
+async fn download_model(s: State<'_, Service>, req: ModelRequest) -> Reply<JobInfo> {
+    let s = s.inner().clone();
+    blocking(move || s.download_model(&req)).await
+}
+
+#[tauri::command]
 async fn recent_models(s: State<'_, Service>) -> Reply<Vec<String>> {
     let s = s.inner().clone();
     blocking(move || s.recent_models()).await
@@ -191,6 +197,7 @@ pub fn run() {
             config_defaults,
             inspect_model,
             recent_models,
+            download_model,
             check_data,
             list_runs,
             get_run,

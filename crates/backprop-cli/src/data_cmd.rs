@@ -36,7 +36,13 @@ pub struct CheckArgs {
 }
 
 pub fn check(args: &CheckArgs) -> Result<ExitCode> {
-    let encoder = Encoder::from_model_dir(&args.model)
+    let model = backpropagate::hub::resolve_model(
+        &args.model.to_string_lossy(),
+        &backpropagate::hub::HubOptions::from_env(),
+        &backpropagate::event::Silent,
+    )
+    .map_err(crate::ollama_cmd::with_hint)?;
+    let encoder = Encoder::from_model_dir(&model)
         .with_context(|| format!("cannot use {} as the model", args.model.display()))?;
     let options = PrepareOptions {
         read: ReadOptions {

@@ -4,6 +4,7 @@
 mod data_cmd;
 mod debug_cmd;
 mod export_cmd;
+mod model_cmd;
 mod multi_run_cmd;
 mod ollama_cmd;
 mod serve_cmd;
@@ -81,6 +82,9 @@ enum Command {
     Export(export_cmd::ExportArgs),
     /// Send a run to Ollama as a model, with the right chat template and stop tokens
     Push(Box<ollama_cmd::PushArgs>),
+    /// Models from the Hugging Face Hub: `backprop model pull org/name`
+    #[command(subcommand)]
+    Model(model_cmd::ModelCommand),
     /// List runs, newest first (resume one with `backprop train --resume ID`)
     Runs(RunsArgs),
     /// Talk to Ollama (OLLAMA_HOST): status, list, show, chat, rm
@@ -184,6 +188,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Command::MultiRun(args) => multi_run_cmd::run(&args),
         Command::Export(args) => export_cmd::run(&args),
         Command::Push(args) => ollama_cmd::push(&args),
+        Command::Model(cmd) => model_cmd::run(&cmd),
         Command::Runs(args) => {
             let dir = args
                 .runs_dir

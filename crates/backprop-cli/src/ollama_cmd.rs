@@ -73,7 +73,7 @@ pub enum OllamaCommand {
 }
 
 /// Engine errors keep their hint as a `fix:` line.
-fn with_hint(e: backpropagate::Error) -> anyhow::Error {
+pub fn with_hint(e: backpropagate::Error) -> anyhow::Error {
     match e.hint() {
         Some(h) => anyhow!("{e}\n  fix: {h}"),
         None => anyhow!(e),

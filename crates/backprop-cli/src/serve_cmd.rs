@@ -165,6 +165,7 @@ fn router(state: AppState) -> Router {
         .route("/config/defaults", get(config_defaults))
         .route("/models/inspect", post(inspect_model))
         .route("/models/recent", get(recent_models))
+        .route("/models/download", post(download_model))
         .route("/datasets", post(upload_dataset))
         .route("/data/check", post(check_data))
         .route("/runs", get(list_runs).post(start_training))
@@ -313,6 +314,10 @@ async fn inspect_model(
     Json(req): Json<ModelRequest>,
 ) -> ApiResult<ModelInfo> {
     blocking(move || s.service.inspect_model(&req)).await
+}
+
+async fn download_model(State(s): State<AppState>, Json(req): Json<ModelRequest>) -> ApiResult<JobInfo> {
+    blocking(move || s.service.download_model(&req)).await
 }
 
 async fn recent_models(State(s): State<AppState>) -> ApiResult<Vec<String>> {

@@ -140,6 +140,8 @@ pub enum JobKind {
     Train,
     Export,
     Push,
+    /// A model download from the Hugging Face Hub into the shared cache.
+    Download,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, TS)]

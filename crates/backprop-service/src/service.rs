@@ -13,6 +13,7 @@ use backpropagate::data::{
 };
 use backpropagate::event::{Event, EventSink};
 use backpropagate::export::{self, ExportOptions};
+use backpropagate::hub::{resolve_model, HubError, HubOptions, ModelSpec};
 use backpropagate::model::ModelConfig;
 use backpropagate::ollama::{self, OllamaClient, PushOptions};
 use backpropagate::run::{list_runs, resolve_run, RunDir, RunStatus};
@@ -469,12 +470,27 @@ impl Service {
         Ok(info)
     }
 
+    /// Downloads a repo id into the Hugging Face cache as a job with byte progress;
+    /// the job's `Finished.path` is the model folder.
+    pub fn download_model(&self, req: &ModelRequest) -> Result<JobInfo> {
+        if let ModelSpec::Local(p) = ModelSpec::parse(&req.model) {
+            return Err(bad(format!("{} is a local path, not a repo id", p.display()))
+                .hint("Give a Hugging Face repo id such as Qwen/Qwen2.5-0.5B-Instruct."));
+        }
+        let model = req.model.clone();
+        self.spawn_job(JobKind::Download, None, move |sink, _| {
+            let dir = resolve_model(&model, &HubOptions::from_env(), sink)?;
+            Ok(dir.display().to_string())
+        })
+    }
+
     pub fn start_training(&self, req: StartTraining) -> Result<JobInfo> {
         let config = req.config;
         config
             .validate()
             .map_err(|m| bad(m).hint("Fix the field named above in the Train form."))?;
-        local_model(&config.model)?;
+        let mut config = config;
+        config.model = local_model(&config.model)?.display().to_string();
         if !config.data.is_file() {
             return Err(ServiceError::new(
                 ErrorKind::NotFound,
@@ -617,23 +633,34 @@ impl Service {
     }
 }
 
+/// A local folder, or a repo id already in the Hugging Face cache. A repo that is not
+/// there yet is an error pointing at `download_model`, so that a quick call never
+/// starts a multi-gigabyte download by surprise.
 fn local_model(model: &str) -> Result<PathBuf> {
+    if let ModelSpec::Repo { .. } = ModelSpec::parse(model) {
+        let mut options = HubOptions::from_env();
+        options.offline = true;
+        return resolve_model(model, &options, &backpropagate::event::Silent).map_err(|e| {
+            ServiceError::new(ErrorKind::NotFound, format!("{model} is not downloaded yet"))
+                .hint(match e {
+                    backpropagate::Error::Hub(h @ HubError::NotCached { .. }) => format!(
+                        "Download it first (the Download button, or `backprop model pull {model}`); {}",
+                        h.hint().unwrap_or_default()
+                    ),
+                    other => other.to_string(),
+                })
+        });
+    }
     let path = PathBuf::from(model);
     if path.join("config.json").is_file() {
         return Ok(path);
     }
     if path.exists() {
-        return Err(bad(format!("{model} has no config.json")).hint(
-            "Pick the folder that holds config.json, tokenizer.json and the .safetensors files.",
-        ));
+        return Err(bad(format!("{model} has no config.json"))
+            .hint("Pick the folder that holds config.json, tokenizer.json and the .safetensors files."));
     }
-    Err(ServiceError::new(
-        ErrorKind::NotFound,
-        format!("{model}: no such model folder"),
-    )
-    .hint(
-        "Give the path of a local model folder (Hugging Face downloads arrive in a later release).",
-    ))
+    Err(ServiceError::new(ErrorKind::NotFound, format!("{model}: no such model folder"))
+        .hint("Give a local model folder, or a Hugging Face repo id such as Qwen/Qwen2.5-0.5B-Instruct."))
 }
 
 fn dir_size(path: &Path) -> u64 {

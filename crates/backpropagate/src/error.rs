@@ -30,6 +30,8 @@ pub enum Error {
     Run { path: PathBuf, message: String },
     #[error(transparent)]
     Ollama(#[from] crate::ollama::OllamaError),
+    #[error(transparent)]
+    Hub(#[from] crate::hub::HubError),
 }
 
 impl Error {
@@ -37,6 +39,7 @@ impl Error {
     pub fn hint(&self) -> Option<String> {
         match self {
             Error::Ollama(e) => e.hint(),
+            Error::Hub(e) => e.hint(),
             _ => None,
         }
     }

@@ -95,8 +95,9 @@ pub fn multi_run(
     cancel: &CancelToken,
 ) -> Result<MultiRunSummary> {
     config.validate().map_err(Error::InvalidOption)?;
-    let model_dir =
-        std::fs::canonicalize(&config.model).map_err(|e| Error::io(&config.model, e))?;
+    let resolved =
+        crate::hub::resolve_model(&config.model, &crate::hub::HubOptions::from_env(), sink)?;
+    let model_dir = std::fs::canonicalize(&resolved).map_err(|e| Error::io(&resolved, e))?;
     let data = std::fs::canonicalize(&config.data).map_err(|e| Error::io(&config.data, e))?;
     let slices = slice_lines(&data, config)?;
     let (_, stamp) = run::now_utc();

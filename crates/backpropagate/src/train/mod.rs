@@ -168,7 +168,12 @@ impl Trainer {
     /// drive several runs, like multi-run).
     pub fn start_with(self, sink: &dyn EventSink, cancel: &CancelToken) -> Result<RunSummary> {
         self.config.validate().map_err(Error::InvalidOption)?;
-        let model_dir = absolute(Path::new(&self.config.model))?;
+        // A repo id downloads into the shared HF cache (or is found there) first.
+        let model_dir = absolute(&crate::hub::resolve_model(
+            &self.config.model,
+            &crate::hub::HubOptions::from_env(),
+            sink,
+        )?)?;
         let data = absolute(&self.config.data)?;
         let (created, stamp) = run::now_utc();
         let base = self

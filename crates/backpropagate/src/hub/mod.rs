@@ -1,0 +1,97 @@
+//! Models by Hugging Face repo id: `org/name[@revision]` resolves to a folder in the HF
+//! cache that Python tools share (`HF_HUB_CACHE`, else `HF_HOME/hub`, else
+//! `~/.cache/huggingface/hub`: `refs/`, `snapshots/<commit>/` linking into `blobs/`).
+//! config.json comes first and an unsupported architecture is refused before any
+//! weights are fetched; large files resume where a broken download stopped and are
+//! checked against their sha256; `HF_TOKEN` opens gated repos; offline mode
+//! (`HF_HUB_OFFLINE=1`) uses the cache only.
+
+mod cache;
+mod download;
+
+use std::path::{Path, PathBuf};
+
+pub use cache::{cache_dir, RepoCache};
+pub use download::{HubError, HubOptions};
+
+use crate::error::Result;
+use crate::event::EventSink;
+
+/// A model as users give it: a local folder, or a repo id with an optional revision.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ModelSpec {
+    Local(PathBuf),
+    Repo { id: String, revision: String },
+}
+
+impl ModelSpec {
+    /// A path that exists, or looks like one (`./x`, `/x`, `C:\x`, `~/x`), is local;
+    /// `org/name` and `org/name@rev` are repo ids.
+    pub fn parse(s: &str) -> ModelSpec {
+        let p = Path::new(s);
+        let looks_like_path = p.exists()
+            || p.is_absolute()
+            || s.starts_with('.')
+            || s.starts_with('~')
+            || s.contains('\\')
+            || s.split('/').count() != 2;
+        if looks_like_path {
+            return ModelSpec::Local(p.to_path_buf());
+        }
+        let (id, revision) = match s.split_once('@') {
+            Some((id, rev)) if !rev.is_empty() => (id, rev),
+            _ => (s, "main"),
+        };
+        let valid = id.split('/').all(|part| {
+            !part.is_empty()
+                && part.len() <= 96
+                && part
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+                && !part.starts_with(['-', '.'])
+        });
+        if valid {
+            ModelSpec::Repo {
+                id: id.to_string(),
+                revision: revision.to_string(),
+            }
+        } else {
+            ModelSpec::Local(p.to_path_buf())
+        }
+    }
+}
+
+/// The local folder for `model`: itself when it is a folder, else the repo's snapshot
+/// in the HF cache, downloaded (or completed) first unless offline.
+pub fn resolve_model(model: &str, options: &HubOptions, sink: &dyn EventSink) -> Result<PathBuf> {
+    match ModelSpec::parse(model) {
+        ModelSpec::Local(p) => Ok(p),
+        ModelSpec::Repo { id, revision } => download::snapshot(&id, &revision, options, sink),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn repo_ids_and_paths_are_told_apart() {
+        assert_eq!(
+            ModelSpec::parse("Qwen/Qwen2.5-0.5B-Instruct"),
+            ModelSpec::Repo {
+                id: "Qwen/Qwen2.5-0.5B-Instruct".into(),
+                revision: "main".into()
+            }
+        );
+        assert_eq!(
+            ModelSpec::parse("HuggingFaceTB/SmolLM2-135M@v1.0"),
+            ModelSpec::Repo {
+                id: "HuggingFaceTB/SmolLM2-135M".into(),
+                revision: "v1.0".into()
+            }
+        );
+        for local in ["./models/x", "/abs/x", "models/x/y", "~/m", "plain", "C:\\m\\x"] {
+            assert!(matches!(ModelSpec::parse(local), ModelSpec::Local(_)), "{local}");
+        }
+    }
+}

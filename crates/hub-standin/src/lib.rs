@@ -1,0 +1,293 @@
+//! A stand-in for the Hugging Face hub on 127.0.0.1, serving model folders as repos
+//! through the endpoints huggingface_hub and our client use:
+//! `GET /api/models/<id>/revision/<rev>` (commit and file list) and
+//! `HEAD|GET /<id>/resolve/<rev>/<file>`. Like the hub, large files (`*.safetensors`)
+//! answer with a redirect to a CDN path carrying `X-Linked-Etag` (their sha256) and
+//! `X-Linked-Size`; small files carry a plain `ETag`; every answer has
+//! `X-Repo-Commit`; the CDN honours `Range`. Gated repos need a bearer token (401
+//! otherwise). A fault breaks the first CDN download after N bytes.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+use axum::body::Body;
+use axum::extract::{Path as UrlPath, State};
+use axum::http::{header, HeaderMap, Method, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{any, get};
+use axum::{Json, Router};
+use serde_json::json;
+use sha2::{Digest, Sha256};
+
+#[derive(Clone)]
+pub struct Repo {
+    pub dir: PathBuf,
+    pub commit: String,
+    /// Requests need `Authorization: Bearer <token>` with this token.
+    pub token: Option<String>,
+}
+
+#[derive(Default)]
+struct Inner {
+    repos: BTreeMap<String, Repo>,
+    break_after: Option<u64>,
+    broken_once: AtomicBool,
+    log: Mutex<Vec<String>>,
+}
+
+pub struct HubStandIn {
+    pub addr: SocketAddr,
+    inner: Arc<Inner>,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl HubStandIn {
+    /// Serves `repos` (id → folder) on a free port; `break_after` cuts the first CDN
+    /// download after that many bytes.
+    pub fn start(repos: BTreeMap<String, Repo>, break_after: Option<u64>) -> std::io::Result<Self> {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+        listener.set_nonblocking(true)?;
+        let addr = listener.local_addr()?;
+        let inner = Arc::new(Inner {
+            repos,
+            break_after,
+            ..Inner::default()
+        });
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let state = inner.clone();
+        let thread = std::thread::spawn(move || {
+            let Ok(rt) = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+            else {
+                return;
+            };
+            rt.block_on(async move {
+                let Ok(listener) = tokio::net::TcpListener::from_std(listener) else {
+                    return;
+                };
+                let app = Router::new()
+                    .route("/api/models/{org}/{name}/revision/{rev}", get(revision))
+                    .route("/{org}/{name}/resolve/{rev}/{*file}", any(resolve))
+                    .route("/cdn/{sha}", get(cdn))
+                    .with_state(state);
+                tokio::select! {
+                    _ = axum::serve(listener, app) => {}
+                    _ = rx => {}
+                }
+            });
+            rt.shutdown_background();
+        });
+        Ok(HubStandIn {
+            addr,
+            inner,
+            stop: Some(tx),
+            thread: Some(thread),
+        })
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Every request so far as `METHOD path [range]`.
+    pub fn requests(&self) -> Vec<String> {
+        self.inner.log.lock().map(|l| l.clone()).unwrap_or_default()
+    }
+}
+
+impl Drop for HubStandIn {
+    fn drop(&mut self) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+fn record(s: &Inner, method: &Method, path: &str, headers: &HeaderMap) {
+    let range = headers
+        .get(header::RANGE)
+        .and_then(|v| v.to_str().ok())
+        .map(|r| format!(" {r}"))
+        .unwrap_or_default();
+    if let Ok(mut log) = s.log.lock() {
+        log.push(format!("{method} {path}{range}"));
+    }
+}
+
+fn error(status: StatusCode, message: &str) -> Response {
+    (status, Json(json!({ "error": message }))).into_response()
+}
+
+/// The repo, if the request may see it (gated repos need their token).
+fn authorized<'a>(s: &'a Inner, id: &str, headers: &HeaderMap) -> Result<&'a Repo, Response> {
+    let Some(repo) = s.repos.get(id) else {
+        return Err(error(StatusCode::NOT_FOUND, "Repository not found"));
+    };
+    if let Some(want) = &repo.token {
+        let given = headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "));
+        if given != Some(want.as_str()) {
+            return Err(error(
+                StatusCode::UNAUTHORIZED,
+                &format!("Access to model {id} is restricted. You must have access to it and be authenticated to access it. Please log in."),
+            ));
+        }
+    }
+    Ok(repo)
+}
+
+fn files(repo: &Repo) -> Vec<String> {
+    let mut out: Vec<String> = std::fs::read_dir(&repo.dir)
+        .map(|es| {
+            es.flatten()
+                .filter(|e| e.path().is_file())
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default();
+    out.sort();
+    out
+}
+
+async fn revision(
+    State(s): State<Arc<Inner>>,
+    method: Method,
+    headers: HeaderMap,
+    UrlPath((org, name, rev)): UrlPath<(String, String, String)>,
+) -> Response {
+    let id = format!("{org}/{name}");
+    record(&s, &method, &format!("/api/models/{id}/revision/{rev}"), &headers);
+    let repo = match authorized(&s, &id, &headers) {
+        Ok(r) => r,
+        Err(resp) => return resp,
+    };
+    if rev != "main" && rev != repo.commit {
+        return error(StatusCode::NOT_FOUND, &format!("Invalid rev id: {rev}"));
+    }
+    let siblings: Vec<_> = files(repo).into_iter().map(|f| json!({ "rfilename": f })).collect();
+    Json(json!({ "id": id, "sha": repo.commit, "siblings": siblings })).into_response()
+}
+
+fn sha256_hex(bytes: &[u8]) -> String {
+    format!("{:x}", Sha256::digest(bytes))
+}
+
+async fn resolve(
+    State(s): State<Arc<Inner>>,
+    method: Method,
+    headers: HeaderMap,
+    UrlPath((org, name, rev, file)): UrlPath<(String, String, String, String)>,
+) -> Response {
+    let id = format!("{org}/{name}");
+    record(&s, &method, &format!("/{id}/resolve/{rev}/{file}"), &headers);
+    let repo = match authorized(&s, &id, &headers) {
+        Ok(r) => r,
+        Err(resp) => return resp,
+    };
+    if rev != "main" && rev != repo.commit {
+        return error(StatusCode::NOT_FOUND, "Revision Not Found");
+    }
+    if file.contains("..") {
+        return error(StatusCode::BAD_REQUEST, "bad path");
+    }
+    let Ok(bytes) = std::fs::read(repo.dir.join(&file)) else {
+        return error(StatusCode::NOT_FOUND, "Entry not found");
+    };
+    let sha = sha256_hex(&bytes);
+    if file.ends_with(".safetensors") {
+        // LFS: the hub redirects to the CDN and names the blob by its sha256.
+        return Response::builder()
+            .status(StatusCode::FOUND)
+            .header(header::LOCATION, format!("/cdn/{sha}"))
+            .header("x-linked-etag", format!("\"{sha}\""))
+            .header("x-linked-size", bytes.len())
+            .header("x-repo-commit", &repo.commit)
+            .header(header::ETAG, "\"redirect\"")
+            .body(Body::empty())
+            .unwrap_or_else(|_| error(StatusCode::INTERNAL_SERVER_ERROR, "response"));
+    }
+    // Regular git files: a 40-hex etag (git's blob id on the real hub).
+    let etag = &sha[..40];
+    let builder = Response::builder()
+        .header(header::ETAG, format!("\"{etag}\""))
+        .header("x-repo-commit", &repo.commit)
+        .header(header::CONTENT_LENGTH, bytes.len());
+    let body = if method == Method::HEAD { Body::empty() } else { Body::from(bytes) };
+    builder
+        .body(body)
+        .unwrap_or_else(|_| error(StatusCode::INTERNAL_SERVER_ERROR, "response"))
+}
+
+async fn cdn(
+    State(s): State<Arc<Inner>>,
+    method: Method,
+    headers: HeaderMap,
+    UrlPath(sha): UrlPath<String>,
+) -> Response {
+    record(&s, &method, &format!("/cdn/{sha}"), &headers);
+    let found = s.repos.values().find_map(|r| {
+        files(r).into_iter().find_map(|f| {
+            let bytes = std::fs::read(r.dir.join(f)).ok()?;
+            (sha256_hex(&bytes) == sha).then_some(bytes)
+        })
+    });
+    let Some(bytes) = found else {
+        return error(StatusCode::NOT_FOUND, "no such object");
+    };
+    let total = bytes.len() as u64;
+    let start = headers
+        .get(header::RANGE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|r| r.strip_prefix("bytes="))
+        .and_then(|r| r.strip_suffix('-'))
+        .and_then(|n| n.parse::<u64>().ok())
+        .filter(|&n| n < total);
+    let (status, body_bytes) = match start {
+        Some(n) => (StatusCode::PARTIAL_CONTENT, bytes[n as usize..].to_vec()),
+        None => (StatusCode::OK, bytes),
+    };
+    let len = body_bytes.len();
+    // The first download may be cut short: the body stream fails after N bytes, which
+    // drops the connection mid-transfer like a network fault.
+    let cut = s
+        .break_after
+        .filter(|_| !s.broken_once.swap(true, Ordering::SeqCst))
+        .map(|n| n as usize)
+        .filter(|&n| n < len);
+    // The cut comes a moment after the first part, so that part is flushed to the
+    // client first, as when a real connection drops mid-file.
+    let first = bytes::Bytes::from(body_bytes[..cut.unwrap_or(len)].to_vec());
+    let stream = futures_util::stream::unfold(0u8, move |state| {
+        let first = first.clone();
+        async move {
+            match (state, cut) {
+                (0, _) => Some((Ok(first), 1)),
+                (1, Some(_)) => {
+                    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+                    Some((Err(std::io::Error::other("connection cut by the stand-in")), 2))
+                }
+                _ => None,
+            }
+        }
+    });
+    let mut b = Response::builder()
+        .status(status)
+        .header(header::CONTENT_LENGTH, len)
+        .header(header::ETAG, format!("\"{sha}\""));
+    if let Some(n) = start {
+        b = b.header(header::CONTENT_RANGE, format!("bytes {n}-{}/{total}", total - 1));
+    }
+    b.body(Body::from_stream(stream))
+        .unwrap_or_else(|_| error(StatusCode::INTERNAL_SERVER_ERROR, "response"))
+}
