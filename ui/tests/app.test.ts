@@ -4,7 +4,7 @@ import type { JobEvent } from '../src/generated/JobEvent';
 import type { JobInfo } from '../src/generated/JobInfo';
 import type { RunDetail } from '../src/generated/RunDetail';
 import type { TrainConfig } from '../src/generated/TrainConfig';
-import { App } from '../src/lib/app.svelte';
+import { App, isNotDownloaded, looksLikeRepoId } from '../src/lib/app.svelte';
 
 const config = {
   model: '',
@@ -42,6 +42,7 @@ function fakeBackend(over: Partial<Backend> = {}) {
     configDefaults: async () => structuredClone(config),
     inspectModel: async () => ({ path: '/m', architecture: 'X', hidden_size: 1, layers: 1, vocab_size: 1, parameters: 1, chat_template: null }),
     recentModels: async () => [],
+    downloadModel: vi.fn(async () => job({ id: 'd1', kind: 'download', run: null })),
     uploadDataset: async (_f, name) => ({ path: `/uploads/${name}` }),
     checkData: vi.fn(async (req) => ({ ok: true, path: req.data, stats: null, template: 't', warnings: [], problems: [], more_problems: 0, samples: [] })),
     listRuns: async () => [],
@@ -239,5 +240,116 @@ describe('App', () => {
     expect(app.gpuVersion).toBe(app.gpu.version);
     expect(Object.keys(app.jobs)).toEqual([]);
     app.dispose();
+  });
+
+  describe('model download', () => {
+    const dl = (event: JobEvent['event'], id = 'd1'): JobEvent => ({ job: id, kind: 'download', run: null, event });
+
+    it('routes a download job to the Model screen and inspects the repo id when it finishes', async () => {
+      const inspectModel = vi.fn(async () => ({ path: '/hf/m', architecture: 'LlamaForCausalLM', hidden_size: 1, layers: 1, vocab_size: 1, parameters: 1, chat_template: null }));
+      const { app, b, emit } = await ready({ inspectModel });
+      await app.downloadModel(' org/tiny ');
+      expect(b.downloadModel).toHaveBeenCalledWith({ model: 'org/tiny' });
+      expect(app.downloadJob).toBe('d1');
+      expect(app.downloadRepo).toBe('org/tiny');
+      expect(app.currentJob?.info.kind).toBe('download');
+      emit(dl({ type: 'Log', level: 'info', message: 'fetching 3 files' }));
+      emit(dl({ type: 'Progress', stage: 'download model.safetensors', done: 512, total: 2048 }));
+      const j = app.jobs.d1;
+      expect(j.lastLog).toBe('fetching 3 files');
+      expect(j.progress).toEqual({ stage: 'download model.safetensors', done: 512, total: 2048 });
+      expect(inspectModel).not.toHaveBeenCalled();
+      emit(dl({ type: 'Finished', steps: 0, final_loss: null, path: '/hf/models--org--tiny/snapshots/abc' }));
+      expect(j.info.state).toBe('finished');
+      expect(j.info.result).toBe('/hf/models--org--tiny/snapshots/abc');
+      await vi.waitFor(() => expect(app.modelInfo?.architecture).toBe('LlamaForCausalLM'));
+      expect(inspectModel).toHaveBeenCalledTimes(1);
+      expect(inspectModel).toHaveBeenCalledWith({ model: 'org/tiny' });
+      expect(app.model).toBe('org/tiny');
+      expect(app.currentJob).toBeNull();
+      // A repeated end event (say after a resync) does not inspect again.
+      emit(dl({ type: 'Finished', steps: 0, final_loss: null, path: '/x' }));
+      expect(inspectModel).toHaveBeenCalledTimes(1);
+      app.dispose();
+    });
+
+    it('inspects when the download ended before the answer to download_model', async () => {
+      const inspectModel = vi.fn(async () => ({ path: '/m', architecture: 'X', hidden_size: 1, layers: 1, vocab_size: 1, parameters: 1, chat_template: null }));
+      let emitEarly: (e: JobEvent) => void = () => {};
+      const { app, emit } = await ready({
+        inspectModel,
+        downloadModel: async () => {
+          emitEarly(dl({ type: 'Finished', steps: 0, final_loss: null, path: '/hf/cached' }));
+          return job({ id: 'd1', kind: 'download', run: null });
+        },
+      });
+      emitEarly = emit;
+      await app.downloadModel('org/cached');
+      expect(app.jobs.d1.info.state).toBe('finished');
+      await vi.waitFor(() => expect(inspectModel).toHaveBeenCalledWith({ model: 'org/cached' }));
+      app.dispose();
+    });
+
+    it('keeps the failure and its hint on the job, and leaves other jobs alone', async () => {
+      const inspectModel = vi.fn();
+      const { app, emit } = await ready({ inspectModel: inspectModel as never });
+      await app.downloadModel('org/missing');
+      emit({ job: 'x9', kind: 'export', run: 'r1', event: { type: 'Finished', steps: 0, final_loss: null, path: '/e' } });
+      emit(dl({ type: 'Failed', error: 'org/missing: repository not found', hint: 'check the repo id' }));
+      expect(app.jobs.d1.info.state).toBe('failed');
+      expect(app.jobs.d1.info.error).toBe('org/missing: repository not found');
+      expect(app.jobs.d1.hint).toBe('check the repo id');
+      expect(app.downloadJob).toBe('d1');
+      expect(inspectModel).not.toHaveBeenCalled();
+      app.dispose();
+    });
+
+    it('shows why a download could not start', async () => {
+      const { app } = await ready({
+        downloadModel: async () => {
+          throw { error: 'offline', hint: 'check the network' };
+        },
+      });
+      await app.downloadModel('org/tiny');
+      expect(app.downloadJob).toBeNull();
+      expect(app.downloadError?.error).toBe('offline');
+      expect(app.downloadError?.hint).toBe('check the network');
+      expect(app.downloadStarting).toBe(false);
+      app.dispose();
+    });
+
+    it('keeps an inspect error for the screen and recognises "not downloaded yet"', async () => {
+      const { app } = await ready({
+        inspectModel: async () => {
+          throw { error: 'org/tiny is not downloaded yet', hint: 'Download it first' };
+        },
+      });
+      expect(await app.chooseModel('org/tiny')).toBe(false);
+      expect(app.modelBusy).toBe(false);
+      expect(isNotDownloaded(app.modelError)).toBe(true);
+      expect(isNotDownloaded({ error: 'no config.json in /m' })).toBe(false);
+      // Starting the download clears it.
+      await app.downloadModel('org/tiny');
+      expect(app.modelError).toBeNull();
+      app.dispose();
+    });
+
+    it('adopts a download already running at load and inspects its folder when it ends', async () => {
+      const inspectModel = vi.fn(async () => ({ path: '/hf/snap', architecture: 'X', hidden_size: 1, layers: 1, vocab_size: 1, parameters: 1, chat_template: null }));
+      const { app, emit } = await ready({
+        inspectModel,
+        listJobs: async () => [job({ id: 'd7', kind: 'download', run: null })],
+      });
+      expect(app.downloadJob).toBe('d7');
+      emit(dl({ type: 'Finished', steps: 0, final_loss: null, path: '/hf/snap' }, 'd7'));
+      await vi.waitFor(() => expect(inspectModel).toHaveBeenCalledWith({ model: '/hf/snap' }));
+      app.dispose();
+    });
+  });
+
+  it('tells repo ids from local folders', () => {
+    for (const ok of ['Qwen/Qwen2.5-0.5B-Instruct', 'org/name', ' org/name ']) expect(looksLikeRepoId(ok), ok).toBe(true);
+    for (const no of ['', 'name', '/abs/path', './rel/x', '../x', '~/models', '.hidden/x', 'a/b/c', 'org/', '/name', 'org\\name', 'C:\\m\\x', 'C:\\org/name'])
+      expect(looksLikeRepoId(no), no).toBe(false);
   });
 });

@@ -77,6 +77,7 @@ describe('HttpBackend calls', () => {
     const b = new HttpBackend('http://h', undefined, { fetch: f.fn });
     await b.checkData({ data: '/d/a.jsonl', model: '/m', max_seq_len: 128, show: 3 });
     await b.inspectModel({ model: 'Qwen/Qwen2.5-0.5B' });
+    await b.downloadModel({ model: 'Qwen/Qwen2.5-0.5B' });
     await b.resumeRun('run 1/x');
     await b.exportRun('r2', { format: 'gguf', quantization: 'q8_0' });
     await b.pushRun('r2', { name: 'm', quantization: 'q8_0', as_adapter: false, overwrite: true });
@@ -86,6 +87,7 @@ describe('HttpBackend calls', () => {
     expect(seen).toEqual([
       ['POST', 'http://h/api/data/check', '{"data":"/d/a.jsonl","model":"/m","max_seq_len":128,"show":3}'],
       ['POST', 'http://h/api/models/inspect', '{"model":"Qwen/Qwen2.5-0.5B"}'],
+      ['POST', 'http://h/api/models/download', '{"model":"Qwen/Qwen2.5-0.5B"}'],
       ['POST', 'http://h/api/runs/run%201%2Fx/resume', undefined],
       ['POST', 'http://h/api/runs/r2/export', '{"format":"gguf","quantization":"q8_0"}'],
       ['POST', 'http://h/api/runs/r2/push', '{"name":"m","quantization":"q8_0","as_adapter":false,"overwrite":true}'],
@@ -93,6 +95,19 @@ describe('HttpBackend calls', () => {
       ['POST', 'http://h/api/ollama/chat', '{"model":"m","messages":[{"role":"user","content":"hi"}]}'],
     ]);
     expect((f.calls[0].init.headers as Record<string, string>)['Content-Type']).toBe('application/json');
+  });
+
+  it('starts a download and answers its JobInfo', async () => {
+    const f = fakeFetch([[200, '{"id":"j4","kind":"download","run":null,"state":"running","error":null,"result":null}']]);
+    const job = await new HttpBackend('http://h', 'tok', { fetch: f.fn }).downloadModel({ model: 'org/name' });
+    expect(job.kind).toBe('download');
+    expect(job.id).toBe('j4');
+    expect(f.calls[0].url).toBe('http://h/api/models/download');
+    expect(f.calls[0].init.method).toBe('POST');
+    expect(f.calls[0].init.body).toBe('{"model":"org/name"}');
+    const headers = f.calls[0].init.headers as Record<string, string>;
+    expect(headers['Content-Type']).toBe('application/json');
+    expect(headers.Authorization).toBe('Bearer tok');
   });
 
   it('wraps the config in {config} to start training', async () => {

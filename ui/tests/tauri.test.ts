@@ -28,6 +28,7 @@ describe('TauriBackend commands', () => {
     await b.configDefaults();
     await b.inspectModel({ model: '/models/tiny' });
     await b.recentModels();
+    await b.downloadModel({ model: 'org/tiny' });
     await b.checkData({ data: '/d.jsonl', model: '/models/tiny', max_seq_len: 128 });
     await b.listRuns();
     await b.getRun('r1');
@@ -47,6 +48,7 @@ describe('TauriBackend commands', () => {
       ['config_defaults', undefined],
       ['inspect_model', { req: { model: '/models/tiny' } }],
       ['recent_models', undefined],
+      ['download_model', { req: { model: 'org/tiny' } }],
       ['check_data', { req: { data: '/d.jsonl', model: '/models/tiny', max_seq_len: 128 } }],
       ['list_runs', undefined],
       ['get_run', { id: 'r1' }],
@@ -69,6 +71,14 @@ describe('TauriBackend commands', () => {
     const job = await new TauriBackend().exportRun('r1', { format: 'adapter', quantization: 'f16' });
     expect(job.id).toBe('j9');
     expect(job.kind).toBe('export');
+  });
+
+  it('returns the download job', async () => {
+    invoke.mockResolvedValueOnce({ id: 'j5', kind: 'download', run: null, state: 'running', error: null, result: null });
+    const job = await new TauriBackend().downloadModel({ model: 'org/tiny' });
+    expect(invoke).toHaveBeenCalledWith('download_model', { req: { model: 'org/tiny' } });
+    expect(job.kind).toBe('download');
+    expect(job.id).toBe('j5');
   });
 
   it('turns a rejected ApiError into ApiFailure', async () => {

@@ -316,7 +316,10 @@ async fn inspect_model(
     blocking(move || s.service.inspect_model(&req)).await
 }
 
-async fn download_model(State(s): State<AppState>, Json(req): Json<ModelRequest>) -> ApiResult<JobInfo> {
+async fn download_model(
+    State(s): State<AppState>,
+    Json(req): Json<ModelRequest>,
+) -> ApiResult<JobInfo> {
     blocking(move || s.service.download_model(&req)).await
 }
 

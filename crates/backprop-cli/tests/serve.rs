@@ -363,3 +363,99 @@ fn train_stop_resume_export_and_push_over_http() {
         assert!(body["hint"].is_string());
     });
 }
+
+#[test]
+fn a_repo_id_downloads_as_a_job_then_inspects_from_the_cache() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = common::fixture(tmp.path(), "qwen2");
+    let mut repos = std::collections::BTreeMap::new();
+    repos.insert(
+        "test-org/tiny".to_string(),
+        hub_standin::Repo {
+            dir: model.clone(),
+            commit: "0123456789abcdef0123456789abcdef01234567".into(),
+            token: None,
+        },
+    );
+    let hub = hub_standin::HubStandIn::start(repos, None).unwrap();
+    let ui = tempfile::tempdir().unwrap();
+    std::fs::write(ui.path().join("index.html"), "app").unwrap();
+    let mut child = Command::new(bin())
+        .args([
+            "serve",
+            "--port",
+            "0",
+            "--ui-dir",
+            ui.path().to_str().unwrap(),
+        ])
+        .env("HF_ENDPOINT", hub.url())
+        .env("HF_HUB_CACHE", tmp.path().join("hf"))
+        .env_remove("HF_HUB_OFFLINE")
+        .env_remove("HF_TOKEN")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let s = Server {
+        url: line
+            .trim()
+            .strip_prefix("listening on ")
+            .unwrap()
+            .to_string(),
+        child,
+    };
+    let c = reqwest::Client::new();
+    let url = |p: &str| format!("{}{p}", s.url);
+    rt().block_on(async {
+        let before = c
+            .post(url("/api/models/inspect"))
+            .json(&json!({"model": "test-org/tiny"}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(before.status(), 404);
+        let body: Value = before.json().await.unwrap();
+        assert!(
+            body["hint"].as_str().unwrap().contains("Download"),
+            "{body}"
+        );
+
+        let mut events = c.get(url("/api/events")).send().await.unwrap();
+        let mut buf = String::new();
+        let job: Value = c
+            .post(url("/api/models/download"))
+            .json(&json!({"model": "test-org/tiny"}))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        assert_eq!(job["kind"], "download");
+        let progress = wait_event(&mut events, &mut buf, |v| {
+            v["event"]["type"] == "Progress" && v["event"]["stage"] == "download model.safetensors"
+        })
+        .await;
+        assert!(progress["event"]["total"].as_u64().unwrap() > 0);
+        let done = wait_event(&mut events, &mut buf, |v| {
+            v["job"] == job["id"]
+                && matches!(v["event"]["type"].as_str(), Some("Finished" | "Failed"))
+        })
+        .await;
+        assert_eq!(done["event"]["type"], "Finished", "{done}");
+        let info: Value = c
+            .post(url("/api/models/inspect"))
+            .json(&json!({"model": "test-org/tiny"}))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        assert_eq!(info["architecture"], "Qwen2ForCausalLM", "{info}");
+    });
+}

@@ -474,8 +474,10 @@ impl Service {
     /// the job's `Finished.path` is the model folder.
     pub fn download_model(&self, req: &ModelRequest) -> Result<JobInfo> {
         if let ModelSpec::Local(p) = ModelSpec::parse(&req.model) {
-            return Err(bad(format!("{} is a local path, not a repo id", p.display()))
-                .hint("Give a Hugging Face repo id such as Qwen/Qwen2.5-0.5B-Instruct."));
+            return Err(
+                bad(format!("{} is a local path, not a repo id", p.display()))
+                    .hint("Give a Hugging Face repo id such as Qwen/Qwen2.5-0.5B-Instruct."),
+            );
         }
         let model = req.model.clone();
         self.spawn_job(JobKind::Download, None, move |sink, _| {
@@ -641,14 +643,17 @@ fn local_model(model: &str) -> Result<PathBuf> {
         let mut options = HubOptions::from_env();
         options.offline = true;
         return resolve_model(model, &options, &backpropagate::event::Silent).map_err(|e| {
-            ServiceError::new(ErrorKind::NotFound, format!("{model} is not downloaded yet"))
-                .hint(match e {
-                    backpropagate::Error::Hub(h @ HubError::NotCached { .. }) => format!(
-                        "Download it first (the Download button, or `backprop model pull {model}`); {}",
-                        h.hint().unwrap_or_default()
-                    ),
-                    other => other.to_string(),
-                })
+            ServiceError::new(
+                ErrorKind::NotFound,
+                format!("{model} is not downloaded yet"),
+            )
+            .hint(match e {
+                backpropagate::Error::Hub(h @ HubError::NotCached { .. }) => format!(
+                    "Download it first (the Download button, or `backprop model pull {model}`); {}",
+                    h.hint().unwrap_or_default()
+                ),
+                other => other.to_string(),
+            })
         });
     }
     let path = PathBuf::from(model);
@@ -656,11 +661,17 @@ fn local_model(model: &str) -> Result<PathBuf> {
         return Ok(path);
     }
     if path.exists() {
-        return Err(bad(format!("{model} has no config.json"))
-            .hint("Pick the folder that holds config.json, tokenizer.json and the .safetensors files."));
+        return Err(bad(format!("{model} has no config.json")).hint(
+            "Pick the folder that holds config.json, tokenizer.json and the .safetensors files.",
+        ));
     }
-    Err(ServiceError::new(ErrorKind::NotFound, format!("{model}: no such model folder"))
-        .hint("Give a local model folder, or a Hugging Face repo id such as Qwen/Qwen2.5-0.5B-Instruct."))
+    Err(ServiceError::new(
+        ErrorKind::NotFound,
+        format!("{model}: no such model folder"),
+    )
+    .hint(
+        "Give a local model folder, or a Hugging Face repo id such as Qwen/Qwen2.5-0.5B-Instruct.",
+    ))
 }
 
 fn dir_size(path: &Path) -> u64 {

@@ -128,9 +128,12 @@ fn error(status: StatusCode, message: &str) -> Response {
 }
 
 /// The repo, if the request may see it (gated repos need their token).
-fn authorized<'a>(s: &'a Inner, id: &str, headers: &HeaderMap) -> Result<&'a Repo, Response> {
+fn authorized<'a>(s: &'a Inner, id: &str, headers: &HeaderMap) -> Result<&'a Repo, Box<Response>> {
     let Some(repo) = s.repos.get(id) else {
-        return Err(error(StatusCode::NOT_FOUND, "Repository not found"));
+        return Err(Box::new(error(
+            StatusCode::NOT_FOUND,
+            "Repository not found",
+        )));
     };
     if let Some(want) = &repo.token {
         let given = headers
@@ -138,10 +141,10 @@ fn authorized<'a>(s: &'a Inner, id: &str, headers: &HeaderMap) -> Result<&'a Rep
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.strip_prefix("Bearer "));
         if given != Some(want.as_str()) {
-            return Err(error(
+            return Err(Box::new(error(
                 StatusCode::UNAUTHORIZED,
                 &format!("Access to model {id} is restricted. You must have access to it and be authenticated to access it. Please log in."),
-            ));
+            )));
         }
     }
     Ok(repo)
@@ -167,15 +170,23 @@ async fn revision(
     UrlPath((org, name, rev)): UrlPath<(String, String, String)>,
 ) -> Response {
     let id = format!("{org}/{name}");
-    record(&s, &method, &format!("/api/models/{id}/revision/{rev}"), &headers);
+    record(
+        &s,
+        &method,
+        &format!("/api/models/{id}/revision/{rev}"),
+        &headers,
+    );
     let repo = match authorized(&s, &id, &headers) {
         Ok(r) => r,
-        Err(resp) => return resp,
+        Err(resp) => return *resp,
     };
     if rev != "main" && rev != repo.commit {
         return error(StatusCode::NOT_FOUND, &format!("Invalid rev id: {rev}"));
     }
-    let siblings: Vec<_> = files(repo).into_iter().map(|f| json!({ "rfilename": f })).collect();
+    let siblings: Vec<_> = files(repo)
+        .into_iter()
+        .map(|f| json!({ "rfilename": f }))
+        .collect();
     Json(json!({ "id": id, "sha": repo.commit, "siblings": siblings })).into_response()
 }
 
@@ -190,10 +201,15 @@ async fn resolve(
     UrlPath((org, name, rev, file)): UrlPath<(String, String, String, String)>,
 ) -> Response {
     let id = format!("{org}/{name}");
-    record(&s, &method, &format!("/{id}/resolve/{rev}/{file}"), &headers);
+    record(
+        &s,
+        &method,
+        &format!("/{id}/resolve/{rev}/{file}"),
+        &headers,
+    );
     let repo = match authorized(&s, &id, &headers) {
         Ok(r) => r,
-        Err(resp) => return resp,
+        Err(resp) => return *resp,
     };
     if rev != "main" && rev != repo.commit {
         return error(StatusCode::NOT_FOUND, "Revision Not Found");
@@ -206,10 +222,15 @@ async fn resolve(
     };
     let sha = sha256_hex(&bytes);
     if file.ends_with(".safetensors") {
-        // LFS: the hub redirects to the CDN and names the blob by its sha256.
+        // LFS: the hub redirects to the CDN (another host, so an absolute address that
+        // clients do not follow on HEAD) and names the blob by its sha256.
+        let host = headers
+            .get(header::HOST)
+            .and_then(|h| h.to_str().ok())
+            .unwrap_or("127.0.0.1");
         return Response::builder()
             .status(StatusCode::FOUND)
-            .header(header::LOCATION, format!("/cdn/{sha}"))
+            .header(header::LOCATION, format!("http://{host}/cdn/{sha}"))
             .header("x-linked-etag", format!("\"{sha}\""))
             .header("x-linked-size", bytes.len())
             .header("x-repo-commit", &repo.commit)
@@ -223,7 +244,11 @@ async fn resolve(
         .header(header::ETAG, format!("\"{etag}\""))
         .header("x-repo-commit", &repo.commit)
         .header(header::CONTENT_LENGTH, bytes.len());
-    let body = if method == Method::HEAD { Body::empty() } else { Body::from(bytes) };
+    let body = if method == Method::HEAD {
+        Body::empty()
+    } else {
+        Body::from(bytes)
+    };
     builder
         .body(body)
         .unwrap_or_else(|_| error(StatusCode::INTERNAL_SERVER_ERROR, "response"))
@@ -275,7 +300,10 @@ async fn cdn(
                 (0, _) => Some((Ok(first), 1)),
                 (1, Some(_)) => {
                     tokio::time::sleep(std::time::Duration::from_millis(200)).await;
-                    Some((Err(std::io::Error::other("connection cut by the stand-in")), 2))
+                    Some((
+                        Err(std::io::Error::other("connection cut by the stand-in")),
+                        2,
+                    ))
                 }
                 _ => None,
             }
@@ -286,7 +314,10 @@ async fn cdn(
         .header(header::CONTENT_LENGTH, len)
         .header(header::ETAG, format!("\"{sha}\""));
     if let Some(n) = start {
-        b = b.header(header::CONTENT_RANGE, format!("bytes {n}-{}/{total}", total - 1));
+        b = b.header(
+            header::CONTENT_RANGE,
+            format!("bytes {n}-{}/{total}", total - 1),
+        );
     }
     b.body(Body::from_stream(stream))
         .unwrap_or_else(|_| error(StatusCode::INTERNAL_SERVER_ERROR, "response"))

@@ -37,6 +37,8 @@ export interface Backend {
   configDefaults(): Promise<TrainConfig>;
   inspectModel(req: ModelRequest): Promise<ModelInfo>;
   recentModels(): Promise<string[]>;
+  /** Downloads a Hugging Face repo id into the local cache, as a job (kind `download`). */
+  downloadModel(req: ModelRequest): Promise<JobInfo>;
   /** Browser only: sends the file's bytes to the server, which answers with a path it can read. */
   uploadDataset(file: Blob, name: string): Promise<UploadedDataset>;
   checkData(req: DataCheckRequest): Promise<DataReport>;

@@ -63,6 +63,9 @@ export class HttpBackend implements Backend {
   recentModels() {
     return this.call<string[]>('GET', '/api/models/recent');
   }
+  downloadModel(req: ModelRequest) {
+    return this.call<JobInfo>('POST', '/api/models/download', req);
+  }
   uploadDataset(file: Blob, name: string) {
     return this.call<UploadedDataset>('POST', `/api/datasets?name=${seg(name)}`, file);
   }

@@ -67,6 +67,9 @@ export class TauriBackend implements Backend {
   recentModels() {
     return call<string[]>('recent_models');
   }
+  downloadModel(req: ModelRequest) {
+    return call<JobInfo>('download_model', { req });
+  }
   uploadDataset(_file: Blob, _name: string): Promise<UploadedDataset> {
     return Promise.reject(
       new ApiFailure(

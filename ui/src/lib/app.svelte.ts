@@ -41,6 +41,8 @@ export interface JobView {
   /** Total steps of a training job, when known (from the config it was started with). */
   totalSteps: number | null;
   hint: string | null;
+  /** The job's latest `Log` line (download jobs show it under their progress bar). */
+  lastLog: string | null;
   /** Order of appearance, newest highest. */
   seq: number;
 }
@@ -49,6 +51,22 @@ export interface JobView {
 export type LiveStatus = 'idle' | 'starting' | 'running' | 'finished' | 'stopped' | 'failed';
 
 const LOG_CAP = 200;
+
+/**
+ * Whether a model field's value reads as a Hugging Face repo id (`org/name`) rather than
+ * a local folder: exactly one '/', no backslash, not starting with '/', '.' or '~'.
+ */
+export function looksLikeRepoId(value: string): boolean {
+  const v = value.trim();
+  if (!v || /^[/.~]/.test(v) || v.includes('\\')) return false;
+  const parts = v.split('/');
+  return parts.length === 2 && parts[0] !== '' && parts[1] !== '';
+}
+
+/** The server's answer to inspecting a repo id that is not in the local cache yet. */
+export function isNotDownloaded(e: { error: string } | null): boolean {
+  return !!e && /not downloaded yet/i.test(e.error);
+}
 
 export class App {
   backend!: Backend;
@@ -63,6 +81,14 @@ export class App {
   model = $state('');
   modelInfo = $state.raw<ModelInfo | null>(null);
   recent = $state.raw<string[]>([]);
+  modelBusy = $state(false);
+  modelError = $state.raw<ApiFailure | null>(null);
+  /** The download job shown on the Model screen, and the repo id it fetches (null when adopted at load). */
+  downloadJob = $state<string | null>(null);
+  downloadRepo = $state<string | null>(null);
+  downloadStarting = $state(false);
+  /** Why the download could not start (the job's own failure is on its JobView). */
+  downloadError = $state.raw<ApiFailure | null>(null);
 
   // Data
   dataPath = $state('');
@@ -102,6 +128,8 @@ export class App {
   private wasConnected = false;
   /** Events of training jobs seen while a start call is under way: possibly its own. */
   private early: JobEvent[] = [];
+  /** The download job whose model was inspected after it finished (once per job). */
+  private downloadInspected: string | null = null;
   private timers: ReturnType<typeof setInterval>[] = [];
   private stops: (() => void)[] = [];
 
@@ -155,6 +183,9 @@ export class App {
     // A training job already running (started before this page loaded) is shown live.
     const running = jobsNewestFirst(this.jobs).find((j) => j.info.kind === 'train' && j.info.state === 'running');
     if (running?.info.run) void this.watchRun(running.info.run, running.info.id);
+    // So is a download still under way; its model is inspected by folder when it ends.
+    const download = jobsNewestFirst(this.jobs).find((j) => j.info.kind === 'download' && j.info.state === 'running');
+    if (download) this.downloadJob = download.info.id;
     this.timers.push(setInterval(() => void this.refreshOllama(), 15_000));
   }
 
@@ -205,6 +236,9 @@ export class App {
         break;
       case 'Progress':
         j.progress = { stage: e.stage, done: e.done, total: e.total };
+        break;
+      case 'Log':
+        j.lastLog = e.message;
         break;
       case 'Step':
         j.step = e;
@@ -287,6 +321,7 @@ export class App {
     void this.refreshRuns();
     if (j.info.kind === 'train' && j.info.run && j.info.run === this.liveRun) void this.refreshLiveInfo();
     if (j.info.kind === 'push' && j.info.state === 'finished') void this.refreshOllamaModels();
+    if (j.info.kind === 'download') this.afterDownload(j);
   }
 
   private onConnection(c: Connection): void {
@@ -307,6 +342,9 @@ export class App {
     } catch {
       return;
     }
+    // A download that ended while the stream was down still opens its model.
+    const dl = this.downloadJob ? this.jobs[this.downloadJob] : undefined;
+    if (dl) this.afterDownload(dl);
     void this.refreshRuns();
     if (this.liveRun) void this.watchRun(this.liveRun, this.liveJob);
   }
@@ -323,7 +361,7 @@ export class App {
       if (totalSteps != null) old.totalSteps = totalSteps;
       return old;
     }
-    this.jobs[info.id] = { info, progress: null, step: null, totalSteps, hint: null, seq: ++this.seq };
+    this.jobs[info.id] = { info, progress: null, step: null, totalSteps, hint: null, lastLog: null, seq: ++this.seq };
     return this.jobs[info.id];
   }
 
@@ -337,6 +375,54 @@ export class App {
     // Data picked before the model waits for its tokenizer; check it now.
     if (this.dataPath && !this.dataReport && !this.dataBusy) void this.checkData();
     return info;
+  }
+
+  /** Inspects what the Model screen's field holds, keeping the error for the screen. */
+  async chooseModel(model: string): Promise<boolean> {
+    model = model.trim();
+    if (!model) return false;
+    this.modelBusy = true;
+    this.modelError = null;
+    try {
+      await this.inspectModel(model);
+      return true;
+    } catch (e) {
+      this.modelError = toFailure(e);
+      return false;
+    } finally {
+      this.modelBusy = false;
+    }
+  }
+
+  /** Starts downloading a repo id into the cache; the model is inspected when it finishes. */
+  async downloadModel(repo: string): Promise<void> {
+    repo = repo.trim();
+    if (!repo || this.downloadStarting) return;
+    this.downloadStarting = true;
+    this.downloadError = null;
+    this.modelError = null;
+    this.downloadRepo = repo;
+    this.downloadJob = null;
+    try {
+      const j = this.upsertJob(await this.backend.downloadModel({ model: repo }));
+      this.downloadJob = j.info.id;
+      // Its end event can beat the answer when every file was already in the cache.
+      this.afterDownload(j);
+    } catch (e) {
+      this.downloadError = toFailure(e);
+    } finally {
+      this.downloadStarting = false;
+    }
+  }
+
+  private afterDownload(j: JobView): void {
+    const id = j.info.id;
+    if (id !== this.downloadJob || j.info.state !== 'finished' || this.downloadInspected === id) return;
+    this.downloadInspected = id;
+    // The server resolves the repo id from the cache; a download adopted at load has
+    // only its folder.
+    const model = this.downloadRepo ?? j.info.result;
+    if (model) void this.chooseModel(model);
   }
 
   async refreshRecent(): Promise<void> {

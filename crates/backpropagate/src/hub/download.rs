@@ -106,8 +106,9 @@ impl HubOptions {
                 .to_string(),
             cache: cache_dir(),
             token: var("HF_TOKEN").or_else(|| var("HUGGING_FACE_HUB_TOKEN")),
-            offline: var("HF_HUB_OFFLINE")
-                .is_some_and(|v| matches!(v.to_ascii_lowercase().as_str(), "1" | "true" | "yes" | "on")),
+            offline: var("HF_HUB_OFFLINE").is_some_and(|v| {
+                matches!(v.to_ascii_lowercase().as_str(), "1" | "true" | "yes" | "on")
+            }),
             attempts: 5,
             timeout: Duration::from_secs(30),
         }
@@ -124,7 +125,12 @@ const OPTIONAL: [&str; 4] = [
     "chat_template.jinja",
 ];
 
-pub(super) fn snapshot(id: &str, revision: &str, options: &HubOptions, sink: &dyn EventSink) -> Result<PathBuf> {
+pub(super) fn snapshot(
+    id: &str,
+    revision: &str,
+    options: &HubOptions,
+    sink: &dyn EventSink,
+) -> Result<PathBuf> {
     let cache = RepoCache::new(&options.cache, id);
     if options.offline {
         return offline_snapshot(&cache, id, revision, options);
@@ -136,7 +142,12 @@ pub(super) fn snapshot(id: &str, revision: &str, options: &HubOptions, sink: &dy
     runtime.block_on(Fetcher::new(id, options)?.snapshot(&cache, revision, sink))
 }
 
-fn offline_snapshot(cache: &RepoCache, id: &str, revision: &str, options: &HubOptions) -> Result<PathBuf> {
+fn offline_snapshot(
+    cache: &RepoCache,
+    id: &str,
+    revision: &str,
+    options: &HubOptions,
+) -> Result<PathBuf> {
     let not_cached = || HubError::NotCached {
         repo: id.to_string(),
         revision: revision.to_string(),
@@ -145,7 +156,8 @@ fn offline_snapshot(cache: &RepoCache, id: &str, revision: &str, options: &HubOp
     let commit = cache.commit_for(revision).ok_or_else(not_cached)?;
     let dir = cache.snapshot(&commit);
     let complete = REQUIRED.iter().all(|f| dir.join(f).is_file())
-        && (dir.join("model.safetensors").is_file() || dir.join("model.safetensors.index.json").is_file());
+        && (dir.join("model.safetensors").is_file()
+            || dir.join("model.safetensors.index.json").is_file());
     if complete {
         Ok(dir)
     } else {
@@ -225,14 +237,23 @@ impl Fetcher {
     }
 
     /// Maps the hub's refusals to errors that say what to do.
-    async fn check(&self, url: &str, revision: &str, resp: reqwest::Response) -> Result<reqwest::Response, HubError> {
+    async fn check(
+        &self,
+        url: &str,
+        revision: &str,
+        resp: reqwest::Response,
+    ) -> Result<reqwest::Response, HubError> {
         let status = resp.status().as_u16();
         if resp.status().is_success() || resp.status().is_redirection() {
             return Ok(resp);
         }
         Err(match status {
-            401 if self.token.is_none() => HubError::NeedsToken { repo: self.repo.clone() },
-            401 | 403 => HubError::Forbidden { repo: self.repo.clone() },
+            401 if self.token.is_none() => HubError::NeedsToken {
+                repo: self.repo.clone(),
+            },
+            401 | 403 => HubError::Forbidden {
+                repo: self.repo.clone(),
+            },
             404 => HubError::NotFound {
                 repo: self.repo.clone(),
                 revision: revision.to_string(),
@@ -249,8 +270,16 @@ impl Fetcher {
         })
     }
 
-    async fn snapshot(&self, cache: &RepoCache, revision: &str, sink: &dyn EventSink) -> Result<PathBuf> {
-        let url = format!("{}/api/models/{}/revision/{}", self.endpoint, self.repo, revision);
+    async fn snapshot(
+        &self,
+        cache: &RepoCache,
+        revision: &str,
+        sink: &dyn EventSink,
+    ) -> Result<PathBuf> {
+        let url = format!(
+            "{}/api/models/{}/revision/{}",
+            self.endpoint, self.repo, revision
+        );
         let resp = self
             .auth(self.http.get(&url))
             .timeout(self.timeout)
@@ -290,12 +319,20 @@ impl Fetcher {
             self.fetch(cache, &commit, f, sink).await?;
         }
         let weights: Vec<String> = if files.contains(&"model.safetensors.index.json") {
-            let index = self.fetch(cache, &commit, "model.safetensors.index.json", sink).await?;
-            let v: Value = serde_json::from_slice(&std::fs::read(&index).map_err(|e| Error::io(&index, e))?)
-                .map_err(|e| Error::model(&index, format!("not JSON: {e}")))?;
+            let index = self
+                .fetch(cache, &commit, "model.safetensors.index.json", sink)
+                .await?;
+            let v: Value =
+                serde_json::from_slice(&std::fs::read(&index).map_err(|e| Error::io(&index, e))?)
+                    .map_err(|e| Error::model(&index, format!("not JSON: {e}")))?;
             let mut shards: Vec<String> = v["weight_map"]
                 .as_object()
-                .map(|m| m.values().filter_map(Value::as_str).map(String::from).collect())
+                .map(|m| {
+                    m.values()
+                        .filter_map(Value::as_str)
+                        .map(String::from)
+                        .collect()
+                })
                 .unwrap_or_default();
             shards.sort();
             shards.dedup();
@@ -310,7 +347,11 @@ impl Fetcher {
                 .collect();
             return Err(HubError::NoSafetensors {
                 repo: self.repo.clone(),
-                found: if found.is_empty() { "no weights".into() } else { found.join(", ") },
+                found: if found.is_empty() {
+                    "no weights".into()
+                } else {
+                    found.join(", ")
+                },
             }
             .into());
         };
@@ -348,25 +389,43 @@ impl Fetcher {
     }
 
     /// One file into the cache (skipped when its snapshot entry or blob exists).
-    async fn fetch(&self, cache: &RepoCache, commit: &str, file: &str, sink: &dyn EventSink) -> Result<PathBuf> {
+    async fn fetch(
+        &self,
+        cache: &RepoCache,
+        commit: &str,
+        file: &str,
+        sink: &dyn EventSink,
+    ) -> Result<PathBuf> {
         let entry = cache.snapshot(commit).join(file);
         if entry.is_file() {
             return Ok(entry);
         }
-        let url = format!("{}/{}/resolve/{}/{}", self.endpoint, self.repo, commit, file);
+        let url = format!(
+            "{}/{}/resolve/{}/{}",
+            self.endpoint, self.repo, commit, file
+        );
         let meta = self.meta(&url, commit).await?;
         let blob = cache.blob(&meta.etag);
         if !blob.is_file() {
             sink.emit(log(format!(
                 "downloading {file}{}",
-                meta.size.map(|s| format!(" ({:.1} MB)", s as f64 / 1e6)).unwrap_or_default()
+                meta.size
+                    .map(|s| format!(" ({:.1} MB)", s as f64 / 1e6))
+                    .unwrap_or_default()
             )));
             self.download(&url, file, &blob, &meta, sink).await?;
         }
         cache.link(commit, file, &meta.etag)
     }
 
-    async fn download(&self, url: &str, file: &str, blob: &Path, meta: &FileMeta, sink: &dyn EventSink) -> Result<()> {
+    async fn download(
+        &self,
+        url: &str,
+        file: &str,
+        blob: &Path,
+        meta: &FileMeta,
+        sink: &dyn EventSink,
+    ) -> Result<()> {
         let dir = blob.parent().unwrap_or(Path::new("."));
         std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
         let partial = blob.with_extension("incomplete");
@@ -380,7 +439,10 @@ impl Fetcher {
                 Err(e @ HubError::Unreachable { .. }) => {
                     sink.emit(Event::Log {
                         level: LogLevel::Warn,
-                        message: format!("download of {file} broke off ({e}); resuming (try {attempt} of {})", self.attempts),
+                        message: format!(
+                            "download of {file} broke off ({e}); resuming (try {attempt} of {})",
+                            self.attempts
+                        ),
                     });
                     last_error = Some(e);
                     tokio::time::sleep(Duration::from_millis(200 * attempt as u64)).await;
@@ -407,9 +469,18 @@ impl Fetcher {
         std::fs::rename(&partial, blob).map_err(|e| Error::io(blob, e))
     }
 
-    async fn download_once(&self, url: &str, file: &str, partial: &Path, meta: &FileMeta, sink: &dyn EventSink) -> Result<(), HubError> {
+    async fn download_once(
+        &self,
+        url: &str,
+        file: &str,
+        partial: &Path,
+        meta: &FileMeta,
+        sink: &dyn EventSink,
+    ) -> Result<(), HubError> {
         let have = std::fs::metadata(partial).map(|m| m.len()).unwrap_or(0);
-        let mut req = self.auth(self.http.get(url)).header(reqwest::header::ACCEPT_ENCODING, "identity");
+        let mut req = self
+            .auth(self.http.get(url))
+            .header(reqwest::header::ACCEPT_ENCODING, "identity");
         if have > 0 {
             req = req.header(reqwest::header::RANGE, format!("bytes={have}-"));
         }
@@ -428,13 +499,16 @@ impl Fetcher {
         let mut body = resp.bytes_stream();
         let mut last = 0u64;
         loop {
-            let next = tokio::time::timeout(self.timeout, body.next()).await.map_err(|_| HubError::Unreachable {
-                endpoint: self.endpoint.clone(),
-                message: format!("no data for {} s", self.timeout.as_secs()),
-            })?;
+            let next = tokio::time::timeout(self.timeout, body.next())
+                .await
+                .map_err(|_| HubError::Unreachable {
+                    endpoint: self.endpoint.clone(),
+                    message: format!("no data for {} s", self.timeout.as_secs()),
+                })?;
             let Some(chunk) = next else { break };
             let chunk = chunk.map_err(|e| self.unreachable(e))?;
-            out.write_all(&chunk).map_err(|e| self.io_error(partial, e))?;
+            out.write_all(&chunk)
+                .map_err(|e| self.io_error(partial, e))?;
             done += chunk.len() as u64;
             if done - last >= 1 << 20 || done == total {
                 sink.emit(Event::Progress {

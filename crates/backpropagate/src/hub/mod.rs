@@ -90,8 +90,18 @@ mod tests {
                 revision: "v1.0".into()
             }
         );
-        for local in ["./models/x", "/abs/x", "models/x/y", "~/m", "plain", "C:\\m\\x"] {
-            assert!(matches!(ModelSpec::parse(local), ModelSpec::Local(_)), "{local}");
+        for local in [
+            "./models/x",
+            "/abs/x",
+            "models/x/y",
+            "~/m",
+            "plain",
+            "C:\\m\\x",
+        ] {
+            assert!(
+                matches!(ModelSpec::parse(local), ModelSpec::Local(_)),
+                "{local}"
+            );
         }
     }
 }
