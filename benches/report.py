@@ -1,0 +1,45 @@
+"""Gathers the benchmark reports in a folder into one report.md: a summary table of
+the ours/peer ratios, then every report as written. Usage: report.py BENCH_DIR."""
+
+import datetime
+import pathlib
+import re
+import sys
+
+ORDER = [
+    ("data_pipeline.md", "Data pipeline vs transformers"),
+    ("train_vs_peft.md", "LoRA training vs PyTorch + PEFT (fixture)"),
+    ("train_vs_peft_real.md", "LoRA training vs PyTorch + PEFT (SmolLM2-135M)"),
+    ("gguf_vs_llama_quantize.md", "GGUF export vs llama.cpp's quantizer"),
+]
+
+
+def ratios(text: str) -> list[str]:
+    """Every bold `**x.yz×**` in a report, the form each uses for its ours/peer ratios."""
+    return re.findall(r"\*\*([0-9.]+×)\*\*", text)
+
+
+def main() -> None:
+    folder = pathlib.Path(sys.argv[1])
+    found = [(f, title, (folder / f).read_text()) for f, title in ORDER if (folder / f).exists()]
+    lines = [
+        "# Backpropagate benchmarks",
+        "",
+        f"{datetime.datetime.now():%Y-%m-%d %H:%M}; each peer measured in the same run.",
+        "",
+        "| benchmark | ratios (ours / peer, as each report defines them) |",
+        "| --- | --- |",
+    ]
+    for f, title, text in found:
+        lines.append(f"| [{title}](#{f[:-3]}) | {', '.join(ratios(text)) or 'see below'} |")
+    for png in ("loss_curves.png", "loss_curves_real.png"):
+        if (folder / png).exists():
+            lines += ["", f"![loss curves]({png})"]
+    for f, title, text in found:
+        lines += ["", f'<a id="{f[:-3]}"></a>', "", text.strip()]
+    (folder / "report.md").write_text("\n".join(lines) + "\n")
+    print(folder / "report.md")
+
+
+if __name__ == "__main__":
+    main()
