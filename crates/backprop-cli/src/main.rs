@@ -3,6 +3,7 @@
 
 mod data_cmd;
 mod debug_cmd;
+mod doctor_cmd;
 mod export_cmd;
 mod model_cmd;
 mod multi_run_cmd;
@@ -90,8 +91,8 @@ enum Command {
     /// Talk to Ollama (OLLAMA_HOST): status, list, show, chat, rm
     #[command(subcommand)]
     Ollama(ollama_cmd::OllamaCommand),
-    /// Check this machine: GPU, drivers, disk, Ollama (not implemented yet)
-    Doctor(Planned),
+    /// Check this machine: GPU and driver, CPU, folders, Ollama
+    Doctor,
     /// Serve the web UI and its HTTP API (for a headless GPU box, or a browser)
     Serve(serve_cmd::ServeArgs),
     /// Show configuration: `backprop config defaults` prints a run.toml with every default
@@ -128,12 +129,6 @@ struct RunsArgs {
 }
 
 #[derive(Args)]
-struct Planned {
-    #[arg(trailing_var_arg = true, allow_hyphen_values = true, hide = true)]
-    rest: Vec<String>,
-}
-
-#[derive(Args)]
 struct FixtureArgs {
     /// Folder to write the model into
     out: PathBuf,
@@ -150,6 +145,13 @@ struct FixtureArgs {
 }
 
 fn main() -> ExitCode {
+    // `backprop runs | head` should end quietly when the reader goes away, as other
+    // Unix tools do, instead of panicking on a broken pipe.
+    #[cfg(unix)]
+    // SAFETY: setting a signal disposition to the default before any thread starts.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
     keep_freed_memory();
     let cli = Cli::parse();
     match run(cli) {
@@ -214,13 +216,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Ollama(cmd) => ollama_cmd::run(&cmd),
-        Command::Doctor(_) => planned("doctor", 9),
+        Command::Doctor => doctor_cmd::run(),
         Command::Serve(args) => serve_cmd::run(&args),
     }
-}
-
-/// Subcommands on the roadmap say so plainly instead of pretending to work.
-fn planned(name: &str, issue: u32) -> Result<ExitCode> {
-    eprintln!("backprop {name}: not implemented yet (planned in issue #{issue})");
-    Ok(ExitCode::from(2))
 }

@@ -68,10 +68,27 @@ fn help_lists_every_planned_subcommand() {
 }
 
 #[test]
-fn unimplemented_subcommands_say_so_and_fail() {
-    let out = backprop(&["doctor"]);
-    assert_eq!(out.status.code(), Some(2));
-    assert!(text(&out).contains("not implemented yet"));
+fn doctor_reports_the_machine_and_what_to_fix() {
+    let home = tempfile::tempdir().unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_backprop"))
+        .arg("doctor")
+        .env("BACKPROP_HOME", home.path())
+        .env("HF_HUB_CACHE", home.path().join("hf"))
+        .env("OLLAMA_HOST", "127.0.0.1:1")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    // No Ollama here: doctor says so, with how to start it, and exits non-zero.
+    assert_eq!(out.status.code(), Some(1), "{stdout}");
+    assert!(
+        stdout.contains("FIX  ollama") && stdout.contains("ollama serve"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("ok   runs") && stdout.contains("ok   hf cache"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("gpu"), "{stdout}");
 }
 
 #[test]

@@ -51,6 +51,9 @@ struct Inner {
     events: broadcast::Sender<JobEvent>,
     jobs: Mutex<Vec<Job>>,
     next_job: AtomicU64,
+    /// Samples the first NVIDIA GPU once a second while the app runs (none without one).
+    _gpu: Option<backpropagate::gpu::GpuMonitor>,
+    gpu: backpropagate::gpu::GpuStatus,
 }
 
 /// Cheap to clone; every clone drives the same jobs.
@@ -66,12 +69,35 @@ fn bad(message: impl Into<String>) -> ServiceError {
 impl Service {
     pub fn new(config: ServiceConfig) -> Self {
         let (events, _) = broadcast::channel(4096);
+        let gpu = backpropagate::gpu::probe();
+        let monitor = match &gpu {
+            backpropagate::gpu::GpuStatus::Found { .. } => {
+                let tx = events.clone();
+                let sink = move |event: Event| {
+                    let _ = tx.send(JobEvent {
+                        job: None,
+                        kind: None,
+                        run: None,
+                        event,
+                    });
+                };
+                backpropagate::gpu::GpuMonitor::start(
+                    0,
+                    std::time::Duration::from_secs(1),
+                    Arc::new(sink),
+                )
+                .ok()
+            }
+            backpropagate::gpu::GpuStatus::Absent { .. } => None,
+        };
         Service {
             inner: Arc::new(Inner {
                 config,
                 events,
                 jobs: Mutex::new(Vec::new()),
                 next_job: AtomicU64::new(1),
+                _gpu: monitor,
+                gpu,
             }),
         }
     }
@@ -99,7 +125,14 @@ impl Service {
                 .ollama_client()
                 .map(|c| c.host().to_string())
                 .unwrap_or_default(),
-            device: "cpu".to_string(),
+            // Training runs on the CPU until the CUDA path lands (#9); a GPU is named.
+            device: match &self.inner.gpu {
+                backpropagate::gpu::GpuStatus::Found { gpus } => format!(
+                    "cpu · GPU {} seen",
+                    gpus.first().map(|g| g.name.as_str()).unwrap_or("")
+                ),
+                backpropagate::gpu::GpuStatus::Absent { .. } => "cpu".to_string(),
+            },
         }
     }
 

@@ -20,6 +20,7 @@ pub mod event;
 pub mod export;
 pub mod fixture;
 pub mod fsx;
+pub mod gpu;
 pub mod hub;
 pub mod lora;
 pub mod model;

@@ -1,0 +1,8 @@
+//! The GPU side that works without a GPU: finding an NVIDIA GPU through NVML (loaded at
+//! run time, so the same binary runs on machines without a driver), a monitor thread
+//! that reports `Gpu` events, and the memory estimate behind automatic batch sizes.
+
+pub mod memory;
+mod monitor;
+
+pub use monitor::{probe, GpuInfo, GpuMonitor, GpuStatus};
