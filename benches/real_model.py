@@ -44,6 +44,15 @@ def main() -> None:
         cfg["chat_template"] = template.read_text()
         template.unlink()
     cfg_path.write_text(json.dumps(cfg, indent=2, ensure_ascii=False))
+    # transformers' GGUF converter writes this byte-level BPE vocabulary with
+    # SentencePiece leftovers (byte fallback, a "▁"-replacing decoder); SmolLM2's own
+    # tokenizer.json has neither, and GGUF writers refuse the mix.
+    tj_path = tmp / "tokenizer.json"
+    tj = json.loads(tj_path.read_text())
+    tj["model"]["byte_fallback"] = False
+    tj["decoder"] = {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": False,
+                     "use_regex": True}
+    tj_path.write_text(json.dumps(tj, ensure_ascii=False))
     config_path = tmp / "config.json"
     config = json.loads(config_path.read_text())
     config.pop("_name_or_path", None)

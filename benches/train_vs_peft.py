@@ -391,11 +391,14 @@ def plot_losses(results, path, real_model):
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4), dpi=120)
-    for side, name, color in (("ours", "backprop", "#5b5bf7"), ("peer", "PyTorch + PEFT", "#e07a16")):
+    # The peer wide and pale underneath, ours dashed on top: where they agree (they
+    # should, step for step at first) both stay visible.
+    for side, name, color, width, style in (("peer", "PyTorch + PEFT", "#e07a16", 4, "-"),
+                                            ("ours", "backprop", "#5b5bf7", 1.6, "--")):
         for i, r in enumerate(results[side]):
             steps = list(range(1, len(r["losses"]) + 1))
-            ax.plot(steps, r["losses"], color=color, alpha=0.85 if i == 0 else 0.35,
-                    label=name if i == 0 else None, linewidth=1.6 if i == 0 else 1)
+            ax.plot(steps, r["losses"], color=color, alpha=(0.55 if side == "peer" else 0.95) * (1 if i == 0 else 0.5),
+                    label=name if i == 0 else None, linewidth=width, linestyle=style)
     title = os.path.basename(os.path.normpath(real_model)) if real_model else "qwen2 small fixture"
     ax.set_title(f"LoRA training loss, same batches: {title}")
     ax.set_xlabel("step")

@@ -55,3 +55,21 @@ def test_lora_training_lowers_the_loss(backprop, tmp_path):
     # and a few LoRA steps on in-domain data lower it.
     assert first < 6, first
     assert last < first, (first, last)
+
+
+def test_trained_gguf_answers_in_llama_cpp(backprop, tmp_path):
+    """Train a little (at a tiny learning rate, so the base model's knowledge is what is
+    asked for), export GGUF with our writer, and let llama.cpp chat with it through the
+    chat template stored in the file."""
+    from llama_cpp import Llama
+
+    runs = tmp_path / "runs"
+    data = pathlib.Path(__file__).parents[2] / "assets" / "samples" / "alpaca.jsonl"
+    backprop("train", "--model", REAL, "--data", data, "--steps", "4", "--batch-size", "2",
+             "--max-seq-len", "128", "--lr", "1e-6", "--runs-dir", runs, "--name", "real")
+    run = next(runs.iterdir())
+    out = backprop("export", run, "--format", "gguf", "--quant", "q8_0")
+    gguf = next(pathlib.Path(out.stdout.strip()).glob("*.gguf"))
+    llm = Llama(model_path=str(gguf), n_ctx=512, verbose=False)
+    reply = llm.create_chat_completion(messages=PROMPT, max_tokens=20, temperature=0)
+    assert "Paris" in reply["choices"][0]["message"]["content"], reply
