@@ -19,7 +19,7 @@ cleanup() {
 }
 trap cleanup EXIT
 
-cargo build --quiet -p backprop-cli -p ollama-standin
+cargo build --quiet --workspace
 bin="$CARGO_TARGET_DIR/debug"
 [ -f ui/dist/index.html ] || npm run --silent build
 
@@ -30,6 +30,15 @@ free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",
 ollama_port=$(free_port)
 "$bin/ollama-standin" --port "$ollama_port" --blobs "$work/blobs" >"$work/ollama.log" 2>&1 &
 pids+=($!)
+
+# The Hugging Face hub stand-in serves the same fixture as the repo `test-org/tiny`.
+"$bin/hub-standin" --repo "test-org/tiny=$work/model" >"$work/hub.out" 2>&1 &
+pids+=($!)
+for _ in $(seq 50); do grep -q '^http' "$work/hub.out" 2>/dev/null && break; sleep 0.1; done
+export HF_ENDPOINT
+HF_ENDPOINT=$(head -n1 "$work/hub.out")
+export HF_HUB_CACHE="$work/hf-cache"
+unset HF_HUB_OFFLINE HF_TOKEN
 
 export BACKPROP_HOME="$work/home"
 OLLAMA_HOST="127.0.0.1:$ollama_port" "$bin/backprop" serve --port 0 --ui-dir ui/dist \
@@ -48,6 +57,7 @@ export BACKPROP_URL="$url"
 export FIXTURE_MODEL="$work/model"
 export SAMPLE_DATA="$PWD/assets/samples/alpaca.jsonl"
 export OLLAMA_NAME="e2e-model"
+export FIXTURE_REPO="test-org/tiny"
 export PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD=1
 status=0
 npx playwright test --config tests/e2e/playwright.config.ts "$@" || status=$?

@@ -164,3 +164,16 @@ test('model → data → train, stop, resume → export → Ollama → chat', as
 
   expect(errors, 'uncaught errors in the page').toEqual([]);
 });
+
+test('a model by Hugging Face repo id: download with progress, then inspect', async ({ page }) => {
+  const repo = env('FIXTURE_REPO');
+  await page.goto('/');
+  await page.getByTestId('model-input').fill(repo);
+  await page.getByTestId('model-download').click();
+  const progress = page.getByTestId('model-download-progress');
+  await expect(progress).toBeVisible();
+  await expect(progress).toHaveAttribute('data-state', 'finished', { timeout: 120_000 });
+  await expect(page.getByTestId('model-info')).toBeVisible({ timeout: 60_000 });
+  await expect(page.getByTestId('model-arch')).toHaveText(/ForCausalLM/);
+  await shot(page, '10-model-download');
+});
