@@ -15,8 +15,13 @@ ORDER = [
 
 
 def ratios(text: str) -> list[str]:
-    """Every bold `**x.yz×**` in a report, the form each uses for its ours/peer ratios."""
-    return re.findall(r"\*\*([0-9.]+×)\*\*", text)
+    """The ours/peer ratios of a report: its bold `**x.yz×**` cells, or else the `time
+    ratio` column of a per-quantization table (the GGUF report)."""
+    bold = re.findall(r"\*\*([0-9.]+×)\*\*", text)
+    if bold:
+        return bold
+    rows = re.findall(r"^\| (\w+) \| [0-9.]+ \| [0-9.]+ \| ([0-9.]+×) \|", text, re.M)
+    return [f"{q} time {r}" for q, r in rows]
 
 
 def main() -> None:
