@@ -42,6 +42,10 @@ pub struct ServeArgs {
     /// Where runs are kept [default: $BACKPROP_HOME/runs or the platform data folder]
     #[arg(long)]
     pub runs_dir: Option<PathBuf>,
+    /// Pause training while the GPU is this hot (°C), resuming 5 °C below; 0 turns the
+    /// guard off
+    #[arg(long, default_value_t = 85.0)]
+    pub thermal_limit: f32,
 }
 
 #[derive(Clone)]
@@ -105,6 +109,7 @@ pub fn run(args: &ServeArgs) -> Result<ExitCode> {
             .clone()
             .unwrap_or_else(backpropagate::run::default_runs_dir),
         ollama_host: None,
+        thermal_limit_c: (args.thermal_limit > 0.0).then_some(args.thermal_limit),
     });
     let state = AppState {
         service,

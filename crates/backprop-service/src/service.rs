@@ -11,8 +11,9 @@ use backpropagate::data::{
     encode_all, read_jsonl, ChatTemplate, Content, DataError, EncodeOptions, Encoder,
     PrepareOptions, TemplateSource,
 };
-use backpropagate::event::{Event, EventSink};
+use backpropagate::event::{Event, EventSink, LogLevel};
 use backpropagate::export::{self, ExportOptions};
+use backpropagate::gpu::{ThermalChange, ThermalGuard};
 use backpropagate::hub::{resolve_model, HubError, HubOptions, ModelSpec};
 use backpropagate::model::ModelConfig;
 use backpropagate::ollama::{self, OllamaClient, PushOptions};
@@ -30,6 +31,9 @@ pub struct ServiceConfig {
     pub runs_dir: PathBuf,
     /// OLLAMA_HOST-style address; `None` reads OLLAMA_HOST.
     pub ollama_host: Option<String>,
+    /// Training pauses while the GPU is at or above this temperature (°C) and goes on
+    /// 5 °C below it; `None` turns the guard off.
+    pub thermal_limit_c: Option<f32>,
 }
 
 impl Default for ServiceConfig {
@@ -37,6 +41,7 @@ impl Default for ServiceConfig {
         ServiceConfig {
             runs_dir: backpropagate::run::default_runs_dir(),
             ollama_host: None,
+            thermal_limit_c: Some(85.0),
         }
     }
 }
@@ -54,6 +59,8 @@ struct Inner {
     /// Samples the first NVIDIA GPU once a second while the app runs (none without one).
     _gpu: Option<backpropagate::gpu::GpuMonitor>,
     gpu: backpropagate::gpu::GpuStatus,
+    /// Set by the thermal guard; every training job's token shares it.
+    thermal_pause: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// Cheap to clone; every clone drives the same jobs.
@@ -70,16 +77,47 @@ impl Service {
     pub fn new(config: ServiceConfig) -> Self {
         let (events, _) = broadcast::channel(4096);
         let gpu = backpropagate::gpu::probe();
+        let thermal_pause = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let monitor = match &gpu {
             backpropagate::gpu::GpuStatus::Found { .. } => {
                 let tx = events.clone();
+                let guard = Mutex::new(config.thermal_limit_c.map(ThermalGuard::new));
+                let pause = thermal_pause.clone();
                 let sink = move |event: Event| {
-                    let _ = tx.send(JobEvent {
-                        job: None,
-                        kind: None,
-                        run: None,
-                        event,
-                    });
+                    let send = |event: Event| {
+                        let _ = tx.send(JobEvent {
+                            job: None,
+                            kind: None,
+                            run: None,
+                            event,
+                        });
+                    };
+                    if let Event::Gpu { temp_c, .. } = &event {
+                        let mut guard = guard.lock().unwrap_or_else(|e| e.into_inner());
+                        if let Some(g) = guard.as_mut() {
+                            let limit = g.limit_c();
+                            match g.update(*temp_c) {
+                                Some(ThermalChange::Pause) => {
+                                    pause.store(true, Ordering::SeqCst);
+                                    send(Event::Log {
+                                        level: LogLevel::Warn,
+                                        message: format!("GPU at {temp_c:.0} °C (limit {limit:.0} °C): training pauses until it cools"),
+                                    });
+                                }
+                                Some(ThermalChange::Resume) => {
+                                    pause.store(false, Ordering::SeqCst);
+                                    send(Event::Log {
+                                        level: LogLevel::Info,
+                                        message: format!(
+                                            "GPU down to {temp_c:.0} °C: training goes on"
+                                        ),
+                                    });
+                                }
+                                None => {}
+                            }
+                        }
+                    }
+                    send(event);
                 };
                 backpropagate::gpu::GpuMonitor::start(
                     0,
@@ -98,6 +136,7 @@ impl Service {
                 next_job: AtomicU64::new(1),
                 _gpu: monitor,
                 gpu,
+                thermal_pause,
             }),
         }
     }
@@ -379,7 +418,11 @@ impl Service {
         work: impl FnOnce(&dyn EventSink, &CancelToken) -> Result<String> + Send + 'static,
     ) -> Result<JobInfo> {
         let id = format!("j{}", self.inner.next_job.fetch_add(1, Ordering::SeqCst));
-        let cancel = CancelToken::default();
+        let cancel = if kind == JobKind::Train {
+            CancelToken::with_pause(self.inner.thermal_pause.clone())
+        } else {
+            CancelToken::default()
+        };
         let info = JobInfo {
             id: id.clone(),
             kind,

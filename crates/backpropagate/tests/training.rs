@@ -221,3 +221,60 @@ fn wrong_dtype_and_wrong_shape_are_named() {
     let err = broken_model(|d| edit_config(d, |v| v["intermediate_size"] = 100.into()));
     assert!(err.contains("tensor `model.layers.0.mlp.gate_proj.weight` has shape [128, 64] but config.json implies [100, 64]"), "{err}");
 }
+
+#[test]
+fn a_paused_token_holds_training_between_steps_until_resumed() {
+    use backpropagate::event::Event;
+    use backpropagate::train::CancelToken;
+    use std::sync::{Arc, Mutex};
+
+    let runs = tempfile::tempdir().unwrap();
+    let cancel = CancelToken::default();
+    cancel.set_paused(true);
+    let seen: Arc<Mutex<Vec<Event>>> = Arc::default();
+    let worker = {
+        let (cancel, seen) = (cancel.clone(), seen.clone());
+        let runs = runs.path().to_path_buf();
+        std::thread::spawn(move || {
+            let mut t = backpropagate::train::Trainer::new(
+                common::fixture(backpropagate::fixture::Family::Qwen2)
+                    .to_str()
+                    .unwrap(),
+            )
+            .batch_size(backpropagate::config::BatchSize::Fixed(2))
+            .runs_dir(runs);
+            t.config_mut().data = common::samples_dir().join("alpaca.jsonl");
+            t.config_mut().steps = 3;
+            let sink = move |e: Event| seen.lock().unwrap().push(e);
+            t.start_with(&sink, &cancel)
+        })
+    };
+    // Held before the first step: no Step events, and the log says why.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while !seen.lock().unwrap().iter().any(
+        |e| matches!(e, Event::Log { message, .. } if message.starts_with("paused before step 1")),
+    ) {
+        assert!(std::time::Instant::now() < deadline, "never paused");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    assert!(!seen
+        .lock()
+        .unwrap()
+        .iter()
+        .any(|e| matches!(e, Event::Step { .. })));
+    cancel.set_paused(false);
+    let summary = worker.join().unwrap().unwrap();
+    assert_eq!(summary.steps, 3);
+    let events = seen.lock().unwrap();
+    assert_eq!(
+        events
+            .iter()
+            .filter(|e| matches!(e, Event::Step { .. }))
+            .count(),
+        3
+    );
+    assert!(events
+        .iter()
+        .any(|e| matches!(e, Event::Log { message, .. } if message == "resumed")));
+}

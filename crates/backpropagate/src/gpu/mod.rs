@@ -4,5 +4,7 @@
 
 pub mod memory;
 mod monitor;
+mod thermal;
 
 pub use monitor::{probe, GpuInfo, GpuMonitor, GpuStatus};
+pub use thermal::{ThermalChange, ThermalGuard};

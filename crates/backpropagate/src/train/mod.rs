@@ -38,16 +38,39 @@ use crate::lora::LoraSet;
 use crate::model::{CausalLm, ModelConfig};
 use crate::run::{self, MetricLine, RunDir, RunInfo, RunSink, RunStatus};
 
-/// Asks a running job to stop at the next step boundary (after a checkpoint).
+/// Asks a running job to stop at the next step boundary (after a checkpoint), or to
+/// hold between steps while paused (the thermal guard pauses hot GPUs this way).
 #[derive(Debug, Clone, Default)]
-pub struct CancelToken(Arc<AtomicBool>);
+pub struct CancelToken {
+    cancelled: Arc<AtomicBool>,
+    paused: Arc<AtomicBool>,
+}
 
 impl CancelToken {
+    /// A token whose pause flag is shared with others (one guard pauses every job).
+    pub fn with_pause(paused: Arc<AtomicBool>) -> Self {
+        CancelToken {
+            cancelled: Arc::default(),
+            paused,
+        }
+    }
     pub fn cancel(&self) {
-        self.0.store(true, Ordering::SeqCst)
+        self.cancelled.store(true, Ordering::SeqCst)
     }
     pub fn is_cancelled(&self) -> bool {
-        self.0.load(Ordering::SeqCst)
+        self.cancelled.load(Ordering::SeqCst)
+    }
+    pub fn set_paused(&self, paused: bool) {
+        self.paused.store(paused, Ordering::SeqCst)
+    }
+    pub fn is_paused(&self) -> bool {
+        self.paused.load(Ordering::SeqCst)
+    }
+    /// Blocks while paused; a cancel ends the wait.
+    pub fn wait_while_paused(&self) {
+        while self.is_paused() && !self.is_cancelled() {
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
     }
 }
 
@@ -521,6 +544,19 @@ impl Session {
         let base_model = info.model_dir.display().to_string();
 
         while state.step < c.steps {
+            if cancel.is_paused() {
+                sink.emit(Event::Log {
+                    level: LogLevel::Warn,
+                    message: format!("paused before step {} (the GPU is too hot); training continues once it cools", state.step + 1),
+                });
+                cancel.wait_while_paused();
+                if !cancel.is_cancelled() {
+                    sink.emit(Event::Log {
+                        level: LogLevel::Info,
+                        message: "resumed".into(),
+                    });
+                }
+            }
             if cancel.is_cancelled() {
                 let path = checkpoint::save(
                     &run.checkpoints_dir(),
