@@ -220,3 +220,13 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Command::Serve(args) => serve_cmd::run(&args),
     }
 }
+
+/// An engine log event as the CLI prints it: warnings and errors say so up front.
+pub(crate) fn log_line(level: backpropagate::event::LogLevel, message: String) -> String {
+    use backpropagate::event::LogLevel;
+    match level {
+        LogLevel::Info => message,
+        LogLevel::Warn => format!("warning: {message}"),
+        LogLevel::Error => format!("error: {message}"),
+    }
+}

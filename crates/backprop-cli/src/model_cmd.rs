@@ -5,7 +5,7 @@ use std::process::ExitCode;
 use std::sync::Mutex;
 
 use anyhow::Result;
-use backpropagate::event::{Event, EventSink, LogLevel};
+use backpropagate::event::{Event, EventSink};
 use backpropagate::hub::{resolve_model, HubOptions, ModelSpec};
 use clap::Subcommand;
 use indicatif::{ProgressBar, ProgressStyle};
@@ -45,11 +45,7 @@ impl EventSink for Bytes {
                 }
             }
             Event::Log { level, message } => {
-                let line = match level {
-                    LogLevel::Info => message,
-                    LogLevel::Warn => format!("warning: {message}"),
-                    LogLevel::Error => format!("error: {message}"),
-                };
+                let line = crate::log_line(level, message);
                 match cur.as_ref() {
                     Some((_, b)) if !b.is_finished() => b.println(line),
                     _ => eprintln!("{line}"),

@@ -7,7 +7,7 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use anyhow::{anyhow, Result};
-use backpropagate::event::{Event, EventSink, LogLevel};
+use backpropagate::event::{Event, EventSink};
 use backpropagate::export::GgufQuant;
 use backpropagate::ollama::{self, ChatMessage, OllamaClient, PushOptions};
 use backpropagate::run::{default_runs_dir, resolve_run};
@@ -127,11 +127,7 @@ impl EventSink for PushFace {
                 eprintln!("{stage}: {done}/{total}")
             }
             Event::Log { level, message } => {
-                let line = match level {
-                    LogLevel::Info => message,
-                    LogLevel::Warn => format!("warning: {message}"),
-                    LogLevel::Error => format!("error: {message}"),
-                };
+                let line = crate::log_line(level, message);
                 match bar.as_ref() {
                     Some((_, b)) if !b.is_finished() => b.println(line),
                     _ => eprintln!("{line}"),

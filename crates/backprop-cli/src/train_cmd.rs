@@ -7,7 +7,7 @@ use std::sync::Mutex;
 use anyhow::{Context, Result};
 use backpropagate::config::{BatchSize, LrSchedule};
 use backpropagate::data::TrainOn;
-use backpropagate::event::{Event, EventSink, LogLevel};
+use backpropagate::event::{Event, EventSink};
 use backpropagate::run::{default_runs_dir, resolve_run, RunDir, RunStatus};
 use backpropagate::train::{RunSummary, Trainer};
 use backpropagate::TrainConfig;
@@ -245,11 +245,7 @@ impl EventSink for Face {
                 ));
             }
             Event::Log { level, message } => {
-                let line = match level {
-                    LogLevel::Info => message,
-                    LogLevel::Warn => format!("warning: {message}"),
-                    LogLevel::Error => format!("error: {message}"),
-                };
+                let line = crate::log_line(level, message);
                 match bar.as_ref() {
                     Some(b) => b.println(line),
                     None => eprintln!("{line}"),

@@ -58,3 +58,19 @@ impl Error {
         }
     }
 }
+
+/// An error and its sources on one line (`a: b: c`), skipping a source whose text the
+/// message already contains, for errors from HTTP and I/O stacks that nest them.
+pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        let m = c.to_string();
+        if !s.contains(&m) {
+            s.push_str(": ");
+            s.push_str(&m);
+        }
+        cur = c.source();
+    }
+    s
+}

@@ -3,17 +3,16 @@
 //! (a HEAD for its etag and size, a GET that may redirect to a CDN, resumed with
 //! `Range` when a partial blob exists).
 
-use std::io::{Read, Write};
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use futures_util::StreamExt;
 use serde::Deserialize;
 use serde_json::Value;
-use sha2::{Digest, Sha256};
 
 use super::cache::{cache_dir, RepoCache};
-use crate::error::{Error, Result};
+use crate::error::{error_chain, Error, Result};
 use crate::event::{Event, EventSink, LogLevel};
 use crate::model::ModelConfig;
 
@@ -232,7 +231,7 @@ impl Fetcher {
     fn unreachable(&self, e: reqwest::Error) -> HubError {
         HubError::Unreachable {
             endpoint: self.endpoint.clone(),
-            message: chain(&e),
+            message: error_chain(&e),
         }
     }
 
@@ -455,7 +454,7 @@ impl Fetcher {
         }
         // LFS files are named by their sha256: check what arrived before trusting it.
         if meta.etag.len() == 64 && meta.etag.bytes().all(|b| b.is_ascii_hexdigit()) {
-            let got = sha256_of(&partial)?;
+            let got = crate::run::sha256_file(&partial)?;
             if !got.eq_ignore_ascii_case(&meta.etag) {
                 let _ = std::fs::remove_file(&partial);
                 return Err(HubError::Checksum {
@@ -538,37 +537,9 @@ impl Fetcher {
     }
 }
 
-fn sha256_of(path: &Path) -> Result<String> {
-    let mut f = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
-    let mut h = Sha256::new();
-    let mut buf = vec![0u8; 1 << 20];
-    loop {
-        let n = f.read(&mut buf).map_err(|e| Error::io(path, e))?;
-        if n == 0 {
-            break;
-        }
-        h.update(&buf[..n]);
-    }
-    Ok(format!("{:x}", h.finalize()))
-}
-
 fn log(message: String) -> Event {
     Event::Log {
         level: LogLevel::Info,
         message,
     }
-}
-
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        let m = c.to_string();
-        if !s.contains(&m) {
-            s.push_str(": ");
-            s.push_str(&m);
-        }
-        cur = c.source();
-    }
-    s
 }

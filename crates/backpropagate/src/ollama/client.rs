@@ -11,6 +11,7 @@ use serde_json::Value;
 use tokio_util::io::ReaderStream;
 
 use super::OllamaError;
+use crate::error::error_chain;
 
 pub const DEFAULT_HOST: &str = "http://127.0.0.1:11434";
 /// The first release whose `/api/create` takes `files` (digests of uploaded blobs).
@@ -337,12 +338,15 @@ impl OllamaClient {
         Ok(t.models)
     }
 
-    /// `POST /api/show`; `None` when the model does not exist.
-    pub async fn show(&self, name: &str) -> Result<Option<ShowResponse>, OllamaError> {
-        let what = "showing the model";
-        let resp = self
-            .http
-            .post(self.url("/api/show"))
+    /// Sends `{"model": name}` to a call that answers 404 for an unknown model;
+    /// `None` then, else the checked reply.
+    async fn by_name(
+        &self,
+        request: reqwest::RequestBuilder,
+        what: &str,
+        name: &str,
+    ) -> Result<Option<reqwest::Response>, OllamaError> {
+        let resp = request
             .timeout(self.timeout)
             .json(&serde_json::json!({ "model": name }))
             .send()
@@ -351,29 +355,30 @@ impl OllamaClient {
         if resp.status().as_u16() == 404 {
             return Ok(None);
         }
-        let resp = self.check(what, resp).await?;
-        resp.json()
-            .await
-            .map(Some)
-            .map_err(|e| self.body_error(what, e))
+        self.check(what, resp).await.map(Some)
+    }
+
+    /// `POST /api/show`; `None` when the model does not exist.
+    pub async fn show(&self, name: &str) -> Result<Option<ShowResponse>, OllamaError> {
+        let what = "showing the model";
+        let request = self.http.post(self.url("/api/show"));
+        match self.by_name(request, what, name).await? {
+            Some(resp) => resp
+                .json()
+                .await
+                .map(Some)
+                .map_err(|e| self.body_error(what, e)),
+            None => Ok(None),
+        }
     }
 
     /// `DELETE /api/delete`; false when there was no such model.
     pub async fn delete(&self, name: &str) -> Result<bool, OllamaError> {
-        let what = "deleting the model";
-        let resp = self
-            .http
-            .delete(self.url("/api/delete"))
-            .timeout(self.timeout)
-            .json(&serde_json::json!({ "model": name }))
-            .send()
-            .await
-            .map_err(|e| self.transport(what, e))?;
-        if resp.status().as_u16() == 404 {
-            return Ok(false);
-        }
-        self.check(what, resp).await?;
-        Ok(true)
+        let request = self.http.delete(self.url("/api/delete"));
+        Ok(self
+            .by_name(request, "deleting the model", name)
+            .await?
+            .is_some())
     }
 
     /// `POST /api/chat`, not streamed: the assistant's reply.
@@ -428,20 +433,6 @@ fn handle_status_line(line: &[u8], on_status: &mut impl FnMut(&str)) -> Result<b
     let status = v.get("status").and_then(Value::as_str).unwrap_or_default();
     on_status(status);
     Ok(status == "success")
-}
-
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        let m = c.to_string();
-        if !s.contains(&m) {
-            s.push_str(": ");
-            s.push_str(&m);
-        }
-        cur = c.source();
-    }
-    s
 }
 
 /// `0.13.1-rc0` → (0, 13, 1).
