@@ -43,6 +43,42 @@ pub struct TrainConfig {
     #[serde(skip_serializing_if = "Option::is_none")]
     #[ts(optional = nullable)]
     pub init_adapter: Option<PathBuf>,
+    /// Where to train: `auto` (an NVIDIA GPU in a CUDA build, else the CPU, with a
+    /// notice), `cpu`, `cuda`, `cuda:N` or `metal`.
+    pub device: String,
+    /// How the frozen base is held in memory: QLoRA with `q4_k` or `q8_0`.
+    pub base_quant: BaseQuant,
+}
+
+/// Storage of the frozen base weights. `auto` keeps them as stored, except that a
+/// bitsandbytes 4-bit checkpoint is held as `q4_k` (it was chosen to save memory).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, TS)]
+#[ts(export)]
+pub enum BaseQuant {
+    #[default]
+    #[serde(rename = "auto")]
+    Auto,
+    #[serde(rename = "f32")]
+    F32,
+    #[serde(rename = "q8_0")]
+    Q8_0,
+    #[serde(rename = "q4_k")]
+    Q4K,
+}
+
+impl std::str::FromStr for BaseQuant {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s.to_ascii_lowercase().as_str() {
+            "auto" => Ok(BaseQuant::Auto),
+            "f32" | "none" => Ok(BaseQuant::F32),
+            "q8_0" | "8bit" => Ok(BaseQuant::Q8_0),
+            "q4_k" | "q4" | "4bit" => Ok(BaseQuant::Q4K),
+            other => Err(format!(
+                "base quantization must be auto, f32, q8_0 or q4_k, got `{other}`"
+            )),
+        }
+    }
 }
 
 impl Default for TrainConfig {
@@ -66,6 +102,8 @@ impl Default for TrainConfig {
             seed: 42,
             multi_run: MultiRunConfig::default(),
             init_adapter: None,
+            device: "auto".into(),
+            base_quant: BaseQuant::Auto,
         }
     }
 }
@@ -276,6 +314,9 @@ impl TrainConfig {
                 "max_seq_len must be at least 8, got {}",
                 self.max_seq_len
             ));
+        }
+        if let Err(e) = self.device.parse::<crate::gpu::DeviceSpec>() {
+            problems.push(e);
         }
         if self.lora.r == 0 {
             problems.push("lora.r must be at least 1".to_string());

@@ -444,3 +444,135 @@ pub fn write_two_tasks(
         write("held_b.jsonl", &b[180..])?,
     ))
 }
+
+/// Copies the model in `src` to `dst` as a bitsandbytes 4-bit checkpoint, laid out as
+/// transformers saves one: the seven projections of every layer in NF4 (blocks of 64,
+/// with `double_quant` the scales as u8 codes in blocks of 256 around their mean), the
+/// rest in bf16, and `quantization_config` in config.json. Tests load it as users load
+/// `*-bnb-4bit` models from the Hub.
+pub fn write_bnb_4bit(src: &Path, dst: &Path, double_quant: bool) -> Result<()> {
+    use crate::model::nf4::{quantize, NF4};
+    use safetensors::Dtype;
+
+    std::fs::create_dir_all(dst).map_err(|e| Error::io(dst, e))?;
+    for entry in std::fs::read_dir(src).map_err(|e| Error::io(src, e))? {
+        let path = entry.map_err(|e| Error::io(src, e))?.path();
+        let name = path.file_name().map(|n| n.to_string_lossy().into_owned());
+        if let Some(name) = name.filter(|n| n != "model.safetensors" && path.is_file()) {
+            std::fs::copy(&path, dst.join(&name)).map_err(|e| Error::io(&path, e))?;
+        }
+    }
+    let config_path = dst.join("config.json");
+    let mut config: Value = serde_json::from_slice(
+        &std::fs::read(&config_path).map_err(|e| Error::io(&config_path, e))?,
+    )
+    .map_err(|e| Error::model(&config_path, e.to_string()))?;
+    config["quantization_config"] = json!({
+        "quant_method": "bitsandbytes",
+        "load_in_4bit": true,
+        "bnb_4bit_quant_type": "nf4",
+        "bnb_4bit_use_double_quant": double_quant,
+        "bnb_4bit_compute_dtype": "bfloat16",
+    });
+    write_json(&config_path, &config)?;
+
+    let weights = src.join("model.safetensors");
+    let bytes = std::fs::read(&weights).map_err(|e| Error::io(&weights, e))?;
+    let st = safetensors::SafeTensors::deserialize(&bytes)
+        .map_err(|e| Error::model(&weights, e.to_string()))?;
+    let f32s = |b: &[u8]| -> Vec<f32> {
+        b.chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect()
+    };
+    let le = |v: &[f32]| -> Vec<u8> { v.iter().flat_map(|x| x.to_le_bytes()).collect() };
+    let mut out: Vec<(String, Dtype, Vec<usize>, Vec<u8>)> = Vec::new();
+    for (name, view) in st.tensors() {
+        let values = f32s(view.data());
+        let linear = crate::lora::TARGETS
+            .iter()
+            .any(|t| name.ends_with(&format!(".{t}.weight")));
+        if !linear {
+            let b: Vec<u8> = values
+                .iter()
+                .flat_map(|v| half::bf16::from_f32(*v).to_le_bytes())
+                .collect();
+            out.push((name, Dtype::BF16, view.shape().to_vec(), b));
+            continue;
+        }
+        let (packed, absmax) = quantize(&values, 64);
+        let mut state = json!({
+            "quant_type": "nf4",
+            "blocksize": 64,
+            "dtype": "bfloat16",
+            "shape": view.shape(),
+        });
+        out.push((name.clone(), Dtype::U8, vec![packed.len(), 1], packed));
+        if double_quant {
+            let offset = absmax.iter().sum::<f32>() / absmax.len() as f32;
+            let centred: Vec<f32> = absmax.iter().map(|a| a - offset).collect();
+            // A signed linear code book: the format stores its own map, so any works.
+            let map: Vec<f32> = (0..256).map(|i| (i as f32 - 127.5) / 127.5).collect();
+            let scales: Vec<f32> = centred
+                .chunks(256)
+                .map(|b| b.iter().fold(1e-12f32, |m, v| m.max(v.abs())))
+                .collect();
+            let codes: Vec<u8> = centred
+                .iter()
+                .enumerate()
+                .map(|(i, v)| {
+                    let x = v / scales[i / 256];
+                    (0..256)
+                        .min_by(|&a, &b| (map[a] - x).abs().total_cmp(&(map[b] - x).abs()))
+                        .unwrap_or(0) as u8
+                })
+                .collect();
+            state["nested_blocksize"] = json!(256);
+            state["nested_offset"] = json!(offset);
+            out.push((
+                format!("{name}.absmax"),
+                Dtype::U8,
+                vec![codes.len()],
+                codes,
+            ));
+            out.push((
+                format!("{name}.nested_absmax"),
+                Dtype::F32,
+                vec![scales.len()],
+                le(&scales),
+            ));
+            out.push((
+                format!("{name}.nested_quant_map"),
+                Dtype::F32,
+                vec![256],
+                le(&map),
+            ));
+        } else {
+            out.push((
+                format!("{name}.absmax"),
+                Dtype::F32,
+                vec![absmax.len()],
+                le(&absmax),
+            ));
+        }
+        out.push((format!("{name}.quant_map"), Dtype::F32, vec![16], le(&NF4)));
+        let blob = state.to_string().into_bytes();
+        out.push((
+            format!("{name}.quant_state.bitsandbytes__nf4"),
+            Dtype::U8,
+            vec![blob.len()],
+            blob,
+        ));
+    }
+    let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = out
+        .iter()
+        .map(|(n, d, s, b)| {
+            safetensors::tensor::TensorView::new(*d, s.clone(), b)
+                .map(|v| (n.clone(), v))
+                .map_err(|e| Error::model(dst, format!("tensor `{n}`: {e}")))
+        })
+        .collect::<Result<_>>()?;
+    let data = safetensors::serialize(views, None)
+        .map_err(|e| Error::model(dst, format!("cannot serialize: {e}")))?;
+    write_atomic(&dst.join("model.safetensors"), &data)
+}

@@ -5,10 +5,10 @@
 
 mod base_reader;
 mod gguf;
-mod gguf_file;
+pub(crate) mod gguf_file;
 mod kquants;
 mod merged;
-mod quant;
+pub(crate) mod quant;
 
 pub use gguf::GgufQuant;
 

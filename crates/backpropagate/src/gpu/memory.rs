@@ -2,12 +2,13 @@
 //!
 //! ```text
 //! bytes(micro) = fixed + micro × seq × per_token
-//! fixed        = params × weight_bytes                 frozen base (2 for bf16/f16, 4 for f32)
+//! fixed        = params × weight_bits / 8              frozen base (32 f32, 16 bf16/f16,
+//!                                                      8.5 q8_0, 4.5 q4_k: QLoRA)
 //!              + lora_params × 16                      f32 weight, gradient, Adam m and v
 //!              + 256 MiB                               kernels, workspace, allocator slack
 //! per_token    = a × layers × saved                    activations kept for backward, in the
-//!                                                      compute dtype (a = weight_bytes: 2 in
-//!                                                      bf16/f16 mixed precision, 4 in f32)
+//!                                                      compute dtype (a = 2 in bf16/f16
+//!                                                      mixed precision, 4 in f32)
 //!              + 4 × 2 × vocab                         f32 logits and their gradient
 //! saved        = 10·h + 2·kv + 3·i + 7·r + 2·heads·seq per layer: norms, q, attention and
 //!                                                      projection outputs, residuals (10·h),
@@ -25,6 +26,8 @@
 
 use serde::Serialize;
 
+use super::Picked;
+use crate::config::BaseQuant;
 use crate::model::ModelConfig;
 
 /// The shapes the estimate depends on.
@@ -68,11 +71,22 @@ pub struct Estimate {
 
 const WORKSPACE: u64 = 256 << 20;
 
+/// Bits per frozen weight for a base storage (QLoRA block formats include their
+/// scales: q8_0 is 34 bytes per 32 weights, q4_K 144 per 256).
+pub fn weight_bits(quant: BaseQuant) -> f64 {
+    match quant {
+        BaseQuant::Auto | BaseQuant::F32 => 32.0,
+        BaseQuant::Q8_0 => 8.5,
+        BaseQuant::Q4K => 4.5,
+    }
+}
+
 pub fn estimate(
     shape: &Shape,
     seq: u64,
     lora_r: u64,
-    weight_bytes: u64,
+    weight_bits: f64,
+    activation_bytes: u64,
     checkpointing: bool,
 ) -> Estimate {
     let s = shape;
@@ -82,9 +96,11 @@ pub fn estimate(
     } else {
         s.layers * saved
     };
-    let per_token = weight_bytes * kept + 4 * 2 * s.vocab;
+    let per_token = activation_bytes * kept + 4 * 2 * s.vocab;
     Estimate {
-        fixed_bytes: s.params * weight_bytes + s.lora_params(lora_r) * 16 + WORKSPACE,
+        fixed_bytes: (s.params as f64 * weight_bits / 8.0).ceil() as u64
+            + s.lora_params(lora_r) * 16
+            + WORKSPACE,
         per_sample_bytes: seq * per_token,
     }
 }
@@ -115,6 +131,36 @@ pub fn plan_batch(free_bytes: u64, est: &Estimate, effective: u32) -> Result<Bat
     })
 }
 
+/// Memory free for training on `device`: the GPU's free VRAM (NVML), or on the CPU
+/// the memory the OS says is available; None where it cannot be known.
+pub fn available_bytes(device: &Picked) -> Option<u64> {
+    if let Some(index) = device.cuda_index() {
+        return super::monitor::free_bytes(index);
+    }
+    if device.device.is_cpu() {
+        return system_available();
+    }
+    None
+}
+
+#[cfg(target_os = "linux")]
+fn system_available() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    parse_meminfo(&text)
+}
+
+#[cfg(not(target_os = "linux"))]
+fn system_available() -> Option<u64> {
+    None
+}
+
+/// `MemAvailable` in bytes from /proc/meminfo's text.
+fn parse_meminfo(text: &str) -> Option<u64> {
+    let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -135,14 +181,25 @@ mod tests {
         assert_eq!(SHAPE.lora_params(8), 16_384);
         // saved = 640 + 64 + 384 + 56 + 2·4·32 = 1400 values per token and layer;
         // per token 2 × 2·1400 (bf16) + 4 × 2·1000 (f32 logits) = 13 600 bytes; × 32.
-        let e = estimate(&SHAPE, 32, 8, 2, false);
+        let e = estimate(&SHAPE, 32, 8, 16.0, 2, false);
         assert_eq!(e.per_sample_bytes, 435_200);
         // 200k bf16 weights + 16 384 × 16 + 256 MiB.
         assert_eq!(e.fixed_bytes, 400_000 + 262_144 + (256 << 20));
         // Checkpointing keeps 2·64 layer inputs + one layer: (2 × (128 + 1400) + 8000) × 32.
-        assert_eq!(estimate(&SHAPE, 32, 8, 2, true).per_sample_bytes, 353_792);
+        assert_eq!(
+            estimate(&SHAPE, 32, 8, 16.0, 2, true).per_sample_bytes,
+            353_792
+        );
         // In f32 the activations take 4 bytes: (4 × 2·1400 + 8000) × 32.
-        assert_eq!(estimate(&SHAPE, 32, 8, 4, false).per_sample_bytes, 614_400);
+        assert_eq!(
+            estimate(&SHAPE, 32, 8, 32.0, 4, false).per_sample_bytes,
+            614_400
+        );
+        // QLoRA q4_k: 200 000 × 4.5 / 8 = 112 500 bytes of base weights.
+        assert_eq!(
+            estimate(&SHAPE, 32, 8, weight_bits(BaseQuant::Q4K), 4, false).fixed_bytes,
+            112_500 + 262_144 + (256 << 20)
+        );
     }
 
     #[test]
@@ -191,7 +248,7 @@ mod tests {
             vocab: 151_936,
             params: 494_032_768,
         };
-        let e = estimate(&qwen, 512, 16, 2, false);
+        let e = estimate(&qwen, 512, 16, 16.0, 2, false);
         let one = (e.fixed_bytes + e.per_sample_bytes) as f64 / (1u64 << 30) as f64;
         // About 1.2 GiB of bf16 weights and LoRA state plus ~1.5 GiB of activations and
         // logits for one 512-token sample: what PyTorch + PEFT needs without checkpointing.
@@ -201,5 +258,34 @@ mod tests {
             plan.micro_batch >= 4 && plan.micro_batch * plan.accumulation == 16,
             "{plan:?}"
         );
+    }
+
+    #[test]
+    fn meminfo_is_read_in_bytes() {
+        let text = "MemTotal:       24576000 kB\nMemFree:  1000 kB\nMemAvailable:   20000000 kB\n";
+        assert_eq!(parse_meminfo(text), Some(20_000_000 * 1024));
+        assert_eq!(parse_meminfo("MemTotal: 1 kB\n"), None);
+    }
+
+    /// A 7B model needs QLoRA on a 12 GB card: in f32 the weights alone do not fit; in
+    /// q4_k one 512-token sample does.
+    #[test]
+    fn qlora_makes_a_7b_model_fit_a_12_gb_card() {
+        // Qwen2.5-7B: h 3584, i 18944, 28 layers, 28 heads, kv 4×128, vocab 152 064.
+        let qwen7 = Shape {
+            hidden: 3584,
+            intermediate: 18_944,
+            layers: 28,
+            heads: 28,
+            kv_dim: 512,
+            vocab: 152_064,
+            params: 7_615_616_512,
+        };
+        let free = 11u64 << 30;
+        let f32_est = estimate(&qwen7, 512, 16, weight_bits(BaseQuant::F32), 4, false);
+        assert!(plan_batch(free, &f32_est, 8).is_err());
+        let q4 = estimate(&qwen7, 512, 16, weight_bits(BaseQuant::Q4K), 2, true);
+        let plan = plan_batch(free, &q4, 8).unwrap();
+        assert_eq!(plan.micro_batch * plan.accumulation, 8, "{plan:?}");
     }
 }

@@ -96,6 +96,13 @@ pub fn probe() -> GpuStatus {
     }
 }
 
+/// Free VRAM on GPU `index` in bytes, or None without NVML or that GPU.
+pub fn free_bytes(index: u32) -> Option<u64> {
+    let nvml = Nvml::init().ok()?;
+    let d = nvml.device_by_index(index).ok()?;
+    d.memory_info().ok().map(|m| m.free)
+}
+
 /// Samples GPU `index` every `interval` on its own thread until dropped.
 pub struct GpuMonitor {
     stop: Arc<AtomicBool>,

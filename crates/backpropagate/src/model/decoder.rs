@@ -11,14 +11,16 @@ use super::config::ModelConfig;
 use super::ops::{
     apply_rope, cross_entropy_sum, dropout_mask, frozen_linear, rms_norm, softmax_last_dim,
 };
+use super::quant::{quant_linear, FrozenWeight};
 use super::rope::RopeTables;
 use super::weights::Weights;
+use crate::config::BaseQuant;
 use crate::error::Result;
 use crate::lora::{LoraLayer, LoraSet};
 
 /// A frozen linear layer, optionally adapted by LoRA.
 struct Linear {
-    weight: Tensor,
+    weight: FrozenWeight,
     bias: Option<Tensor>,
     lora: Option<LoraLayer>,
     scale: f64,
@@ -33,8 +35,9 @@ impl Linear {
         in_f: usize,
         bias: bool,
         lora: Option<&LoraSet>,
+        quant: BaseQuant,
     ) -> Result<Self> {
-        let weight = w.get(&format!("{module}.weight"), &[out_f, in_f])?;
+        let weight = w.frozen(&format!("{module}.weight"), &[out_f, in_f], quant)?;
         let bias = if bias {
             Some(w.get(&format!("{module}.bias"), &[out_f])?)
         } else {
@@ -51,7 +54,10 @@ impl Linear {
     }
 
     fn forward(&self, x: &Tensor, rng: &mut Option<&mut ChaCha8Rng>) -> CResult<Tensor> {
-        let mut y = frozen_linear(x, &self.weight)?;
+        let mut y = match &self.weight {
+            FrozenWeight::Dense(w) => frozen_linear(x, w)?,
+            FrozenWeight::Quant(q) => quant_linear(x, q)?,
+        };
         if let Some(b) = &self.bias {
             y = y.broadcast_add(b)?;
         }
@@ -155,13 +161,26 @@ impl CausalLm {
         Ok(())
     }
 
-    /// Loads the base model from a HF folder, attaching `lora` where it targets.
+    /// Loads the base model from a HF folder, attaching `lora` where it targets; a
+    /// bitsandbytes 4-bit checkpoint is held as q4_k, anything else as stored.
     pub fn load(
         dir: &Path,
         config: ModelConfig,
         lora: Option<&LoraSet>,
         max_positions: usize,
         device: &Device,
+    ) -> Result<Self> {
+        Self::load_with(dir, config, lora, max_positions, device, BaseQuant::Auto)
+    }
+
+    /// [`CausalLm::load`] with the frozen linears held as `quant` says (QLoRA).
+    pub fn load_with(
+        dir: &Path,
+        config: ModelConfig,
+        lora: Option<&LoraSet>,
+        max_positions: usize,
+        device: &Device,
+        quant: BaseQuant,
     ) -> Result<Self> {
         let w = Weights::open(dir, DType::F32, device)?;
         let c = &config;
@@ -173,10 +192,26 @@ impl CausalLm {
         for l in 0..c.num_layers {
             let p = format!("model.layers.{l}");
             let attn = |name: &str, o, i, bias| {
-                Linear::load(&w, &format!("{p}.self_attn.{name}"), o, i, bias, lora)
+                Linear::load(
+                    &w,
+                    &format!("{p}.self_attn.{name}"),
+                    o,
+                    i,
+                    bias,
+                    lora,
+                    quant,
+                )
             };
             let mlp = |name: &str, o, i| {
-                Linear::load(&w, &format!("{p}.mlp.{name}"), o, i, c.mlp_bias, lora)
+                Linear::load(
+                    &w,
+                    &format!("{p}.mlp.{name}"),
+                    o,
+                    i,
+                    c.mlp_bias,
+                    lora,
+                    quant,
+                )
             };
             let (q_norm, k_norm) = if c.qk_norm {
                 (
@@ -220,6 +255,15 @@ impl CausalLm {
 
     pub fn device(&self) -> &Device {
         &self.device
+    }
+
+    /// Bytes held by the frozen linears (quantized ones at their block size).
+    pub fn linear_bytes(&self) -> usize {
+        self.layers
+            .iter()
+            .flat_map(|l| [&l.q, &l.k, &l.v, &l.o, &l.gate, &l.up, &l.down])
+            .map(|lin| lin.weight.bytes())
+            .sum()
     }
 
     pub fn max_positions(&self) -> usize {

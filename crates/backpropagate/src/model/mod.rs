@@ -4,7 +4,9 @@
 mod config;
 mod decoder;
 mod fused;
+pub mod nf4;
 pub mod ops;
+pub mod quant;
 mod rope;
 mod weights;
 

@@ -68,7 +68,13 @@ pub fn frozen_linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     } else {
         x2.contiguous()?
     };
-    let y = x2.apply_op2(w, FrozenMatmul)?;
+    // The op has CPU and CUDA kernels; elsewhere (Metal) candle's matmul is correct,
+    // only slower, since it also computes the weight's gradient.
+    let y = if x2.device().is_cpu() || x2.device().is_cuda() {
+        x2.apply_op2(w, FrozenMatmul)?
+    } else {
+        x2.matmul(&w.t()?)?
+    };
     let mut out = dims.to_vec();
     *out.last_mut().expect("x has at least one dimension") = w.dim(0)?;
     y.reshape(out)

@@ -8,6 +8,9 @@ use std::path::{Path, PathBuf};
 use candle_core::safetensors::MmapedSafetensors;
 use candle_core::{DType, Device, Tensor};
 
+use super::nf4::{dequantize, dequantize_absmax, QuantState};
+use super::quant::FrozenWeight;
+use crate::config::BaseQuant;
 use crate::error::{Error, Result};
 
 pub struct Weights {
@@ -35,8 +38,21 @@ impl Weights {
     }
 
     /// Checks that a tensor exists with the expected shape and a trainable dtype,
-    /// without loading it.
+    /// without loading it. A bitsandbytes 4-bit linear is checked against the shape its
+    /// quant state records.
     pub fn check(&self, name: &str, shape: &[usize]) -> Result<()> {
+        if let Some(state) = self.nf4_state(name)? {
+            if state.shape != shape {
+                return Err(Error::model(
+                    &self.dir,
+                    format!(
+                        "4-bit tensor `{name}` has shape {:?} but config.json implies {shape:?}",
+                        state.shape
+                    ),
+                ));
+            }
+            return Ok(());
+        }
         let view = self.files.get(name).map_err(|_| {
             Error::model(
                 &self.dir,
@@ -57,20 +73,122 @@ impl Weights {
             other => Err(Error::model(
                 &self.dir,
                 format!(
-                    "tensor `{name}` is {other:?}; only f32, f16 and bf16 checkpoints can be trained (quantized bases come with QLoRA)"
+                    "tensor `{name}` is {other:?}; only f32, f16 and bf16 checkpoints, and bitsandbytes 4-bit ones, can be trained"
                 ),
             )),
         }
     }
 
+    /// Whether any linear is stored in bitsandbytes 4-bit.
+    pub fn has_nf4(&self) -> bool {
+        self.files
+            .tensors()
+            .iter()
+            .any(|(n, _)| super::nf4::STATE_SUFFIXES.iter().any(|s| n.ends_with(s)))
+    }
+
     /// A tensor by its checkpoint name, checked, in the compute dtype.
     pub fn get(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
         self.check(name, shape)?;
+        if self.nf4_state(name)?.is_some() {
+            let values = self.nf4_values(name)?;
+            return Ok(Tensor::from_vec(values, shape, &self.device)?.to_dtype(self.dtype)?);
+        }
         let t = self
             .files
             .load(name, &self.device)
             .map_err(|e| Error::model(&self.dir, format!("cannot load `{name}`: {e}")))?;
         Ok(t.to_dtype(self.dtype)?)
+    }
+
+    /// A frozen linear weight (out, in), held as `quant` asks (QLoRA).
+    pub fn frozen(&self, name: &str, shape: &[usize], quant: BaseQuant) -> Result<FrozenWeight> {
+        if quant == BaseQuant::F32 || (quant == BaseQuant::Auto && self.nf4_state(name)?.is_none())
+        {
+            return Ok(FrozenWeight::Dense(self.get(name, shape)?));
+        }
+        let quant = if quant == BaseQuant::Auto {
+            BaseQuant::Q4K
+        } else {
+            quant
+        };
+        self.check(name, shape)?;
+        let values = if self.nf4_state(name)?.is_some() {
+            self.nf4_values(name)?
+        } else {
+            self.files
+                .load(name, &Device::Cpu)
+                .and_then(|t| t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>())
+                .map_err(|e| Error::model(&self.dir, format!("cannot load `{name}`: {e}")))?
+        };
+        Ok(FrozenWeight::from_f32(
+            values,
+            shape[0],
+            shape[1],
+            quant,
+            &self.device,
+        )?)
+    }
+
+    /// The quant state of a bitsandbytes 4-bit tensor, or None for a plain one.
+    fn nf4_state(&self, name: &str) -> Result<Option<QuantState>> {
+        for suffix in super::nf4::STATE_SUFFIXES {
+            if let Ok(view) = self.files.get(&format!("{name}{suffix}")) {
+                let state = QuantState::parse(view.data())
+                    .map_err(|e| Error::model(&self.dir, format!("`{name}`: {e}")))?;
+                return Ok(Some(state));
+            }
+        }
+        Ok(None)
+    }
+
+    fn nf4_values(&self, name: &str) -> Result<Vec<f32>> {
+        let bad = |e: String| Error::model(&self.dir, format!("4-bit tensor `{name}`: {e}"));
+        let state = self
+            .nf4_state(name)?
+            .ok_or_else(|| bad("no quant state".into()))?;
+        let raw = |suffix: &str| {
+            self.files
+                .get(&format!("{name}{suffix}"))
+                .map_err(|_| bad(format!("missing companion tensor `{name}{suffix}`")))
+        };
+        let floats = |suffix: &str| -> Result<Vec<f32>> {
+            let v = raw(suffix)?;
+            view_f32(v.dtype(), v.data()).map_err(&bad)
+        };
+        let absmax = if state.nested() {
+            let codes = raw(".absmax")?;
+            dequantize_absmax(
+                codes.data(),
+                &floats(".nested_quant_map")?,
+                &floats(".nested_absmax")?,
+                state.nested_blocksize.unwrap_or(256),
+                state.nested_offset.unwrap_or(0.0),
+            )
+            .map_err(&bad)?
+        } else {
+            floats(".absmax")?
+        };
+        let packed = raw("")?;
+        dequantize(packed.data(), &absmax, &floats(".quant_map")?, &state).map_err(bad)
+    }
+}
+
+/// Little-endian float data of a safetensors view as f32.
+fn view_f32(dtype: safetensors::Dtype, data: &[u8]) -> std::result::Result<Vec<f32>, String> {
+    let pairs = || data.chunks_exact(2).map(|b| [b[0], b[1]]);
+    match dtype {
+        safetensors::Dtype::F32 => Ok(data
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect()),
+        safetensors::Dtype::F16 => Ok(pairs()
+            .map(|b| half::f16::from_le_bytes(b).to_f32())
+            .collect()),
+        safetensors::Dtype::BF16 => Ok(pairs()
+            .map(|b| half::bf16::from_le_bytes(b).to_f32())
+            .collect()),
+        other => Err(format!("expected a float tensor, found {other:?}")),
     }
 }
 

@@ -27,6 +27,10 @@ pub struct State {
     pub optimizer_t: u64,
     pub tokens_seen: u64,
     pub elapsed_s: f64,
+    /// The micro-batch in use (smaller than planned after an out-of-memory back-off),
+    /// so a resumed run keeps the size that fits. Absent in older checkpoints.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub micro_batch: Option<usize>,
 }
 
 pub fn save(

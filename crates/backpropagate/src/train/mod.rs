@@ -21,7 +21,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
-use candle_core::{Device, Tensor};
+use candle_core::{DType, Device, Tensor};
+
+use crate::config::BaseQuant;
+use crate::gpu::memory::{self, Estimate};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use serde::Serialize;
@@ -111,7 +114,7 @@ pub struct Trainer {
     name: Option<String>,
     sink: Arc<dyn EventSink>,
     cancel: CancelToken,
-    device: Device,
+    memory_limit: Option<u64>,
 }
 
 impl Trainer {
@@ -129,7 +132,7 @@ impl Trainer {
             name: None,
             sink: Arc::new(Silent),
             cancel: CancelToken::default(),
-            device: Device::Cpu,
+            memory_limit: None,
         }
     }
 
@@ -171,6 +174,14 @@ impl Trainer {
     }
     pub fn config_mut(&mut self) -> &mut TrainConfig {
         &mut self.config
+    }
+    /// Makes every micro-batch whose estimated memory exceeds `bytes` fail as a GPU
+    /// out-of-memory error would, without telling the batch planner: how the
+    /// out-of-memory back-off is tested on machines without a GPU.
+    #[doc(hidden)]
+    pub fn simulate_memory_limit(mut self, bytes: u64) -> Self {
+        self.memory_limit = Some(bytes);
+        self
     }
 
     /// Trains on `data` for `steps` optimizer steps in a new run directory.
@@ -215,7 +226,7 @@ impl Trainer {
             step: 0,
         };
         // Validate data and model before creating anything on disk.
-        let session = Session::prepare(&self.config, &info, &self.device, sink)?;
+        let session = Session::prepare(&self.config, &info, sink, self.memory_limit)?;
         let run = RunDir::create(&self.runs_dir, &info, &self.config)?;
         session.run(run, info, None, sink, cancel)
     }
@@ -236,8 +247,7 @@ impl Trainer {
                 message: "the data file changed since this run started; resuming would train on different data. Start a new run instead".into(),
             });
         }
-        let device = Device::Cpu;
-        let session = Session::prepare(&config, &info, &device, sink)?;
+        let session = Session::prepare(&config, &info, sink, None)?;
         let checkpoint = run.latest_checkpoint()?;
         info.status = RunStatus::Running;
         session.run(run, info, checkpoint.map(|(_, p)| p), sink, cancel)
@@ -280,20 +290,48 @@ struct Session {
     micro_batch: usize,
     pad_id: u32,
     device: Device,
+    base_quant: BaseQuant,
+    estimate: Estimate,
+    memory_limit: Option<u64>,
 }
 
 impl Session {
     fn prepare(
         config: &TrainConfig,
         info: &RunInfo,
-        device: &Device,
         sink: &dyn EventSink,
+        memory_limit: Option<u64>,
     ) -> Result<Self> {
         let model_config = ModelConfig::load(
             &crate::model_dir::ModelDir::open(&info.model_dir)?
                 .require("config.json", "the model architecture")?,
         )?;
         CausalLm::validate(&info.model_dir, &model_config)?;
+        let picked = crate::gpu::pick(&config.device)?;
+        match &picked.notice {
+            Some(notice) => sink.emit(Event::Log {
+                level: LogLevel::Warn,
+                message: notice.clone(),
+            }),
+            None => sink.emit(Event::Log {
+                level: LogLevel::Info,
+                message: format!("training on {}", picked.label),
+            }),
+        }
+        let base_quant = match config.base_quant {
+            BaseQuant::Auto
+                if crate::model::Weights::open(&info.model_dir, DType::F32, &Device::Cpu)?
+                    .has_nf4() =>
+            {
+                sink.emit(Event::Log {
+                    level: LogLevel::Info,
+                    message: "bitsandbytes 4-bit checkpoint: its linears are dequantized and held as q4_k (QLoRA)".into(),
+                });
+                BaseQuant::Q4K
+            }
+            BaseQuant::Auto => BaseQuant::F32,
+            q => q,
+        };
         let options = PrepareOptions {
             encode: EncodeOptions {
                 max_seq_len: config.max_seq_len,
@@ -353,10 +391,27 @@ impl Session {
         };
         let train_rows = to_rows(train);
         let val_rows = to_rows(val);
-        let micro_batch = match config.batch_size {
-            BatchSize::Fixed(n) => n as usize,
-            BatchSize::Auto => auto_batch(&train_rows),
-        };
+        let seq = train_rows
+            .iter()
+            .chain(&val_rows)
+            .map(|r| r.input_ids.len())
+            .max()
+            .unwrap_or(1);
+        let estimate = memory::estimate(
+            &memory::Shape::of(&model_config),
+            seq as u64,
+            config.lora.r as u64,
+            memory::weight_bits(base_quant),
+            4,
+            false,
+        );
+        let (micro_batch, accumulation) = plan_micro_batch(
+            config,
+            &train_rows,
+            &estimate,
+            memory::available_bytes(&picked),
+            sink,
+        );
         sink.emit(Event::Log {
             level: LogLevel::Info,
             message: format!(
@@ -364,7 +419,7 @@ impl Session {
                 train_rows.len(),
                 val_rows.len(),
                 micro_batch,
-                config.gradient_accumulation
+                accumulation
             ),
         });
         Ok(Session {
@@ -374,7 +429,10 @@ impl Session {
             val_rows,
             micro_batch,
             pad_id: 0,
-            device: device.clone(),
+            device: picked.device,
+            base_quant,
+            estimate,
+            memory_limit,
         })
     }
 
@@ -496,6 +554,7 @@ impl Session {
                     optimizer_t: 0,
                     tokens_seen: 0,
                     elapsed_s: 0.0,
+                    micro_batch: None,
                 };
                 (lora, opt, state)
             }
@@ -507,13 +566,24 @@ impl Session {
             .map(|r| r.input_ids.len())
             .max()
             .unwrap_or(1);
-        let model = CausalLm::load(
+        let model = CausalLm::load_with(
             &info.model_dir,
             self.model_config.clone(),
             Some(&lora),
             max_len,
             &self.device,
+            self.base_quant,
         )?;
+        if self.base_quant != BaseQuant::F32 {
+            sink.emit(Event::Log {
+                level: LogLevel::Info,
+                message: format!(
+                    "frozen linears held as {:?}: {:.1} MiB",
+                    self.base_quant,
+                    model.linear_bytes() as f64 / (1u64 << 20) as f64
+                ),
+            });
+        }
         let trainable = lora.trainable_parameters();
         let total = self.model_config.parameter_count();
         sink.emit(Event::Log {
@@ -536,7 +606,20 @@ impl Session {
             .iter()
             .map(|v| v.as_tensor().flatten_all().and_then(|t| t.to_vec1::<f32>()))
             .collect::<candle_core::Result<_>>()?;
-        let per_step = self.micro_batch * c.gradient_accumulation as usize;
+        let per_step = self.per_step();
+        let mut micro = self.micro_batch;
+        if let Some(saved) = state.micro_batch {
+            if saved != micro && saved > 0 && per_step.is_multiple_of(saved) {
+                micro = saved;
+                sink.emit(Event::Log {
+                    level: LogLevel::Info,
+                    message: format!(
+                        "continuing with the checkpoint's micro-batch {micro} × accumulation {}",
+                        per_step / micro
+                    ),
+                });
+            }
+        }
         let started = Instant::now();
         let elapsed_before = state.elapsed_s;
         let first_step = state.step;
@@ -560,7 +643,7 @@ impl Session {
             if cancel.is_cancelled() {
                 let path = checkpoint::save(
                     &run.checkpoints_dir(),
-                    &state_with(&state, &order, &rng, &opt),
+                    &state_with(&state, &order, &rng, &opt, micro),
                     &lora,
                     &opt,
                     &base_model,
@@ -592,23 +675,38 @@ impl Session {
             let rows: Vec<&Row> = indices.iter().map(|&i| &self.train_rows[i]).collect();
             let total_targets: usize = rows.iter().map(|r| r.target_count()).sum();
             let tokens: u64 = rows.iter().map(|r| r.input_ids.len() as u64).sum();
-            let mut grads: Vec<Vec<f32>> = params.iter().map(|p| vec![0.0; p.len()]).collect();
-            let mut loss_sum = 0.0f64;
-            for chunk in rows.chunks(self.micro_batch) {
-                let batch = batch::build(chunk, self.pad_id, &self.device)?;
-                if batch.target_count == 0 {
-                    continue;
-                }
-                let loss = model.loss_sum(&batch, (c.lora.dropout > 0.0).then_some(&mut rng))?;
-                loss_sum += loss.to_scalar::<f32>()? as f64;
-                let store = (loss / total_targets as f64)?.backward()?;
-                for (g, var) in grads.iter_mut().zip(&vars) {
-                    if let Some(t) = store.get(var.as_tensor()) {
-                        let values = t.flatten_all()?.to_vec1::<f32>()?;
-                        g.iter_mut().zip(values).for_each(|(a, b)| *a += b);
+            // An out-of-memory step is retried from its start with half the
+            // micro-batch and twice the accumulation: the same rows, the same RNG
+            // position, so the step means what it would have meant.
+            let rng_at_step = rng.clone();
+            let (mut grads, loss_sum) = loop {
+                match self.accumulate(&model, &rows, micro, total_targets, &vars, &mut rng) {
+                    Ok(done) => break done,
+                    Err(e) if is_out_of_memory(&e) => {
+                        let Some(smaller) = smaller_divisor(per_step, micro) else {
+                            return Err(Error::Run {
+                                path: run.path().to_path_buf(),
+                                message: format!(
+                                    "out of memory at step {} even with micro-batch 1 ({e}); lower max_seq_len (now {}), use base_quant = \"q4_k\" (QLoRA), or a smaller model",
+                                    state.step + 1,
+                                    c.max_seq_len
+                                ),
+                            });
+                        };
+                        sink.emit(Event::Log {
+                            level: LogLevel::Warn,
+                            message: format!(
+                                "out of memory at step {} with micro-batch {micro}: continuing with micro-batch {smaller} × accumulation {} (same effective batch)",
+                                state.step + 1,
+                                per_step / smaller
+                            ),
+                        });
+                        micro = smaller;
+                        rng = rng_at_step.clone();
                     }
+                    Err(e) => return Err(e.into()),
                 }
-            }
+            };
             let loss = loss_sum / total_targets.max(1) as f64;
             if !loss.is_finite() {
                 return Err(Error::Run {
@@ -675,7 +773,7 @@ impl Session {
             }
             if last || (c.checkpoint_every > 0 && state.step % c.checkpoint_every == 0) {
                 state.elapsed_s = elapsed;
-                let snapshot = state_with(&state, &order, &rng, &opt);
+                let snapshot = state_with(&state, &order, &rng, &opt, micro);
                 let path =
                     checkpoint::save(&run.checkpoints_dir(), &snapshot, &lora, &opt, &base_model)?;
                 run.sync_metrics()?;
@@ -698,6 +796,55 @@ impl Session {
             total,
             run,
         ))
+    }
+
+    fn per_step(&self) -> usize {
+        match self.config.batch_size {
+            BatchSize::Fixed(n) => n as usize * self.config.gradient_accumulation as usize,
+            BatchSize::Auto => effective_auto(&self.train_rows, &self.config),
+        }
+    }
+
+    /// Forward and backward over one step's rows in micro-batches of `micro`; the
+    /// gradients are summed (the loss is already divided by the step's target count).
+    fn accumulate(
+        &self,
+        model: &CausalLm,
+        rows: &[&Row],
+        micro: usize,
+        total_targets: usize,
+        vars: &[candle_core::Var],
+        rng: &mut ChaCha8Rng,
+    ) -> candle_core::Result<(Vec<Vec<f32>>, f64)> {
+        let mut grads: Vec<Vec<f32>> = vars.iter().map(|v| vec![0.0; v.elem_count()]).collect();
+        let mut loss_sum = 0.0f64;
+        let dropout = self.config.lora.dropout > 0.0;
+        for chunk in rows.chunks(micro) {
+            if let Some(limit) = self.memory_limit {
+                let need =
+                    self.estimate.fixed_bytes + chunk.len() as u64 * self.estimate.per_sample_bytes;
+                if need > limit {
+                    candle_core::bail!(
+                        "out of memory: micro-batch {} needs about {need} bytes (simulated limit {limit})",
+                        chunk.len()
+                    );
+                }
+            }
+            let batch = batch::build(chunk, self.pad_id, &self.device)?;
+            if batch.target_count == 0 {
+                continue;
+            }
+            let loss = model.loss_sum(&batch, dropout.then_some(&mut *rng))?;
+            loss_sum += loss.to_scalar::<f32>()? as f64;
+            let store = (loss / total_targets as f64)?.backward()?;
+            for (g, var) in grads.iter_mut().zip(vars) {
+                if let Some(t) = store.get(var.as_tensor()) {
+                    let values = t.flatten_all()?.to_vec1::<f32>()?;
+                    g.iter_mut().zip(values).for_each(|(a, b)| *a += b);
+                }
+            }
+        }
+        Ok((grads, loss_sum))
     }
 
     fn evaluate(&self, model: &CausalLm) -> Result<f64> {
@@ -732,13 +879,93 @@ impl Session {
     }
 }
 
-fn state_with(state: &State, order: &DataOrder, rng: &ChaCha8Rng, opt: &AdamW) -> State {
+fn state_with(
+    state: &State,
+    order: &DataOrder,
+    rng: &ChaCha8Rng,
+    opt: &AdamW,
+    micro: usize,
+) -> State {
     State {
         cursor: order.cursor(),
         rng_word_pos: rng.get_word_pos().to_string(),
         optimizer_t: opt.t,
+        micro_batch: Some(micro),
         ..state.clone()
     }
+}
+
+/// Whether a candle error is the device (or the simulated limit) running out of memory.
+fn is_out_of_memory(e: &candle_core::Error) -> bool {
+    let text = e.to_string().to_ascii_lowercase();
+    ["out of memory", "out_of_memory", "failed to allocate"]
+        .iter()
+        .any(|m| text.contains(m))
+}
+
+/// The largest divisor of `per_step` at most half of `micro`, so that micro-batch ×
+/// accumulation stays the same effective batch.
+fn smaller_divisor(per_step: usize, micro: usize) -> Option<usize> {
+    (1..=micro / 2).rev().find(|d| per_step.is_multiple_of(*d))
+}
+
+/// The effective batch under `batch_size = auto`: the token heuristic's micro-batch
+/// times the accumulation the user asked for.
+fn effective_auto(rows: &[Row], config: &TrainConfig) -> usize {
+    auto_batch(rows) * config.gradient_accumulation as usize
+}
+
+/// The micro-batch and accumulation for this run: the user's effective batch
+/// (batch_size × gradient_accumulation) kept exactly, the micro-batch lowered to what
+/// the memory estimate says fits. A fixed batch_size is never raised.
+fn plan_micro_batch(
+    config: &TrainConfig,
+    rows: &[Row],
+    est: &Estimate,
+    free: Option<u64>,
+    sink: &dyn EventSink,
+) -> (usize, usize) {
+    let acc = config.gradient_accumulation as usize;
+    let (cap, effective) = match config.batch_size {
+        BatchSize::Fixed(n) => (n as usize, n as usize * acc),
+        BatchSize::Auto => (effective_auto(rows, config), effective_auto(rows, config)),
+    };
+    let Some(free) = free else {
+        let micro = cap.min(effective);
+        return (micro, effective / micro);
+    };
+    match memory::plan_batch(free, est, effective as u32) {
+        Ok(plan) => {
+            let micro = (plan.micro_batch as usize).min(cap);
+            if micro < cap && matches!(config.batch_size, BatchSize::Fixed(_)) {
+                sink.emit(Event::Log {
+                    level: LogLevel::Warn,
+                    message: format!(
+                        "batch_size {cap} would need about {:.1} GiB of the {:.1} GiB free; using micro-batch {micro} × accumulation {} for the same effective batch",
+                        gib(est.fixed_bytes + cap as u64 * est.per_sample_bytes),
+                        gib(free),
+                        effective / micro
+                    ),
+                });
+            }
+            (micro, effective / micro)
+        }
+        Err(need) => {
+            sink.emit(Event::Log {
+                level: LogLevel::Warn,
+                message: format!(
+                    "one sample needs about {:.1} GiB and {:.1} GiB is free: this may run out of memory; lower max_seq_len or use base_quant = \"q4_k\" (QLoRA)",
+                    gib(need),
+                    gib(free)
+                ),
+            });
+            (1, effective)
+        }
+    }
+}
+
+fn gib(bytes: u64) -> f64 {
+    bytes as f64 / (1u64 << 30) as f64
 }
 
 /// Micro-batch when the user says `auto`, until memory-based sizing (GPU issue)

@@ -7,6 +7,7 @@ use std::path::Path;
 use candle_core::{Device, Tensor};
 
 use super::batch::{build, mean_loss, Row};
+use crate::config::BaseQuant;
 use crate::error::Result;
 use crate::lora::LoraSet;
 use crate::model::{CausalLm, ModelConfig};
@@ -26,11 +27,21 @@ pub fn probe(
     adapter_dir: &Path,
     rows: &[(Vec<u32>, Vec<i32>)],
 ) -> Result<ProbeOutput> {
+    probe_with(model_dir, adapter_dir, rows, BaseQuant::Auto)
+}
+
+/// [`probe`] with the base held as `quant` (QLoRA checks).
+pub fn probe_with(
+    model_dir: &Path,
+    adapter_dir: &Path,
+    rows: &[(Vec<u32>, Vec<i32>)],
+    quant: BaseQuant,
+) -> Result<ProbeOutput> {
     let device = Device::Cpu;
     let config = ModelConfig::load(&model_dir.join("config.json"))?;
     let lora = LoraSet::load_peft(adapter_dir, &config, &device)?;
     let max_len = rows.iter().map(|(ids, _)| ids.len()).max().unwrap_or(1);
-    let model = CausalLm::load(model_dir, config, Some(&lora), max_len, &device)?;
+    let model = CausalLm::load_with(model_dir, config, Some(&lora), max_len, &device, quant)?;
     let rows: Vec<Row> = rows
         .iter()
         .map(|(ids, labels)| Row::single(ids.clone(), labels.clone()))
