@@ -5,7 +5,7 @@ use std::process::ExitCode;
 use std::sync::Mutex;
 
 use anyhow::{Context, Result};
-use backpropagate::config::{BatchSize, LrSchedule};
+use backpropagate::config::{BaseQuant, BatchSize, LrSchedule};
 use backpropagate::data::TrainOn;
 use backpropagate::event::{Event, EventSink};
 use backpropagate::run::{default_runs_dir, resolve_run, RunDir, RunStatus};
@@ -79,6 +79,14 @@ pub struct TrainArgs {
     /// Random seed [default: 42]
     #[arg(long)]
     pub seed: Option<u64>,
+    /// Where to train: auto, cpu, cuda, cuda:N or metal [default: auto: the GPU when this
+    /// build and the machine have one, else the CPU with a notice]
+    #[arg(long)]
+    pub device: Option<String>,
+    /// Frozen base in memory: auto, f32, q8_0 or q4_k (QLoRA: 4.5 bits per weight)
+    /// [default: auto: as stored; bitsandbytes 4-bit checkpoints as q4_k]
+    #[arg(long)]
+    pub base_quant: Option<BaseQuant>,
     /// Where runs are kept [default: $BACKPROP_HOME/runs or the platform data folder]
     #[arg(long)]
     pub runs_dir: Option<PathBuf>,
@@ -120,6 +128,8 @@ impl TrainArgs {
         set!(c.eval_every, self.eval_every);
         set!(c.checkpoint_every, self.checkpoint_every);
         set!(c.seed, self.seed);
+        set!(c.device, self.device);
+        set!(c.base_quant, self.base_quant);
         if let Some(s) = &self.schedule {
             c.schedule.kind = match s.as_str() {
                 "cosine" => LrSchedule::Cosine,

@@ -386,3 +386,60 @@ fn a_bad_device_is_refused_before_a_run_exists() {
         0
     );
 }
+
+/// A run on a bitsandbytes base exports: the merged model is the dequantized base
+/// plus the LoRA delta (same logits as base + adapter), with no quantization_config
+/// left behind, and GGUF export works from the same base.
+#[test]
+fn runs_on_a_4bit_base_export_merged_and_gguf() {
+    use backpropagate::export::{export, ExportFormat, ExportOptions, WeightDtype};
+    let work = tempfile::tempdir().unwrap();
+    let bnb = work.path().join("bnb");
+    write_bnb_4bit(fixture(Family::Llama), &bnb, true).unwrap();
+    let mut t = Trainer::new(bnb.to_str().unwrap())
+        .batch_size(BatchSize::Fixed(2))
+        .learning_rate(1e-2)
+        .runs_dir(work.path().join("runs"));
+    t.config_mut().device = "cpu".into();
+    t.config_mut().max_seq_len = 48;
+    let summary = t.train(samples_dir().join("alpaca.jsonl"), 3).unwrap();
+
+    let merged = export(
+        &summary.run_dir,
+        &ExportOptions {
+            format: ExportFormat::Merged,
+            dtype: WeightDtype::F32,
+            ..ExportOptions::default()
+        },
+        &backpropagate::event::Silent,
+    )
+    .unwrap();
+    let cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(merged.join("config.json")).unwrap())
+            .unwrap();
+    assert!(cfg.get("quantization_config").is_none(), "{cfg}");
+    let rows = vec![(vec![3u32, 14, 15, 92, 65, 35], vec![-100i32; 6])];
+    let adapter = summary.run_dir.join("adapter");
+    let with_adapter = probe_with(&bnb, &adapter, &rows, BaseQuant::F32).unwrap();
+    let config = ModelConfig::load(&merged.join("config.json")).unwrap();
+    let model = CausalLm::load(&merged, config, None, 8, &Device::Cpu).unwrap();
+    let row = backpropagate::train::batch::Row {
+        input_ids: rows[0].0.clone(),
+        labels: rows[0].1.clone(),
+        position_ids: (0..6).collect(),
+        starts: vec![0],
+    };
+    let merged_logits = model
+        .logits(&backpropagate::train::batch::build(&[&row], 0, &Device::Cpu).unwrap())
+        .unwrap();
+    let diff = max_abs(&(merged_logits - &with_adapter.logits).unwrap());
+    assert!(diff < 1e-4, "merged vs base + adapter: {diff}");
+
+    let gguf = export(
+        &summary.run_dir,
+        &ExportOptions::parse("gguf", "q8_0").unwrap(),
+        &backpropagate::event::Silent,
+    )
+    .unwrap();
+    assert!(gguf.is_file() || gguf.is_dir(), "{}", gguf.display());
+}

@@ -13,6 +13,7 @@ use serde_json::Value;
 
 use crate::error::{Error, Result};
 use crate::lora::LoraLayer;
+use crate::model::nf4::{dequantize, dequantize_absmax, QuantState, STATE_SUFFIXES};
 use crate::model::safetensors_paths;
 
 struct Entry {
@@ -26,6 +27,8 @@ struct Entry {
 pub struct BaseReader {
     files: Vec<PathBuf>,
     entries: HashMap<String, Entry>,
+    /// bitsandbytes 4-bit weights by name; their companions stay in `entries`.
+    nf4: HashMap<String, QuantState>,
     dir: PathBuf,
 }
 
@@ -80,26 +83,40 @@ impl BaseReader {
                 );
             }
         }
-        Ok(BaseReader {
+        let mut reader = BaseReader {
             files,
             entries,
+            nf4: HashMap::new(),
             dir: dir.to_path_buf(),
+        };
+        let states: Vec<String> = reader
+            .entries
+            .keys()
+            .filter(|n| STATE_SUFFIXES.iter().any(|s| n.ends_with(s)))
+            .cloned()
+            .collect();
+        for state_name in states {
+            let bytes = reader.read_bytes(&state_name)?;
+            let state = QuantState::parse(&bytes)
+                .map_err(|e| Error::model(&reader.dir, format!("`{state_name}`: {e}")))?;
+            let weight = STATE_SUFFIXES
+                .iter()
+                .find_map(|s| state_name.strip_suffix(s))
+                .unwrap_or(&state_name)
+                .to_string();
+            reader.nf4.insert(weight, state);
+        }
+        Ok(reader)
+    }
+
+    /// Whether `name` is a bitsandbytes companion (`….weight.absmax` and the like).
+    fn is_companion(&self, name: &str) -> bool {
+        self.nf4.keys().any(|w| {
+            name.len() > w.len() && name.starts_with(w) && name[w.len()..].starts_with('.')
         })
     }
 
-    /// Tensor names with their shapes, sorted by name.
-    pub fn tensors(&self) -> Vec<(String, Vec<usize>)> {
-        let mut out: Vec<_> = self
-            .entries
-            .iter()
-            .map(|(n, e)| (n.clone(), e.shape.clone()))
-            .collect();
-        out.sort();
-        out
-    }
-
-    /// A tensor as f32 values (row-major).
-    pub fn read_f32(&self, name: &str) -> Result<Vec<f32>> {
+    fn read_bytes(&self, name: &str) -> Result<Vec<u8>> {
         let e = self
             .entries
             .get(name)
@@ -111,6 +128,52 @@ impl BaseReader {
         let mut bytes = vec![0u8; (e.end - e.start) as usize];
         f.read_exact(&mut bytes)
             .map_err(|err| Error::io(path, err))?;
+        Ok(bytes)
+    }
+
+    /// A bitsandbytes 4-bit weight, dequantized as bitsandbytes does.
+    fn read_nf4(&self, name: &str, state: &QuantState) -> Result<Vec<f32>> {
+        let bad = |e: String| Error::model(&self.dir, format!("4-bit tensor `{name}`: {e}"));
+        let absmax = if state.nested() {
+            dequantize_absmax(
+                &self.read_bytes(&format!("{name}.absmax"))?,
+                &self.read_f32(&format!("{name}.nested_quant_map"))?,
+                &self.read_f32(&format!("{name}.nested_absmax"))?,
+                state.nested_blocksize.unwrap_or(256),
+                state.nested_offset.unwrap_or(0.0),
+            )
+            .map_err(bad)?
+        } else {
+            self.read_f32(&format!("{name}.absmax"))?
+        };
+        let quant_map = self.read_f32(&format!("{name}.quant_map"))?;
+        dequantize(&self.read_bytes(name)?, &absmax, &quant_map, state).map_err(bad)
+    }
+
+    /// Tensor names with their shapes, sorted by name; a bitsandbytes 4-bit weight is
+    /// listed once, with its real shape.
+    pub fn tensors(&self) -> Vec<(String, Vec<usize>)> {
+        let mut out: Vec<_> = self
+            .entries
+            .iter()
+            .filter(|(n, _)| !self.is_companion(n))
+            .map(|(n, e)| match self.nf4.get(n) {
+                Some(state) => (n.clone(), state.shape.clone()),
+                None => (n.clone(), e.shape.clone()),
+            })
+            .collect();
+        out.sort();
+        out
+    }
+
+    /// A tensor as f32 values (row-major).
+    pub fn read_f32(&self, name: &str) -> Result<Vec<f32>> {
+        if let Some(state) = self.nf4.get(name) {
+            return self.read_nf4(name, state);
+        }
+        let bytes = self.read_bytes(name)?;
+        let e = &self.entries[name];
+        let path = &self.files[e.file];
         let values = match e.dtype.as_str() {
             "F32" => bytes
                 .chunks_exact(4)

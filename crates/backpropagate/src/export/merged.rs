@@ -96,6 +96,10 @@ pub fn write(
     let mut cfg: Value = serde_json::from_str(&text)
         .map_err(|e| Error::model(&config_path, format!("not valid JSON: {e}")))?;
     cfg["torch_dtype"] = Value::from(options.dtype.torch_name());
+    // A 4-bit base is merged into plain weights: the quantization no longer applies.
+    if let Some(obj) = cfg.as_object_mut() {
+        obj.remove("quantization_config");
+    }
     write_atomic(
         &out.join("config.json"),
         serde_json::to_string_pretty(&cfg).expect("JSON").as_bytes(),
