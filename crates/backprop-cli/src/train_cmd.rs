@@ -5,7 +5,7 @@ use std::process::ExitCode;
 use std::sync::Mutex;
 
 use anyhow::{Context, Result};
-use backpropagate::config::{BaseQuant, BatchSize, LrSchedule};
+use backpropagate::config::{BaseQuant, BatchSize, LrSchedule, Precision};
 use backpropagate::data::TrainOn;
 use backpropagate::event::{Event, EventSink};
 use backpropagate::run::{default_runs_dir, resolve_run, RunDir, RunStatus};
@@ -87,6 +87,10 @@ pub struct TrainArgs {
     /// [default: auto: as stored; bitsandbytes 4-bit checkpoints as q4_k]
     #[arg(long)]
     pub base_quant: Option<BaseQuant>,
+    /// Compute precision: auto, f32 or bf16 (mixed precision with f32 LoRA weights; GPU
+    /// only) [default: auto: bf16 on a GPU, f32 on the CPU]
+    #[arg(long)]
+    pub precision: Option<Precision>,
     /// Where runs are kept [default: $BACKPROP_HOME/runs or the platform data folder]
     #[arg(long)]
     pub runs_dir: Option<PathBuf>,
@@ -130,6 +134,7 @@ impl TrainArgs {
         set!(c.seed, self.seed);
         set!(c.device, self.device);
         set!(c.base_quant, self.base_quant);
+        set!(c.precision, self.precision);
         if let Some(s) = &self.schedule {
             c.schedule.kind = match s.as_str() {
                 "cosine" => LrSchedule::Cosine,

@@ -48,6 +48,35 @@ pub struct TrainConfig {
     pub device: String,
     /// How the frozen base is held in memory: QLoRA with `q4_k` or `q8_0`.
     pub base_quant: BaseQuant,
+    /// Compute precision: `auto` (bf16 on a GPU, f32 on the CPU), `f32` or `bf16`. LoRA
+    /// weights and optimizer state stay f32 either way.
+    pub precision: Precision,
+}
+
+/// Activations and dense frozen weights in f32, or bf16 with f32 master LoRA weights
+/// (mixed precision). bf16 has f32's exponent range, so no loss scaling is needed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, TS)]
+#[serde(rename_all = "lowercase")]
+#[ts(export)]
+pub enum Precision {
+    #[default]
+    Auto,
+    F32,
+    Bf16,
+}
+
+impl std::str::FromStr for Precision {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s.to_ascii_lowercase().as_str() {
+            "auto" => Ok(Precision::Auto),
+            "f32" | "fp32" => Ok(Precision::F32),
+            "bf16" | "bfloat16" => Ok(Precision::Bf16),
+            other => Err(format!(
+                "precision must be auto, f32 or bf16, got `{other}` (f16 needs loss scaling and is not offered)"
+            )),
+        }
+    }
 }
 
 /// Storage of the frozen base weights. `auto` keeps them as stored, except that a
@@ -104,6 +133,7 @@ impl Default for TrainConfig {
             init_adapter: None,
             device: "auto".into(),
             base_quant: BaseQuant::Auto,
+            precision: Precision::Auto,
         }
     }
 }

@@ -30,6 +30,6 @@ pub mod run;
 pub mod slao;
 pub mod train;
 
-pub use config::{BaseQuant, TrainConfig};
+pub use config::{BaseQuant, Precision, TrainConfig};
 pub use error::{Error, Result};
 pub use event::Event;

@@ -16,7 +16,7 @@ use backpropagate::model::{CausalLm, ModelConfig};
 use backpropagate::run::{read_metrics, RunDir, RunStatus};
 use backpropagate::train::probe::probe_with;
 use backpropagate::train::{CancelToken, Trainer};
-use candle_core::Device;
+use candle_core::{DType, Device};
 use common::{fixture, samples_dir};
 
 fn losses(run_dir: &Path) -> Vec<f64> {
@@ -269,8 +269,8 @@ fn qlora_forward_and_backward_match_the_dequantized_model() {
     let (adapter, rows) = adapter_and_rows(wide_fixture(), &work.path().join("runs"));
     let reference = work.path().join("dequantized");
     dequantized_copy(wide_fixture(), &reference);
-    let q = probe_with(wide_fixture(), &adapter, &rows, BaseQuant::Q4K).unwrap();
-    let f = probe_with(&reference, &adapter, &rows, BaseQuant::F32).unwrap();
+    let q = probe_with(wide_fixture(), &adapter, &rows, BaseQuant::Q4K, DType::F32).unwrap();
+    let f = probe_with(&reference, &adapter, &rows, BaseQuant::F32, DType::F32).unwrap();
     assert!(
         (q.loss - f.loss).abs() < 1e-2 * f.loss,
         "loss {} vs {}",
@@ -284,7 +284,7 @@ fn qlora_forward_and_backward_match_the_dequantized_model() {
     }
     // And the full-precision original differs from both by the quantization error: the
     // check above is not comparing a model with itself.
-    let original = probe_with(wide_fixture(), &adapter, &rows, BaseQuant::F32).unwrap();
+    let original = probe_with(wide_fixture(), &adapter, &rows, BaseQuant::F32, DType::F32).unwrap();
     assert_ne!(original.loss, f.loss);
 }
 
@@ -420,7 +420,7 @@ fn runs_on_a_4bit_base_export_merged_and_gguf() {
     assert!(cfg.get("quantization_config").is_none(), "{cfg}");
     let rows = vec![(vec![3u32, 14, 15, 92, 65, 35], vec![-100i32; 6])];
     let adapter = summary.run_dir.join("adapter");
-    let with_adapter = probe_with(&bnb, &adapter, &rows, BaseQuant::F32).unwrap();
+    let with_adapter = probe_with(&bnb, &adapter, &rows, BaseQuant::F32, DType::F32).unwrap();
     let config = ModelConfig::load(&merged.join("config.json")).unwrap();
     let model = CausalLm::load(&merged, config, None, 8, &Device::Cpu).unwrap();
     let row = backpropagate::train::batch::Row {
@@ -442,4 +442,55 @@ fn runs_on_a_4bit_base_export_merged_and_gguf() {
     )
     .unwrap();
     assert!(gguf.is_file() || gguf.is_dir(), "{}", gguf.display());
+}
+
+/// Mixed precision, checked on the CPU in f16 (candle's CPU matmul has no bf16 kernel;
+/// the graph — 16-bit activations and frozen weights, f32 norms, softmax and loss, f32
+/// master LoRA weights — is the same one bf16 runs on a GPU): the loss and every LoRA
+/// gradient follow the f32 ones to 16-bit precision, gradients arrive in f32, and the
+/// frozen weights take half the memory. bf16 asked for on the CPU is refused up front.
+#[test]
+fn mixed_precision_tracks_f32_with_f32_master_weights() {
+    let work = tempfile::tempdir().unwrap();
+    let (adapter, rows) = adapter_and_rows(wide_fixture(), &work.path().join("runs"));
+    let h = probe_with(wide_fixture(), &adapter, &rows, BaseQuant::F32, DType::F16).unwrap();
+    let f = probe_with(wide_fixture(), &adapter, &rows, BaseQuant::F32, DType::F32).unwrap();
+    assert!(
+        (h.loss - f.loss).abs() < 1e-2 * f.loss,
+        "loss {} vs {}",
+        h.loss,
+        f.loss
+    );
+    assert_ne!(h.loss, f.loss);
+    for ((name, gh), (_, gf)) in h.grads.iter().zip(&f.grads) {
+        assert_eq!(gh.dtype(), DType::F32, "{name}");
+        let diff = max_abs(&(gh - gf).unwrap());
+        let scale = max_abs(gf);
+        assert!(diff <= 0.05 * scale + 1e-6, "{name}: {diff} vs {scale}");
+    }
+    let config = ModelConfig::load(&wide_fixture().join("config.json")).unwrap();
+    let bytes = |dtype| {
+        CausalLm::load_with(
+            wide_fixture(),
+            config.clone(),
+            None,
+            8,
+            &Device::Cpu,
+            BaseQuant::F32,
+            dtype,
+        )
+        .unwrap()
+        .linear_bytes()
+    };
+    assert_eq!(bytes(DType::F16) * 2, bytes(DType::F32));
+
+    let runs = work.path().join("bf16-runs");
+    let mut t = Trainer::new(wide_fixture().to_str().unwrap()).runs_dir(&runs);
+    t.config_mut().device = "cpu".into();
+    t.config_mut().precision = backpropagate::Precision::Bf16;
+    t.config_mut().data = samples_dir().join("alpaca.jsonl");
+    let (result, _) = train_logged(t);
+    let err = result.unwrap_err().to_string();
+    assert!(err.contains("bf16") && err.contains("needs a GPU"), "{err}");
+    assert!(!runs.exists() || std::fs::read_dir(&runs).unwrap().count() == 0);
 }

@@ -3,6 +3,7 @@ import type { BaseQuant } from "./BaseQuant";
 import type { LoraConfig } from "./LoraConfig";
 import type { MultiRunConfig } from "./MultiRunConfig";
 import type { OptimizerConfig } from "./OptimizerConfig";
+import type { Precision } from "./Precision";
 import type { ScheduleConfig } from "./ScheduleConfig";
 import type { TrainOn } from "./TrainOn";
 
@@ -43,4 +44,9 @@ device: string,
 /**
  * How the frozen base is held in memory: QLoRA with `q4_k` or `q8_0`.
  */
-base_quant: BaseQuant, };
+base_quant: BaseQuant, 
+/**
+ * Compute precision: `auto` (bf16 on a GPU, f32 on the CPU), `f32` or `bf16`. LoRA
+ * weights and optimizer state stay f32 either way.
+ */
+precision: Precision, };

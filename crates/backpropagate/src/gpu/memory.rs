@@ -4,7 +4,8 @@
 //! bytes(micro) = fixed + micro × seq × per_token
 //! fixed        = linear × weight_bits / 8              frozen linears (32 f32, 16 bf16/f16,
 //!                                                      8.5 q8_0, 4.5 q4_k: QLoRA)
-//!              + dense × 4                             embeddings, LM head, norms (f32)
+//!              + dense × a                             embeddings, LM head, norms, in the
+//!                                                      compute dtype
 //!              + lora_params × 16                      f32 weight, gradient, Adam m and v
 //!              + 256 MiB                               kernels, workspace, allocator slack
 //! per_token    = a × layers × saved                    activations kept for backward, in the
@@ -111,7 +112,7 @@ pub fn estimate(
     let per_token = activation_bytes * kept + 4 * 2 * s.vocab;
     Estimate {
         fixed_bytes: ((s.params - s.dense_params) as f64 * weight_bits / 8.0).ceil() as u64
-            + s.dense_params * 4
+            + s.dense_params * activation_bytes
             + s.lora_params(lora_r) * 16
             + WORKSPACE,
         per_sample_bytes: seq * per_token,

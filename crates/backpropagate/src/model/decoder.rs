@@ -64,12 +64,21 @@ impl Linear {
         if let Some(l) = &self.lora {
             let xd = match rng {
                 Some(rng) if self.dropout > 0.0 => {
-                    (x * dropout_mask(x.shape(), self.dropout, *rng, x.device())?)?
+                    let mask = dropout_mask(x.shape(), self.dropout, *rng, x.device())?;
+                    (x * mask.to_dtype(x.dtype())?)?
                 }
                 _ => x.clone(),
             };
-            let h = xd.broadcast_matmul(&l.a.as_tensor().t()?)?;
-            let d = h.broadcast_matmul(&l.b.as_tensor().t()?)?;
+            // Master LoRA weights are f32; in mixed precision they are cast for the
+            // matmuls and their gradients cast back by the same op.
+            let (a, b) = (l.a.as_tensor(), l.b.as_tensor());
+            let (a, b) = if x.dtype() == a.dtype() {
+                (a.clone(), b.clone())
+            } else {
+                (a.to_dtype(x.dtype())?, b.to_dtype(x.dtype())?)
+            };
+            let h = xd.broadcast_matmul(&a.t()?)?;
+            let d = h.broadcast_matmul(&b.t()?)?;
             y = (y + (d * self.scale)?)?;
         }
         Ok(y)
@@ -170,10 +179,19 @@ impl CausalLm {
         max_positions: usize,
         device: &Device,
     ) -> Result<Self> {
-        Self::load_with(dir, config, lora, max_positions, device, BaseQuant::Auto)
+        Self::load_with(
+            dir,
+            config,
+            lora,
+            max_positions,
+            device,
+            BaseQuant::Auto,
+            DType::F32,
+        )
     }
 
-    /// [`CausalLm::load`] with the frozen linears held as `quant` says (QLoRA).
+    /// [`CausalLm::load`] with the frozen linears held as `quant` says (QLoRA) and
+    /// dense weights and activations in `dtype` (f32, or bf16 for mixed precision).
     pub fn load_with(
         dir: &Path,
         config: ModelConfig,
@@ -181,8 +199,9 @@ impl CausalLm {
         max_positions: usize,
         device: &Device,
         quant: BaseQuant,
+        dtype: DType,
     ) -> Result<Self> {
-        let w = Weights::open(dir, DType::F32, device)?;
+        let w = Weights::open(dir, dtype, device)?;
         let c = &config;
         let (h, i, v) = (c.hidden_size, c.intermediate_size, c.vocab_size);
         let q_out = c.num_heads * c.head_dim;
@@ -285,12 +304,15 @@ impl CausalLm {
             .rope
             .cos
             .index_select(&pos, 0)?
-            .reshape((b, 1, t, c.head_dim))?;
+            .reshape((b, 1, t, c.head_dim))?
+            .to_dtype(h.dtype())?;
         let sin = self
             .rope
             .sin
             .index_select(&pos, 0)?
-            .reshape((b, 1, t, c.head_dim))?;
+            .reshape((b, 1, t, c.head_dim))?
+            .to_dtype(h.dtype())?;
+        let mask = batch.mask.to_dtype(h.dtype())?;
         let n_rep = c.num_heads / c.num_kv_heads;
         let scale = 1.0 / (c.head_dim as f64).sqrt();
         for layer in &self.layers {
@@ -306,7 +328,7 @@ impl CausalLm {
             let q = apply_rope(&q.contiguous()?, &cos, &sin)?;
             let k = repeat_kv(apply_rope(&k.contiguous()?, &cos, &sin)?, n_rep)?;
             let v = repeat_kv(v.contiguous()?, n_rep)?;
-            let scores = (q.matmul(&k.t()?)? * scale)?.broadcast_add(&batch.mask)?;
+            let scores = (q.matmul(&k.t()?)? * scale)?.broadcast_add(&mask)?;
             let probs = softmax_last_dim(&scores)?;
             let attn =
                 probs
@@ -325,14 +347,15 @@ impl CausalLm {
     /// Logits for every position (b, t, vocab); for previews and reference checks.
     pub fn logits(&self, batch: &BatchInputs) -> CResult<Tensor> {
         let h = self.hidden_states(batch, None)?;
-        frozen_linear(&h, &self.lm_head)
+        frozen_linear(&h, &self.lm_head)?.to_dtype(DType::F32)
     }
 
     /// Summed cross-entropy over the batch's targets (only those rows reach the LM head).
     pub fn loss_sum(&self, batch: &BatchInputs, rng: Option<&mut ChaCha8Rng>) -> CResult<Tensor> {
         let h = self.hidden_states(batch, rng)?;
         let rows = h.flatten_to(1)?.index_select(&batch.target_rows, 0)?;
-        let logits = frozen_linear(&rows, &self.lm_head)?;
+        // The loss is always computed in f32.
+        let logits = frozen_linear(&rows, &self.lm_head)?.to_dtype(DType::F32)?;
         let weights = Tensor::ones(batch.target_count, DType::F32, &self.device)?;
         cross_entropy_sum(&logits, &batch.targets, &weights)
     }

@@ -82,6 +82,12 @@ pub fn frozen_linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
 
 /// RMSNorm as Hugging Face computes it: `w * x / sqrt(mean(x^2) + eps)`.
 pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
+    // Mixed precision: the mean of squares in bf16 loses too much; computed in f32 as
+    // transformers does, then cast back.
+    if x.dtype() != DType::F32 {
+        let y = rms_norm(&x.to_dtype(DType::F32)?, &w.to_dtype(DType::F32)?, eps)?;
+        return y.to_dtype(x.dtype());
+    }
     if x.device().is_cpu() && x.dtype() == DType::F32 {
         return x
             .contiguous()?
@@ -95,6 +101,9 @@ pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
 /// Softmax over the last dimension; the max is detached (softmax is shift-invariant,
 /// so the gradient is unchanged and the max op stays out of the graph).
 pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
+    if x.dtype() != DType::F32 {
+        return softmax_last_dim(&x.to_dtype(DType::F32)?)?.to_dtype(x.dtype());
+    }
     if x.device().is_cpu() && x.dtype() == DType::F32 {
         return x.contiguous()?.apply_op1(super::fused::Softmax);
     }
@@ -143,5 +152,5 @@ pub fn dropout_mask(
     let data: Vec<f32> = (0..shape.elem_count())
         .map(|_| if rng.gen::<f32>() < p { 0.0 } else { scale })
         .collect();
-    Tensor::from_vec(data, shape.clone(), device)?.to_dtype(DType::F32)
+    Tensor::from_vec(data, shape.clone(), device)
 }

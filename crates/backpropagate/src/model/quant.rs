@@ -7,7 +7,7 @@ use std::borrow::Cow;
 use std::sync::Arc;
 
 use candle_core::quantized::{GgmlDType, QStorage, QTensor};
-use candle_core::{CpuStorage, CustomOp1, Device, Layout, Result, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp1, DType, Device, Layout, Result, Shape, Tensor};
 
 use crate::config::BaseQuant;
 use crate::export::gguf_file::GgmlType;
@@ -128,8 +128,12 @@ pub fn quant_linear_2d(x: &Tensor, w: &Arc<QTensor>) -> Result<Tensor> {
 pub fn quant_linear(x: &Tensor, w: &Arc<QTensor>) -> Result<Tensor> {
     let dims = x.dims();
     let k = dims[dims.len() - 1];
-    let x2 = x.reshape((x.elem_count() / k, k))?.contiguous()?;
-    let y = quant_linear_2d(&x2, w)?;
+    // The quantized kernels take f32 (or f16) inputs; bf16 activations go through f32.
+    let x2 = x
+        .reshape((x.elem_count() / k, k))?
+        .to_dtype(DType::F32)?
+        .contiguous()?;
+    let y = quant_linear_2d(&x2, w)?.to_dtype(x.dtype())?;
     let mut out = dims.to_vec();
     if let Some(last) = out.last_mut() {
         *last = w.shape().dims()[0];

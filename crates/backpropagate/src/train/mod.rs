@@ -23,7 +23,7 @@ use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor};
 
-use crate::config::BaseQuant;
+use crate::config::{BaseQuant, Precision};
 use crate::gpu::memory::{self, Estimate};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
@@ -291,6 +291,7 @@ struct Session {
     pad_id: u32,
     device: Device,
     base_quant: BaseQuant,
+    dtype: DType,
     estimate: Estimate,
     memory_limit: Option<u64>,
 }
@@ -331,6 +332,28 @@ impl Session {
             }
             BaseQuant::Auto => BaseQuant::F32,
             q => q,
+        };
+        let dtype = match config.precision {
+            Precision::F32 => DType::F32,
+            Precision::Bf16 => DType::BF16,
+            Precision::Auto if picked.device.is_cpu() => DType::F32,
+            Precision::Auto => DType::BF16,
+        };
+        if dtype == DType::BF16 && picked.device.is_cpu() {
+            return Err(Error::InvalidOption(
+                "precision = \"bf16\" needs a GPU: candle's CPU matmul has no bf16 kernel; use precision = \"f32\" (or \"auto\") on the CPU".into(),
+            ));
+        }
+        if dtype == DType::BF16 {
+            sink.emit(Event::Log {
+                level: LogLevel::Info,
+                message: "mixed precision: bf16 activations and frozen weights, f32 LoRA weights and optimizer".into(),
+            });
+        }
+        let (weight_bits, activation_bytes) = match (base_quant, dtype) {
+            (BaseQuant::F32, DType::BF16) => (16.0, 2),
+            (q, DType::BF16) => (memory::weight_bits(q), 2),
+            (q, _) => (memory::weight_bits(q), 4),
         };
         let options = PrepareOptions {
             encode: EncodeOptions {
@@ -401,8 +424,8 @@ impl Session {
             &memory::Shape::of(&model_config),
             seq as u64,
             config.lora.r as u64,
-            memory::weight_bits(base_quant),
-            4,
+            weight_bits,
+            activation_bytes,
             false,
         );
         let (micro_batch, accumulation) = plan_micro_batch(
@@ -431,6 +454,7 @@ impl Session {
             pad_id: 0,
             device: picked.device,
             base_quant,
+            dtype,
             estimate,
             memory_limit,
         })
@@ -573,6 +597,7 @@ impl Session {
             max_len,
             &self.device,
             self.base_quant,
+            self.dtype,
         )?;
         if self.base_quant != BaseQuant::F32 {
             sink.emit(Event::Log {

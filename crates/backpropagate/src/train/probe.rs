@@ -4,7 +4,7 @@
 
 use std::path::Path;
 
-use candle_core::{Device, Tensor};
+use candle_core::{DType, Device, Tensor};
 
 use super::batch::{build, mean_loss, Row};
 use crate::config::BaseQuant;
@@ -27,21 +27,30 @@ pub fn probe(
     adapter_dir: &Path,
     rows: &[(Vec<u32>, Vec<i32>)],
 ) -> Result<ProbeOutput> {
-    probe_with(model_dir, adapter_dir, rows, BaseQuant::Auto)
+    probe_with(model_dir, adapter_dir, rows, BaseQuant::Auto, DType::F32)
 }
 
-/// [`probe`] with the base held as `quant` (QLoRA checks).
+/// [`probe`] with the base held as `quant` (QLoRA checks) and computing in `dtype`.
 pub fn probe_with(
     model_dir: &Path,
     adapter_dir: &Path,
     rows: &[(Vec<u32>, Vec<i32>)],
     quant: BaseQuant,
+    dtype: DType,
 ) -> Result<ProbeOutput> {
     let device = Device::Cpu;
     let config = ModelConfig::load(&model_dir.join("config.json"))?;
     let lora = LoraSet::load_peft(adapter_dir, &config, &device)?;
     let max_len = rows.iter().map(|(ids, _)| ids.len()).max().unwrap_or(1);
-    let model = CausalLm::load_with(model_dir, config, Some(&lora), max_len, &device, quant)?;
+    let model = CausalLm::load_with(
+        model_dir,
+        config,
+        Some(&lora),
+        max_len,
+        &device,
+        quant,
+        dtype,
+    )?;
     let rows: Vec<Row> = rows
         .iter()
         .map(|(ids, labels)| Row::single(ids.clone(), labels.clone()))
