@@ -494,3 +494,48 @@ fn mixed_precision_tracks_f32_with_f32_master_weights() {
     assert!(err.contains("bf16") && err.contains("needs a GPU"), "{err}");
     assert!(!runs.exists() || std::fs::read_dir(&runs).unwrap().count() == 0);
 }
+
+/// On an NVIDIA GPU (a `--features cuda` build; skipped elsewhere, as in CI): the same
+/// first steps as on the CPU within float tolerance, in f32, and in bf16 with a q4_k
+/// base; the run says which device it used. `scripts/gpu-check.sh` runs these.
+#[test]
+fn on_a_cuda_gpu_training_matches_the_cpu() {
+    if !candle_core::utils::cuda_is_available() || Device::new_cuda(0).is_err() {
+        eprintln!("skipped: no CUDA build or no NVIDIA GPU");
+        return;
+    }
+    let runs = tempfile::tempdir().unwrap();
+    let run = |device: &str, precision, quant| {
+        let mut t = Trainer::new(wide_fixture().to_str().unwrap())
+            .batch_size(BatchSize::Fixed(4))
+            .learning_rate(1e-2)
+            .runs_dir(runs.path());
+        let c = t.config_mut();
+        c.device = device.into();
+        c.precision = precision;
+        c.base_quant = quant;
+        c.lora.dropout = 0.0;
+        c.max_seq_len = 64;
+        c.data = samples_dir().join("alpaca.jsonl");
+        c.steps = 5;
+        let (summary, logs) = train_logged(t);
+        (losses(&summary.unwrap().run_dir), logs)
+    };
+    use backpropagate::Precision;
+    let (cpu, _) = run("cpu", Precision::F32, BaseQuant::F32);
+    let (gpu, logs) = run("cuda", Precision::F32, BaseQuant::F32);
+    assert!(logs.iter().any(|l| l == "training on cuda:0"), "{logs:#?}");
+    for (g, c) in gpu.iter().zip(&cpu) {
+        assert!((g - c).abs() < 1e-3 * c, "cuda f32 {gpu:?} vs cpu {cpu:?}");
+    }
+    let (mixed, logs) = run("cuda", Precision::Auto, BaseQuant::Q4K);
+    assert!(
+        logs.iter().any(|l| l.starts_with("mixed precision: bf16")),
+        "{logs:#?}"
+    );
+    assert!(
+        (mixed[0] - cpu[0]).abs() < 3e-2 * cpu[0],
+        "bf16+q4_k {mixed:?} vs {cpu:?}"
+    );
+    assert!(mixed[4] < mixed[0], "{mixed:?}");
+}
