@@ -11,7 +11,7 @@ export CARGO_TARGET_DIR="$HOME/.cache/backpropagate/target-cuda"
 export CUDA_COMPUTE_CAP="${CUDA_COMPUTE_CAP:-$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader | head -1 | tr -d .)}"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
 cargo test --release -p backpropagate --features cuda --test gpu_path -- --nocapture
-cargo build --release -p backprop-cli --features backpropagate/cuda
+cargo build --release -p backprop-cli --features cuda
 bin="$CARGO_TARGET_DIR/release/backprop"
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
