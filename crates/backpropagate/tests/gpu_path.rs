@@ -13,19 +13,11 @@ use backpropagate::fixture::{write_bnb_4bit, write_fixture_model, Family, Fixtur
 use backpropagate::gpu::memory::{estimate, weight_bits, Shape};
 use backpropagate::model::quant::FrozenWeight;
 use backpropagate::model::{CausalLm, ModelConfig};
-use backpropagate::run::{read_metrics, RunDir, RunStatus};
+use backpropagate::run::{RunDir, RunStatus};
 use backpropagate::train::probe::probe_with;
 use backpropagate::train::{CancelToken, Trainer};
 use candle_core::{DType, Device};
-use common::{fixture, samples_dir};
-
-fn losses(run_dir: &Path) -> Vec<f64> {
-    read_metrics(&run_dir.join("metrics.jsonl"))
-        .unwrap()
-        .into_iter()
-        .filter_map(|m| m.loss)
-        .collect()
-}
+use common::{fixture, losses, samples_dir};
 
 type Log = Arc<Mutex<Vec<Event>>>;
 

@@ -10,15 +10,7 @@ use backpropagate::event::Event;
 use backpropagate::fixture::Family;
 use backpropagate::run::{read_metrics, RunStatus};
 use backpropagate::train::Trainer;
-use common::{fixture, samples_dir};
-
-fn losses(run_dir: &Path) -> Vec<f64> {
-    read_metrics(&run_dir.join("metrics.jsonl"))
-        .unwrap()
-        .into_iter()
-        .filter_map(|m| m.loss)
-        .collect()
-}
+use common::{fixture, losses, samples_dir};
 
 fn mean(v: &[f64]) -> f64 {
     v.iter().sum::<f64>() / v.len() as f64

@@ -25,3 +25,12 @@ pub fn fixture(family: Family) -> &'static Path {
 pub fn samples_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../../assets/samples")
 }
+
+/// The training loss of every step a run logged, in order.
+pub fn losses(run_dir: &Path) -> Vec<f64> {
+    backpropagate::run::read_metrics(&run_dir.join("metrics.jsonl"))
+        .unwrap()
+        .into_iter()
+        .filter_map(|m| m.loss)
+        .collect()
+}
