@@ -97,7 +97,10 @@ fn cpu_notice(status: &super::GpuStatus) -> String {
              install the CUDA build of Backpropagate (or build with `--features cuda`) to train on it",
             gpus.first().map_or("an NVIDIA GPU", |g| g.name.as_str())
         ),
-        super::GpuStatus::Absent { reason } => format!("training on the CPU: {reason}"),
+        super::GpuStatus::Absent { reason } => format!(
+            "training on the CPU: {}",
+            reason.trim_end_matches("; training runs on the CPU")
+        ),
     }
 }
 
@@ -185,5 +188,12 @@ mod tests {
         };
         let n = cpu_notice(&found);
         assert!(n.contains("RTX 4070") && n.contains("CUDA build"), "{n}");
+        let absent = super::super::GpuStatus::Absent {
+            reason: "the NVIDIA driver reports no GPU; training runs on the CPU".into(),
+        };
+        assert_eq!(
+            cpu_notice(&absent),
+            "training on the CPU: the NVIDIA driver reports no GPU"
+        );
     }
 }
