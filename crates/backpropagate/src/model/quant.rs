@@ -6,8 +6,9 @@
 use std::borrow::Cow;
 use std::sync::Arc;
 
+use candle_core::backend::BackendStorage;
 use candle_core::quantized::{GgmlDType, QStorage, QTensor};
-use candle_core::{CpuStorage, CustomOp1, DType, Device, Layout, Result, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp1, DType, Device, Layout, Result, Shape, Storage, Tensor};
 
 use crate::config::BaseQuant;
 use crate::export::gguf_file::GgmlType;
@@ -81,6 +82,9 @@ impl FrozenWeight {
     }
 }
 
+/// From this many input rows on, the CPU forward dequantizes and uses the GEMM.
+const DEQUANT_ROWS: usize = 32;
+
 /// `x @ dequant(w)^T` with the quantized kernels; backward `grad @ dequant(w)`.
 struct QuantLinear(Arc<QTensor>);
 
@@ -90,7 +94,22 @@ impl CustomOp1 for QuantLinear {
     }
 
     fn cpu_fwd(&self, x: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        self.0.as_ref().cpu_fwd(x, l)
+        let (m, k) = l.shape().dims2()?;
+        if m < DEQUANT_ROWS || x.dtype() != DType::F32 {
+            return self.0.as_ref().cpu_fwd(x, l);
+        }
+        // For training-sized inputs candle's quantized CPU kernel (one row at a time,
+        // parallel over output columns only) is several times slower than dequantizing
+        // the weight and using the multi-threaded GEMM; the dequantized copy lives only
+        // for this matmul.
+        let w = self.0.dequantize(&Device::Cpu)?;
+        let (storage, w_l) = w.storage_and_layout();
+        let Storage::Cpu(w_s) = &*storage else {
+            candle_core::bail!("quant-linear: the dequantized weight is not on the CPU")
+        };
+        let n = w_l.shape().dims2()?.0;
+        let out = x.matmul(w_s, (1, m, n, k), l, &w_l.transpose(0, 1)?)?;
+        Ok((out, Shape::from((m, n))))
     }
 
     #[cfg(feature = "cuda")]
@@ -213,6 +232,23 @@ mod tests {
                 .to_scalar::<f32>()
                 .unwrap();
             assert!(diff < 1e-5, "{quant:?}: {diff}");
+
+            // Training-sized inputs take the dequantize + GEMM path: exact.
+            let x = Tensor::new(values(40 * 256), &d)
+                .unwrap()
+                .reshape((40, 256))
+                .unwrap();
+            let y = quant_linear_2d(&x, q).unwrap();
+            let y_ref = x.matmul(&dense.t().unwrap()).unwrap();
+            let err = (y - y_ref)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            assert!(err < 1e-5, "{quant:?}: {err}");
         }
     }
 }
