@@ -451,7 +451,7 @@ pub fn write_two_tasks(
 /// rest in bf16, and `quantization_config` in config.json. Tests load it as users load
 /// `*-bnb-4bit` models from the Hub.
 pub fn write_bnb_4bit(src: &Path, dst: &Path, double_quant: bool) -> Result<()> {
-    use crate::model::nf4::{quantize, NF4};
+    use crate::model::nf4::{le_floats, quantize, NF4};
     use safetensors::Dtype;
 
     std::fs::create_dir_all(dst).map_err(|e| Error::io(dst, e))?;
@@ -480,15 +480,12 @@ pub fn write_bnb_4bit(src: &Path, dst: &Path, double_quant: bool) -> Result<()> 
     let bytes = std::fs::read(&weights).map_err(|e| Error::io(&weights, e))?;
     let st = safetensors::SafeTensors::deserialize(&bytes)
         .map_err(|e| Error::model(&weights, e.to_string()))?;
-    let f32s = |b: &[u8]| -> Vec<f32> {
-        b.chunks_exact(4)
-            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-            .collect()
-    };
     let le = |v: &[f32]| -> Vec<u8> { v.iter().flat_map(|x| x.to_le_bytes()).collect() };
     let mut out: Vec<(String, Dtype, Vec<usize>, Vec<u8>)> = Vec::new();
     for (name, view) in st.tensors() {
-        let values = f32s(view.data());
+        let values = le_floats(view.dtype(), view.data()).ok_or_else(|| {
+            Error::model(&weights, format!("tensor `{name}` is not a float tensor"))
+        })?;
         let linear = crate::lora::TARGETS
             .iter()
             .any(|t| name.ends_with(&format!(".{t}.weight")));

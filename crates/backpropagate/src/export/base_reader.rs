@@ -3,22 +3,22 @@
 //! 14 GB model look like a 14 GB process), converted to f32, with the LoRA delta
 //! added in row chunks so no second full-size buffer is ever allocated.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 
-use half::{bf16, f16};
 use serde_json::Value;
 
 use crate::error::{Error, Result};
 use crate::lora::LoraLayer;
-use crate::model::nf4::{dequantize, dequantize_absmax, QuantState, STATE_SUFFIXES};
+use crate::model::nf4::{dequantize_weight, le_floats, weight_of_state, QuantState};
 use crate::model::safetensors_paths;
 
 struct Entry {
     file: usize,
-    dtype: String,
+    dtype: safetensors::Dtype,
     shape: Vec<usize>,
     start: u64,
     end: u64,
@@ -70,7 +70,7 @@ impl BaseReader {
                     .iter()
                     .map(|d| d.as_u64().map(|d| d as usize).ok_or_else(bad))
                     .collect::<Result<Vec<_>>>()?;
-                let dtype = info["dtype"].as_str().ok_or_else(bad)?.to_string();
+                let dtype = serde_json::from_value(info["dtype"].clone()).map_err(|_| bad())?;
                 entries.insert(
                     name.clone(),
                     Entry {
@@ -92,19 +92,15 @@ impl BaseReader {
         let states: Vec<String> = reader
             .entries
             .keys()
-            .filter(|n| STATE_SUFFIXES.iter().any(|s| n.ends_with(s)))
+            .filter(|n| weight_of_state(n).is_some())
             .cloned()
             .collect();
         for state_name in states {
             let bytes = reader.read_bytes(&state_name)?;
             let state = QuantState::parse(&bytes)
                 .map_err(|e| Error::model(&reader.dir, format!("`{state_name}`: {e}")))?;
-            let weight = STATE_SUFFIXES
-                .iter()
-                .find_map(|s| state_name.strip_suffix(s))
-                .unwrap_or(&state_name)
-                .to_string();
-            reader.nf4.insert(weight, state);
+            let weight = weight_of_state(&state_name).unwrap_or(&state_name);
+            reader.nf4.insert(weight.to_string(), state);
         }
         Ok(reader)
     }
@@ -133,21 +129,19 @@ impl BaseReader {
 
     /// A bitsandbytes 4-bit weight, dequantized as bitsandbytes does.
     fn read_nf4(&self, name: &str, state: &QuantState) -> Result<Vec<f32>> {
-        let bad = |e: String| Error::model(&self.dir, format!("4-bit tensor `{name}`: {e}"));
-        let absmax = if state.nested() {
-            dequantize_absmax(
-                &self.read_bytes(&format!("{name}.absmax"))?,
-                &self.read_f32(&format!("{name}.nested_quant_map"))?,
-                &self.read_f32(&format!("{name}.nested_absmax"))?,
-                state.nested_blocksize.unwrap_or(256),
-                state.nested_offset.unwrap_or(0.0),
-            )
-            .map_err(bad)?
-        } else {
-            self.read_f32(&format!("{name}.absmax"))?
-        };
-        let quant_map = self.read_f32(&format!("{name}.quant_map"))?;
-        dequantize(&self.read_bytes(name)?, &absmax, &quant_map, state).map_err(bad)
+        dequantize_weight(
+            state,
+            |suffix| {
+                self.read_bytes(&format!("{name}{suffix}"))
+                    .map(Cow::Owned)
+                    .map_err(|e| e.to_string())
+            },
+            |suffix| {
+                self.read_f32(&format!("{name}{suffix}"))
+                    .map_err(|e| e.to_string())
+            },
+        )
+        .map_err(|e| Error::model(&self.dir, format!("4-bit tensor `{name}`: {e}")))
     }
 
     /// Tensor names with their shapes, sorted by name; a bitsandbytes 4-bit weight is
@@ -174,29 +168,15 @@ impl BaseReader {
         let bytes = self.read_bytes(name)?;
         let e = &self.entries[name];
         let path = &self.files[e.file];
-        let values = match e.dtype.as_str() {
-            "F32" => bytes
-                .chunks_exact(4)
-                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-                .collect(),
-            "F16" => bytes
-                .chunks_exact(2)
-                .map(|b| f16::from_le_bytes([b[0], b[1]]).to_f32())
-                .collect(),
-            "BF16" => bytes
-                .chunks_exact(2)
-                .map(|b| bf16::from_le_bytes([b[0], b[1]]).to_f32())
-                .collect(),
-            other => {
-                return Err(Error::model(
-                    path,
-                    format!(
-                        "tensor `{name}` is {other}; only f32, f16 and bf16 bases can be exported"
-                    ),
-                ))
-            }
-        };
-        Ok(values)
+        le_floats(e.dtype, &bytes).ok_or_else(|| {
+            Error::model(
+                path,
+                format!(
+                    "tensor `{name}` is {:?}; only f32, f16 and bf16 bases can be exported",
+                    e.dtype
+                ),
+            )
+        })
     }
 }
 

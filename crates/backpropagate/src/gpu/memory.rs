@@ -43,7 +43,7 @@ pub struct Shape {
     pub vocab: u64,
     pub params: u64,
     /// Parameters outside the seven projections (embeddings, LM head, norms): held
-    /// in f32 whatever the base storage.
+    /// in the compute dtype whatever the base storage.
     pub dense_params: u64,
 }
 

@@ -80,6 +80,52 @@ pub fn dequantize_absmax(
         .collect())
 }
 
+/// The weight a quant-state tensor belongs to: `….weight` for
+/// `….weight.quant_state.bitsandbytes__nf4`.
+pub fn weight_of_state(name: &str) -> Option<&str> {
+    STATE_SUFFIXES.iter().find_map(|s| name.strip_suffix(s))
+}
+
+/// Little-endian float data (safetensors F32, F16 or BF16) as f32; None for other
+/// dtypes.
+pub fn le_floats(dtype: safetensors::Dtype, data: &[u8]) -> Option<Vec<f32>> {
+    let pairs = || data.chunks_exact(2).map(|b| [b[0], b[1]]);
+    match dtype {
+        safetensors::Dtype::F32 => Some(
+            data.chunks_exact(4)
+                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                .collect(),
+        ),
+        safetensors::Dtype::F16 => Some(pairs().map(|b| f16::from_le_bytes(b).to_f32()).collect()),
+        safetensors::Dtype::BF16 => {
+            Some(pairs().map(|b| bf16::from_le_bytes(b).to_f32()).collect())
+        }
+        _ => None,
+    }
+}
+
+/// The f32 values of the 4-bit weight described by `state`, whatever holds the file:
+/// `bytes(suffix)` and `floats(suffix)` read the weight's companion tensors by suffix
+/// (`""` is the packed weight itself, `".absmax"` its scales, and so on).
+pub fn dequantize_weight<'a>(
+    state: &QuantState,
+    bytes: impl Fn(&str) -> Result<std::borrow::Cow<'a, [u8]>, String>,
+    floats: impl Fn(&str) -> Result<Vec<f32>, String>,
+) -> Result<Vec<f32>, String> {
+    let absmax = if state.nested() {
+        dequantize_absmax(
+            &bytes(".absmax")?,
+            &floats(".nested_quant_map")?,
+            &floats(".nested_absmax")?,
+            state.nested_blocksize.unwrap_or(256),
+            state.nested_offset.unwrap_or(0.0),
+        )?
+    } else {
+        floats(".absmax")?
+    };
+    dequantize(&bytes("")?, &absmax, &floats(".quant_map")?, state)
+}
+
 /// The f32 values of a 4-bit tensor, rounded through `state.dtype` as bitsandbytes
 /// returns them.
 pub fn dequantize(

@@ -58,13 +58,6 @@ impl FrozenWeight {
         }
     }
 
-    pub fn rows(&self) -> usize {
-        match self {
-            FrozenWeight::Dense(t) => t.dims()[0],
-            FrozenWeight::Quant(q) => q.shape().dims()[0],
-        }
-    }
-
     /// Bytes this weight occupies (for logs and the memory estimate).
     pub fn bytes(&self) -> usize {
         match self {
@@ -165,6 +158,15 @@ mod tests {
     use super::*;
     use candle_core::Var;
 
+    fn max_abs(t: &Tensor) -> f32 {
+        t.abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+    }
+
     fn values(n: usize) -> Vec<f32> {
         (0..n)
             .map(|i| (((i * 7919) % 1000) as f32 / 500.0 - 1.0) * 0.1)
@@ -204,33 +206,13 @@ mod tests {
             .unwrap();
             let y = quant_linear_2d(x.as_tensor(), q).unwrap();
             let y_ref = x.as_tensor().matmul(&dense.t().unwrap()).unwrap();
-            let err = (&y - &y_ref)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap();
-            let scale = y_ref
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap();
+            let err = max_abs(&(&y - &y_ref).unwrap());
+            let scale = max_abs(&y_ref);
             assert!(err <= 0.02 * scale, "{quant:?}: {err} vs {scale}");
             let g = y.sqr().unwrap().sum_all().unwrap().backward().unwrap();
             let gx = g.get(x.as_tensor()).unwrap();
             let expected = (y * 2.0).unwrap().matmul(&dense).unwrap();
-            let diff = (gx - expected)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap();
+            let diff = max_abs(&(gx - expected).unwrap());
             assert!(diff < 1e-5, "{quant:?}: {diff}");
 
             // Training-sized inputs take the dequantize + GEMM path: exact.
@@ -240,14 +222,7 @@ mod tests {
                 .unwrap();
             let y = quant_linear_2d(&x, q).unwrap();
             let y_ref = x.matmul(&dense.t().unwrap()).unwrap();
-            let err = (y - y_ref)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap();
+            let err = max_abs(&(y - y_ref).unwrap());
             assert!(err < 1e-5, "{quant:?}: {err}");
         }
     }

@@ -8,13 +8,18 @@ use std::path::{Path, PathBuf};
 use candle_core::safetensors::MmapedSafetensors;
 use candle_core::{DType, Device, Tensor};
 
-use super::nf4::{dequantize, dequantize_absmax, QuantState};
+use std::borrow::Cow;
+use std::collections::HashMap;
+
+use super::nf4::{dequantize_weight, le_floats, weight_of_state, QuantState};
 use super::quant::FrozenWeight;
 use crate::config::BaseQuant;
 use crate::error::{Error, Result};
 
 pub struct Weights {
     files: MmapedSafetensors,
+    /// Quant states of bitsandbytes 4-bit weights, by weight name, parsed once.
+    nf4: HashMap<String, QuantState>,
     dir: PathBuf,
     dtype: DType,
     device: Device,
@@ -29,8 +34,17 @@ impl Weights {
         // copying multi-GB checkpoints into RAM.
         let files = unsafe { MmapedSafetensors::multi(&paths) }
             .map_err(|e| Error::model(dir, format!("cannot read the safetensors files: {e}")))?;
+        let mut nf4 = HashMap::new();
+        for (name, view) in files.tensors() {
+            if let Some(weight) = weight_of_state(&name) {
+                let state = QuantState::parse(view.data())
+                    .map_err(|e| Error::model(dir, format!("`{weight}`: {e}")))?;
+                nf4.insert(weight.to_string(), state);
+            }
+        }
         Ok(Weights {
             files,
+            nf4,
             dir: dir.to_path_buf(),
             dtype,
             device: device.clone(),
@@ -41,7 +55,7 @@ impl Weights {
     /// without loading it. A bitsandbytes 4-bit linear is checked against the shape its
     /// quant state records.
     pub fn check(&self, name: &str, shape: &[usize]) -> Result<()> {
-        if let Some(state) = self.nf4_state(name)? {
+        if let Some(state) = self.nf4.get(name) {
             if state.shape != shape {
                 return Err(Error::model(
                     &self.dir,
@@ -81,16 +95,13 @@ impl Weights {
 
     /// Whether any linear is stored in bitsandbytes 4-bit.
     pub fn has_nf4(&self) -> bool {
-        self.files
-            .tensors()
-            .iter()
-            .any(|(n, _)| super::nf4::STATE_SUFFIXES.iter().any(|s| n.ends_with(s)))
+        !self.nf4.is_empty()
     }
 
     /// A tensor by its checkpoint name, checked, in the compute dtype.
     pub fn get(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
         self.check(name, shape)?;
-        if self.nf4_state(name)?.is_some() {
+        if self.nf4.contains_key(name) {
             let values = self.nf4_values(name)?;
             return Ok(Tensor::from_vec(values, shape, &self.device)?.to_dtype(self.dtype)?);
         }
@@ -103,8 +114,7 @@ impl Weights {
 
     /// A frozen linear weight (out, in), held as `quant` asks (QLoRA).
     pub fn frozen(&self, name: &str, shape: &[usize], quant: BaseQuant) -> Result<FrozenWeight> {
-        if quant == BaseQuant::F32 || (quant == BaseQuant::Auto && self.nf4_state(name)?.is_none())
-        {
+        if quant == BaseQuant::F32 || (quant == BaseQuant::Auto && !self.nf4.contains_key(name)) {
             return Ok(FrozenWeight::Dense(self.get(name, shape)?));
         }
         let quant = if quant == BaseQuant::Auto {
@@ -113,7 +123,7 @@ impl Weights {
             quant
         };
         self.check(name, shape)?;
-        let values = if self.nf4_state(name)?.is_some() {
+        let values = if self.nf4.contains_key(name) {
             self.nf4_values(name)?
         } else {
             self.files
@@ -130,65 +140,25 @@ impl Weights {
         )?)
     }
 
-    /// The quant state of a bitsandbytes 4-bit tensor, or None for a plain one.
-    fn nf4_state(&self, name: &str) -> Result<Option<QuantState>> {
-        for suffix in super::nf4::STATE_SUFFIXES {
-            if let Ok(view) = self.files.get(&format!("{name}{suffix}")) {
-                let state = QuantState::parse(view.data())
-                    .map_err(|e| Error::model(&self.dir, format!("`{name}`: {e}")))?;
-                return Ok(Some(state));
-            }
-        }
-        Ok(None)
-    }
-
+    /// A bitsandbytes 4-bit weight, dequantized as bitsandbytes does.
     fn nf4_values(&self, name: &str) -> Result<Vec<f32>> {
-        let bad = |e: String| Error::model(&self.dir, format!("4-bit tensor `{name}`: {e}"));
-        let state = self
-            .nf4_state(name)?
-            .ok_or_else(|| bad("no quant state".into()))?;
-        let raw = |suffix: &str| {
+        let state = &self.nf4[name];
+        let view = |suffix: &str| {
             self.files
                 .get(&format!("{name}{suffix}"))
-                .map_err(|_| bad(format!("missing companion tensor `{name}{suffix}`")))
+                .map_err(|_| format!("missing companion tensor `{name}{suffix}`"))
         };
-        let floats = |suffix: &str| -> Result<Vec<f32>> {
-            let v = raw(suffix)?;
-            view_f32(v.dtype(), v.data()).map_err(&bad)
-        };
-        let absmax = if state.nested() {
-            let codes = raw(".absmax")?;
-            dequantize_absmax(
-                codes.data(),
-                &floats(".nested_quant_map")?,
-                &floats(".nested_absmax")?,
-                state.nested_blocksize.unwrap_or(256),
-                state.nested_offset.unwrap_or(0.0),
-            )
-            .map_err(&bad)?
-        } else {
-            floats(".absmax")?
-        };
-        let packed = raw("")?;
-        dequantize(packed.data(), &absmax, &floats(".quant_map")?, &state).map_err(bad)
-    }
-}
-
-/// Little-endian float data of a safetensors view as f32.
-fn view_f32(dtype: safetensors::Dtype, data: &[u8]) -> std::result::Result<Vec<f32>, String> {
-    let pairs = || data.chunks_exact(2).map(|b| [b[0], b[1]]);
-    match dtype {
-        safetensors::Dtype::F32 => Ok(data
-            .chunks_exact(4)
-            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-            .collect()),
-        safetensors::Dtype::F16 => Ok(pairs()
-            .map(|b| half::f16::from_le_bytes(b).to_f32())
-            .collect()),
-        safetensors::Dtype::BF16 => Ok(pairs()
-            .map(|b| half::bf16::from_le_bytes(b).to_f32())
-            .collect()),
-        other => Err(format!("expected a float tensor, found {other:?}")),
+        dequantize_weight(
+            state,
+            |suffix| view(suffix).map(|v| Cow::Borrowed(v.data())),
+            |suffix| {
+                let v = view(suffix)?;
+                le_floats(v.dtype(), v.data()).ok_or_else(|| {
+                    format!("`{name}{suffix}` is {:?}, not a float tensor", v.dtype())
+                })
+            },
+        )
+        .map_err(|e| Error::model(&self.dir, format!("4-bit tensor `{name}`: {e}")))
     }
 }
 
