@@ -1,7 +1,9 @@
 //! Send to Ollama against the local stand-in: the round trip (train → GGUF → blob →
 //! create → tags → show has our template and stops), blob reuse, and the faults users
 //! hit (not running, server dying mid-upload, an error in the stream, a slow server, a
-//! taken or invalid name, adapters refused). Every failure leaves the run intact.
+//! taken or invalid name, adapters refused), and hostile servers (endless replies and
+//! status lines, an upload or create never answered): each ends within its cap or
+//! timeout with an error naming host and phase. Every failure leaves the run intact.
 
 mod common;
 
@@ -388,4 +390,183 @@ fn the_library_call_pushes_a_summary() {
     let report = summary.push_to_ollama("from-library").unwrap();
     assert_eq!(report.family, TemplateFamily::Llama3);
     assert_eq!(report.host, server.url());
+}
+
+/// Peak resident memory of this test process, in MiB (Linux; `None` elsewhere).
+fn peak_rss_mib() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib / 1024)
+}
+
+/// An error about a hostile server says which server and which call, in a sentence,
+/// not in a pasted body.
+fn names_host_and_phase(err: &OllamaError, server: &StandIn, phase: &str) {
+    let text = err.to_string();
+    assert!(text.contains(&server.url()), "no host in: {text}");
+    assert!(text.contains(phase), "`{phase}` not in: {text}");
+    assert!(text.len() < 400, "{} bytes of message", text.len());
+    assert!(err.hint().is_some());
+}
+
+#[test]
+fn endless_replies_are_cut_at_the_cap_with_memory_bounded() {
+    let server = StandIn::start(Faults {
+        endless_replies: true,
+        ..Faults::default()
+    })
+    .unwrap();
+    // A timeout long enough that only the byte cap can end these calls quickly.
+    let client = OllamaClient::new(&server.url())
+        .unwrap()
+        .with_timeout(Duration::from_secs(30));
+    let t0 = Instant::now();
+    let err = block(client.tags()).unwrap_err();
+    assert!(matches!(err, OllamaError::TooLarge { .. }), "{err}");
+    names_host_and_phase(&err, &server, "listing models: a reply over 32 MiB");
+    let err = block(client.show("m")).unwrap_err();
+    assert!(matches!(err, OllamaError::TooLarge { .. }), "{err}");
+    names_host_and_phase(&err, &server, "showing the model");
+    let hello = [backpropagate::ollama::ChatMessage {
+        role: "user".into(),
+        content: "hi".into(),
+    }];
+    let err = block(client.chat("m", &hello, 8)).unwrap_err();
+    assert!(matches!(err, OllamaError::TooLarge { .. }), "{err}");
+    names_host_and_phase(&err, &server, "the chat request");
+    let elapsed = t0.elapsed();
+    assert!(elapsed < Duration::from_secs(20), "took {elapsed:?}");
+    // Three capped reads of 32 MiB; reading to the end would have needed gigabytes.
+    if let Some(peak) = peak_rss_mib() {
+        eprintln!("three endless replies refused in {elapsed:?}, peak RSS {peak} MiB");
+        assert!(peak < 512, "peak RSS {peak} MiB");
+    }
+}
+
+#[test]
+fn an_endless_status_line_is_refused_past_one_mib() {
+    let server = StandIn::start(Faults {
+        endless_status_line: true,
+        ..Faults::default()
+    })
+    .unwrap();
+    let client = OllamaClient::new(&server.url())
+        .unwrap()
+        .with_timeout(Duration::from_secs(30));
+    let t0 = Instant::now();
+    let err = block(client.create(&CreateRequest::default(), |_| {})).unwrap_err();
+    assert!(matches!(err, OllamaError::TooLarge { .. }), "{err}");
+    names_host_and_phase(&err, &server, "a status line over 1 MiB");
+    assert!(t0.elapsed() < Duration::from_secs(10), "{:?}", t0.elapsed());
+}
+
+#[test]
+fn a_status_stream_that_never_succeeds_ends_at_the_total_deadline() {
+    let server = StandIn::start(Faults {
+        endless_status: true,
+        ..Faults::default()
+    })
+    .unwrap();
+    // Lines come every 20 ms, well within the per-line timeout; only the total ends it.
+    let timeout = Duration::from_millis(300);
+    let client = OllamaClient::new(&server.url())
+        .unwrap()
+        .with_timeout(timeout);
+    let mut lines = 0;
+    let t0 = Instant::now();
+    let err = block(client.create(&CreateRequest::default(), |_| lines += 1)).unwrap_err();
+    let elapsed = t0.elapsed();
+    assert!(matches!(err, OllamaError::Timeout { .. }), "{err}");
+    names_host_and_phase(&err, &server, "no `success`");
+    let total = timeout * backpropagate::ollama::STREAM_TIMEOUTS;
+    assert!(
+        elapsed >= total && elapsed < total + Duration::from_secs(2),
+        "{elapsed:?}"
+    );
+    assert!(lines > 20, "{lines} status lines seen");
+}
+
+#[test]
+fn a_stalled_upload_times_out_saying_how_far_it_got() {
+    let server = StandIn::start(Faults {
+        hang_upload: true,
+        ..Faults::default()
+    })
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("big.gguf");
+    // Bigger than every socket buffer between us and the server, so sending stalls.
+    std::fs::write(&file, vec![7u8; 64 << 20]).unwrap();
+    let client = OllamaClient::new(&server.url())
+        .unwrap()
+        .with_timeout(Duration::from_secs(1));
+    let t0 = Instant::now();
+    let digest = format!("sha256:{}", "ab".repeat(32));
+    let err = block(client.upload_blob(&file, &digest, |_, _| {})).unwrap_err();
+    let elapsed = t0.elapsed();
+    assert!(matches!(err, OllamaError::Timeout { .. }), "{err}");
+    names_host_and_phase(&err, &server, "the upload of big.gguf (stuck after ");
+    assert!(err.to_string().contains("of 64.0 MiB)"), "{err}");
+    assert!(elapsed < Duration::from_secs(5), "{elapsed:?}");
+}
+
+#[test]
+fn push_times_out_when_ollama_takes_the_upload_and_never_answers() {
+    let runs = tempfile::tempdir().unwrap();
+    let run = trained_run(Family::Qwen2, runs.path());
+    let before = snapshot(&run);
+    let blobs = tempfile::tempdir().unwrap();
+    let hung = StandIn::start_at(
+        "127.0.0.1:0".parse().unwrap(),
+        blobs.path().into(),
+        Faults {
+            hang_after_upload: true,
+            ..Faults::default()
+        },
+    )
+    .unwrap();
+    let mut o = options("stuck", &hung);
+    o.timeout = Duration::from_secs(1);
+    let t0 = Instant::now();
+    let err = push_run(&run, &o, &Silent).unwrap_err();
+    let elapsed = t0.elapsed();
+    let Error::Ollama(e @ OllamaError::Timeout { .. }) = &err else {
+        panic!("{err}")
+    };
+    names_host_and_phase(e, &hung, "the upload of ");
+    assert!(err.to_string().contains("sent; no reply)"), "{err}");
+    // Export and hashing of the tiny fixture take well under a second; the timeout
+    // is not multiplied by retries.
+    assert!(elapsed < Duration::from_secs(15), "{elapsed:?}");
+    assert_eq!(snapshot(&run), before);
+    no_partial_exports(&run);
+
+    // The run is not held by the failed push: the next one completes.
+    let good = StandIn::start(Faults::default()).unwrap();
+    let report = push_run(&run, &options("stuck", &good), &Silent).unwrap();
+    assert!(report.uploaded_bytes > 0);
+}
+
+#[test]
+fn push_times_out_when_ollama_never_answers_create() {
+    let runs = tempfile::tempdir().unwrap();
+    let run = trained_run(Family::Qwen2, runs.path());
+    let before = snapshot(&run);
+    let server = StandIn::start(Faults {
+        hang_create: true,
+        ..Faults::default()
+    })
+    .unwrap();
+    let mut o = options("never-created", &server);
+    o.timeout = Duration::from_secs(1);
+    let t0 = Instant::now();
+    let err = push_run(&run, &o, &Silent).unwrap_err();
+    let Error::Ollama(e @ OllamaError::Timeout { .. }) = &err else {
+        panic!("{err}")
+    };
+    names_host_and_phase(e, &server, "creating the model (no reply to the request)");
+    assert!(t0.elapsed() < Duration::from_secs(15), "{:?}", t0.elapsed());
+    assert_eq!(snapshot(&run), before);
+    no_partial_exports(&run);
 }

@@ -6,8 +6,11 @@
 //! names. It does not run models: `chat` answers with a fixed sentence naming the model
 //! and the template it would use.
 //!
-//! Faults for tests: a slow server, an error line in the create stream, and dying
-//! (all connections dropped) after some upload bytes.
+//! Faults for tests: a slow server, an error line in the create stream, dying (all
+//! connections dropped) after some upload bytes, and hostile servers: replies that never
+//! end, a status line that never ends, a status stream that never ends, an upload that
+//! is read but never answered, a create that is never answered, and a chat reply chosen
+//! by the test (e.g. one carrying terminal escape sequences).
 
 mod gguf_meta;
 
@@ -42,6 +45,20 @@ pub struct Faults {
     pub die_after_upload_bytes: Option<u64>,
     /// Reported by `/api/version` (default [`VERSION`]).
     pub version: Option<String>,
+    /// `/api/tags`, `/api/show` and `/api/chat` answer 200 with a JSON body that never ends.
+    pub endless_replies: bool,
+    /// `/api/create` answers 200, then sends one status line that never ends.
+    pub endless_status_line: bool,
+    /// `/api/create` sends a valid status line every 20 ms and never finishes.
+    pub endless_status: bool,
+    /// `POST /api/blobs/...` reads the whole upload, then never answers.
+    pub hang_after_upload: bool,
+    /// `POST /api/blobs/...` reads nothing and never answers.
+    pub hang_upload: bool,
+    /// `/api/create` never answers, not even with headers.
+    pub hang_create: bool,
+    /// `/api/chat` answers with this content instead of the fixed sentence.
+    pub chat_reply: Option<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -217,6 +234,9 @@ async fn blob(
             }
         }
         Method::POST => {
+            if s.faults.hang_upload {
+                return std::future::pending().await;
+            }
             if path.is_file() {
                 // Ollama answers 200 without reading a body it already has.
                 return StatusCode::OK.into_response();
@@ -246,6 +266,10 @@ async fn blob(
                 }
             }
             drop(file);
+            if s.faults.hang_after_upload {
+                let _ = std::fs::remove_file(&tmp);
+                return std::future::pending().await;
+            }
             let got = format!("sha256:{:x}", hasher.finalize());
             if got != digest {
                 let _ = std::fs::remove_file(&tmp);
@@ -311,6 +335,23 @@ fn full_name(name: &str) -> String {
 
 async fn create(State(s): State<Shared>, body: axum::body::Bytes) -> Response {
     delay(&s).await;
+    if s.faults.hang_create {
+        return std::future::pending().await;
+    }
+    if s.faults.endless_status_line {
+        return endless("{\"status\": \"", "x", "application/x-ndjson");
+    }
+    if s.faults.endless_status {
+        let lines = futures_util::stream::unfold(0u64, |n| async move {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            let line = format!("{{\"status\": \"pulling layer {n}\"}}\n");
+            Some((Ok::<_, std::io::Error>(line), n + 1))
+        });
+        return Response::builder()
+            .header("content-type", "application/x-ndjson")
+            .body(Body::from_stream(lines))
+            .unwrap_or_else(|_| error(StatusCode::INTERNAL_SERVER_ERROR, "stream"));
+    }
     if body.is_empty() {
         return error(StatusCode::BAD_REQUEST, "missing request body");
     }
@@ -412,6 +453,20 @@ async fn create(State(s): State<Shared>, body: axum::body::Bytes) -> Response {
         .unwrap_or_else(|_| error(StatusCode::INTERNAL_SERVER_ERROR, "stream"))
 }
 
+/// A 200 reply that starts with `head` and repeats `item` forever, as fast as the
+/// client reads.
+fn endless(head: &'static str, item: &'static str, content_type: &str) -> Response {
+    let chunk = axum::body::Bytes::from(item.repeat((64 << 10) / item.len()));
+    let body = futures_util::stream::once(async move {
+        Ok::<_, std::io::Error>(axum::body::Bytes::from_static(head.as_bytes()))
+    })
+    .chain(futures_util::stream::repeat_with(move || Ok(chunk.clone())));
+    Response::builder()
+        .header("content-type", content_type)
+        .body(Body::from_stream(body))
+        .unwrap_or_else(|_| error(StatusCode::INTERNAL_SERVER_ERROR, "stream"))
+}
+
 fn tokio_stream(
     mut rx: tokio::sync::mpsc::Receiver<Value>,
 ) -> impl futures_util::Stream<Item = Value> {
@@ -449,6 +504,13 @@ fn now() -> String {
 
 async fn tags(State(s): State<Shared>) -> Response {
     delay(&s).await;
+    if s.faults.endless_replies {
+        return endless(
+            "{\"models\": [",
+            "{\"name\": \"m:latest\", \"size\": 1},",
+            "application/json",
+        );
+    }
     let models = s.models.lock().map(|m| m.clone()).unwrap_or_default();
     let list: Vec<Value> = models
         .values()
@@ -506,6 +568,9 @@ fn parameters_text(p: &Map<String, Value>) -> String {
 
 async fn show(State(s): State<Shared>, Json(req): Json<NameReq>) -> Response {
     delay(&s).await;
+    if s.faults.endless_replies {
+        return endless("{\"template\": \"", "{{ .Prompt }}", "application/json");
+    }
     let name = req.get();
     let Some(m) = lookup(&s, &name) else {
         return error(
@@ -564,6 +629,13 @@ struct ChatReq {
 
 async fn chat(State(s): State<Shared>, Json(req): Json<ChatReq>) -> Response {
     delay(&s).await;
+    if s.faults.endless_replies {
+        return endless(
+            "{\"message\": {\"role\": \"assistant\", \"content\": \"",
+            "la ",
+            "application/json",
+        );
+    }
     let Some(m) = lookup(&s, &full_name(&req.model)) else {
         return error(
             StatusCode::NOT_FOUND,
@@ -575,12 +647,14 @@ async fn chat(State(s): State<Shared>, Json(req): Json<ChatReq>) -> Response {
         .get("general.architecture")
         .and_then(Value::as_str)
         .unwrap_or("?");
-    let content = format!(
-        "stand-in reply from {} ({family}, {} messages, template {} chars)",
-        m.name,
-        req.messages.len(),
-        m.template.len()
-    );
+    let content = s.faults.chat_reply.clone().unwrap_or_else(|| {
+        format!(
+            "stand-in reply from {} ({family}, {} messages, template {} chars)",
+            m.name,
+            req.messages.len(),
+            m.template.len()
+        )
+    });
     Json(json!({
         "model": m.name, "created_at": now(),
         "message": {"role": "assistant", "content": content},

@@ -1,9 +1,18 @@
 //! A client for Ollama's REST API (docs/api.md of the ollama repository): version,
 //! blobs, create, tags, show, delete and chat. Async on tokio; `push` wraps it for
 //! callers that are not.
+//!
+//! The server is not trusted: every reply is read with a byte cap and under a deadline
+//! (see [`MAX_REPLY_BYTES`] and [`OllamaClient::with_timeout`]), so a broken or hostile
+//! host ends a call with an error naming the host and the phase instead of hanging it
+//! or filling memory, and error bodies are cut before they reach a message.
 
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
+
+use tokio::time::Instant;
 
 use futures_util::StreamExt;
 use serde::{Deserialize, Serialize};
@@ -16,6 +25,26 @@ use crate::error::error_chain;
 pub const DEFAULT_HOST: &str = "http://127.0.0.1:11434";
 /// The first release whose `/api/create` takes `files` (digests of uploaded blobs).
 pub const MIN_VERSION: (u32, u32, u32) = (0, 5, 7);
+
+/// Most bytes read of one whole reply (version, tags, show, delete, chat). Ollama's
+/// `/api/show` leaves the vocabulary out unless asked (`verbose`), so real replies are
+/// kilobytes; even a verbose one for a 128k-token vocabulary stays under this.
+pub const MAX_REPLY_BYTES: usize = 32 << 20;
+/// Longest line of `/api/create`'s status stream; real lines are under 200 bytes.
+pub const MAX_STATUS_LINE_BYTES: usize = 1 << 20;
+/// Most bytes of status one create may stream; a real create sends a few kilobytes.
+pub const MAX_STATUS_BYTES: usize = 16 << 20;
+/// A streamed create may take this many timeouts in all (each line still has to come
+/// within one timeout).
+pub const STREAM_TIMEOUTS: u32 = 10;
+/// A chat may take this many timeouts: the first use of a model loads it.
+pub const CHAT_TIMEOUTS: u32 = 5;
+/// Most bytes read of an error reply; only its first [`SHOWN_ERROR_CHARS`] are shown.
+const MAX_ERROR_BYTES: usize = 64 << 10;
+const SHOWN_ERROR_CHARS: usize = 300;
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Upload chunk size: small enough that a stall is seen at this granularity.
+const UPLOAD_CHUNK: usize = 256 << 10;
 
 #[derive(Debug, Clone)]
 pub struct OllamaClient {
@@ -100,7 +129,7 @@ impl OllamaClient {
     pub fn new(host: &str) -> Result<Self, OllamaError> {
         let base = parse_host(host)?;
         let http = reqwest::Client::builder()
-            .connect_timeout(Duration::from_secs(5))
+            .connect_timeout(CONNECT_TIMEOUT)
             .build()
             .map_err(|e| OllamaError::BadHost {
                 value: host.to_string(),
@@ -113,10 +142,18 @@ impl OllamaClient {
         })
     }
 
-    /// How long a call without a body to stream may take (uploads are not limited).
+    /// Bounds every phase of every call: a whole reply (headers and body) within
+    /// `timeout`; an upload may never go `timeout` without sending a byte, and must be
+    /// answered within `timeout` once the last byte is out; a create's status lines must
+    /// each come within `timeout` and all within [`STREAM_TIMEOUTS`] of them; a chat
+    /// within [`CHAT_TIMEOUTS`] of them.
     pub fn with_timeout(mut self, timeout: Duration) -> Self {
         self.timeout = timeout;
         self
+    }
+
+    pub fn timeout(&self) -> Duration {
+        self.timeout
     }
 
     pub fn host(&self) -> &str {
@@ -127,17 +164,50 @@ impl OllamaClient {
         format!("{}{path}", self.base)
     }
 
-    fn transport(&self, what: &str, e: reqwest::Error) -> OllamaError {
-        if e.is_timeout() {
-            OllamaError::Timeout {
-                host: self.base.clone(),
-                what: what.to_string(),
-                secs: self.timeout.as_secs().max(1),
-            }
+    fn timed_out(&self, what: &str, limit: Duration) -> OllamaError {
+        OllamaError::Timeout {
+            host: self.base.clone(),
+            what: what.to_string(),
+            secs: limit.as_secs_f64(),
+        }
+    }
+
+    fn too_large(&self, what: &str, detail: String) -> OllamaError {
+        OllamaError::TooLarge {
+            host: self.base.clone(),
+            what: what.to_string(),
+            detail,
+        }
+    }
+
+    /// Runs one network step of `what`, giving up at `deadline` (which is `limit` after
+    /// the phase began) with a timeout naming the phase.
+    async fn step<T>(
+        &self,
+        what: &str,
+        deadline: Instant,
+        limit: Duration,
+        fut: impl std::future::Future<Output = Result<T, reqwest::Error>>,
+    ) -> Result<T, OllamaError> {
+        match tokio::time::timeout_at(deadline, fut).await {
+            Ok(r) => r.map_err(|e| self.transport(what, e, limit)),
+            Err(_) => Err(self.timed_out(what, limit)),
+        }
+    }
+
+    fn transport(&self, what: &str, e: reqwest::Error, limit: Duration) -> OllamaError {
+        if e.is_connect() && e.is_timeout() {
+            // A host that drops the connection attempt: nothing listens, or a firewall.
+            self.timed_out(
+                &format!("the connection attempt (for {what})"),
+                CONNECT_TIMEOUT,
+            )
         } else if e.is_connect() {
             OllamaError::NotRunning {
                 host: self.base.clone(),
             }
+        } else if e.is_timeout() {
+            self.timed_out(what, limit)
         } else {
             OllamaError::Connection {
                 host: self.base.clone(),
@@ -147,26 +217,97 @@ impl OllamaClient {
         }
     }
 
-    /// Turns a non-success reply into Ollama's `{"error": ...}` message.
-    async fn check(
+    /// Reads the rest of `resp`'s body before `deadline`. Past `cap` bytes a reply is
+    /// refused, and an error reply (whose start is all that is shown) is cut there.
+    async fn read_body(
         &self,
         what: &str,
-        resp: reqwest::Response,
-    ) -> Result<reqwest::Response, OllamaError> {
-        if resp.status().is_success() {
-            return Ok(resp);
+        mut resp: reqwest::Response,
+        cap: usize,
+        deadline: Instant,
+        limit: Duration,
+    ) -> Result<Vec<u8>, OllamaError> {
+        let is_error = !resp.status().is_success();
+        let mut body = Vec::new();
+        while let Some(chunk) = self.step(what, deadline, limit, resp.chunk()).await? {
+            if body.len() + chunk.len() > cap {
+                if is_error {
+                    body.extend_from_slice(&chunk[..cap - body.len()]);
+                    break;
+                }
+                return Err(self.too_large(what, format!("a reply over {}", mib(cap))));
+            }
+            body.extend_from_slice(&chunk);
         }
+        Ok(body)
+    }
+
+    /// Sends `request` and reads the whole reply within `limit`: the status and body.
+    async fn exchange(
+        &self,
+        what: &str,
+        request: reqwest::RequestBuilder,
+        limit: Duration,
+    ) -> Result<(u16, Vec<u8>), OllamaError> {
+        let deadline = Instant::now() + limit;
+        let resp = self.step(what, deadline, limit, request.send()).await?;
         let status = resp.status().as_u16();
-        let body = resp.text().await.unwrap_or_default();
-        let message = serde_json::from_str::<Value>(&body)
+        let cap = if resp.status().is_success() {
+            MAX_REPLY_BYTES
+        } else {
+            MAX_ERROR_BYTES
+        };
+        let body = self.read_body(what, resp, cap, deadline, limit).await?;
+        Ok((status, body))
+    }
+
+    /// Turns a non-success status into Ollama's `{"error": ...}` message, cut short.
+    fn check(&self, what: &str, status: u16, body: &[u8]) -> Result<(), OllamaError> {
+        if (200..300).contains(&status) {
+            return Ok(());
+        }
+        let text = String::from_utf8_lossy(body);
+        let message = serde_json::from_str::<Value>(&text)
             .ok()
             .and_then(|v| v.get("error").and_then(Value::as_str).map(String::from))
-            .unwrap_or_else(|| format!("HTTP {status} {}", body.trim()));
+            .unwrap_or_else(|| format!("HTTP {status} {}", text.trim()));
         Err(OllamaError::Api {
             what: what.to_string(),
             status,
-            message,
+            message: shorten(&message, SHOWN_ERROR_CHARS),
         })
+    }
+
+    /// Reads a non-success reply of a streamed call into its error.
+    async fn refused(&self, what: &str, resp: reqwest::Response, limit: Duration) -> OllamaError {
+        let status = resp.status().as_u16();
+        let deadline = Instant::now() + limit;
+        match self
+            .read_body(what, resp, MAX_ERROR_BYTES, deadline, limit)
+            .await
+        {
+            Ok(body) => match self.check(what, status, &body) {
+                Err(e) => e,
+                Ok(()) => self.protocol(what, format!("HTTP {status}")),
+            },
+            Err(e) => e,
+        }
+    }
+
+    fn protocol(&self, what: &str, message: String) -> OllamaError {
+        OllamaError::Protocol {
+            host: self.base.clone(),
+            what: what.to_string(),
+            message,
+        }
+    }
+
+    fn decode<T: for<'de> Deserialize<'de>>(
+        &self,
+        what: &str,
+        body: &[u8],
+    ) -> Result<T, OllamaError> {
+        serde_json::from_slice(body).map_err(|e| self.protocol(what, e.to_string()))
     }
 
     async fn get_json<T: for<'de> Deserialize<'de>>(
@@ -174,28 +315,11 @@ impl OllamaClient {
         what: &str,
         path: &str,
     ) -> Result<T, OllamaError> {
-        let resp = self
-            .http
-            .get(self.url(path))
-            .timeout(self.timeout)
-            .send()
-            .await
-            .map_err(|e| self.transport(what, e))?;
-        let resp = self.check(what, resp).await?;
-        resp.json().await.map_err(|e| self.body_error(what, e))
-    }
-
-    fn body_error(&self, what: &str, e: reqwest::Error) -> OllamaError {
-        if e.is_timeout() || e.is_connect() {
-            self.transport(what, e)
-        } else if e.is_decode() {
-            OllamaError::Protocol {
-                what: what.to_string(),
-                message: error_chain(&e),
-            }
-        } else {
-            self.transport(what, e)
-        }
+        let (status, body) = self
+            .exchange(what, self.http.get(self.url(path)), self.timeout)
+            .await?;
+        self.check(what, status, &body)?;
+        self.decode(what, &body)
     }
 
     /// `GET /api/version`; also the "is it running" probe.
@@ -227,95 +351,161 @@ impl OllamaClient {
     /// `HEAD /api/blobs/sha256:<hex>`: does the server already hold this file?
     pub async fn has_blob(&self, digest: &str) -> Result<bool, OllamaError> {
         let what = "the blob check";
-        let resp = self
-            .http
-            .head(self.url(&format!("/api/blobs/{digest}")))
-            .timeout(self.timeout)
-            .send()
-            .await
-            .map_err(|e| self.transport(what, e))?;
-        match resp.status().as_u16() {
+        let request = self.http.head(self.url(&format!("/api/blobs/{digest}")));
+        let (status, body) = self.exchange(what, request, self.timeout).await?;
+        match status {
             200 => Ok(true),
             404 => Ok(false),
-            _ => self.check(what, resp).await.map(|_| false),
+            _ => self.check(what, status, &body).map(|_| false),
         }
     }
 
     /// `POST /api/blobs/sha256:<hex>` with the file streamed as the body; `progress`
-    /// gets (bytes sent, total) as chunks leave.
+    /// gets (bytes sent, total) as chunks leave. Fails when no byte leaves for one
+    /// timeout, or when the reply does not come within one timeout of the last byte.
     pub async fn upload_blob(
         &self,
         path: &Path,
         digest: &str,
         progress: impl Fn(u64, u64) + Send + Sync + 'static,
     ) -> Result<(), OllamaError> {
-        let what = "the upload";
+        let name = path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_else(|| path.display().to_string());
+        let what = format!("the upload of {name}");
         let file = tokio::fs::File::open(path)
             .await
             .map_err(|e| OllamaError::Connection {
                 host: self.base.clone(),
-                what: what.into(),
+                what: what.clone(),
                 message: format!("cannot read {}: {e}", path.display()),
             })?;
         let total = file.metadata().await.map(|m| m.len()).unwrap_or(0);
-        let mut sent = 0u64;
-        let stream = ReaderStream::with_capacity(file, 1 << 20).map(move |chunk| {
-            if let Ok(c) = &chunk {
-                sent += c.len() as u64;
-                progress(sent, total);
-            }
-            chunk
-        });
-        let resp = self
+        let started = Instant::now();
+        // Bytes handed to the connection, and when the last chunk was (ms since start).
+        let sent = Arc::new(AtomicU64::new(0));
+        let moved_ms = Arc::new(AtomicU64::new(0));
+        let stream = {
+            let (sent, moved_ms) = (sent.clone(), moved_ms.clone());
+            ReaderStream::with_capacity(file, UPLOAD_CHUNK).map(move |chunk| {
+                if let Ok(c) = &chunk {
+                    let done = sent.fetch_add(c.len() as u64, Ordering::SeqCst) + c.len() as u64;
+                    moved_ms.store(started.elapsed().as_millis() as u64, Ordering::SeqCst);
+                    progress(done, total);
+                }
+                chunk
+            })
+        };
+        let send = self
             .http
             .post(self.url(&format!("/api/blobs/{digest}")))
             .header(reqwest::header::CONTENT_LENGTH, total)
             .body(reqwest::Body::wrap_stream(stream))
-            .send()
-            .await
-            .map_err(|e| self.transport(what, e))?;
-        self.check(what, resp).await?;
-        Ok(())
+            .send();
+        tokio::pin!(send);
+        let limit = self.timeout;
+        let tick = (limit / 4).clamp(Duration::from_millis(10), Duration::from_millis(500));
+        let phase = |done: u64| {
+            if done >= total {
+                format!("{what} (all {} sent; no reply)", bytes(total))
+            } else {
+                format!("{what} (stuck after {} of {})", bytes(done), bytes(total))
+            }
+        };
+        let resp = loop {
+            tokio::select! {
+                r = &mut send => {
+                    let done = sent.load(Ordering::SeqCst);
+                    let during = format!("{what} (after {} of {})", bytes(done), bytes(total));
+                    break r.map_err(|e| self.transport(&during, e, limit))?;
+                }
+                _ = tokio::time::sleep(tick) => {
+                    let moved = started + Duration::from_millis(moved_ms.load(Ordering::SeqCst));
+                    if moved.elapsed() > limit {
+                        return Err(self.timed_out(&phase(sent.load(Ordering::SeqCst)), limit));
+                    }
+                }
+            }
+        };
+        let status = resp.status().as_u16();
+        let deadline = Instant::now() + limit;
+        let body = self
+            .read_body(&phase(total), resp, MAX_ERROR_BYTES, deadline, limit)
+            .await?;
+        self.check(&what, status, &body)
     }
 
     /// `POST /api/create`, streaming: `on_status` sees every status line; an
-    /// `{"error"}` line ends the call with [`OllamaError::Stream`].
+    /// `{"error"}` line ends the call with [`OllamaError::Stream`]. Each line must come
+    /// within one timeout, the whole stream within [`STREAM_TIMEOUTS`] timeouts, and no
+    /// more than [`MAX_STATUS_BYTES`] (lines of at most [`MAX_STATUS_LINE_BYTES`]).
     pub async fn create(
         &self,
         request: &CreateRequest,
         mut on_status: impl FnMut(&str),
     ) -> Result<(), OllamaError> {
         let what = "creating the model";
+        let limit = self.timeout;
+        let total_limit = limit * STREAM_TIMEOUTS;
+        let end = Instant::now() + total_limit;
         let resp = self
-            .http
-            .post(self.url("/api/create"))
-            .json(request)
-            .send()
-            .await
-            .map_err(|e| self.transport(what, e))?;
-        let resp = self.check(what, resp).await?;
+            .step(
+                "creating the model (no reply to the request)",
+                Instant::now() + limit,
+                limit,
+                self.http.post(self.url("/api/create")).json(request).send(),
+            )
+            .await?;
+        if !resp.status().is_success() {
+            return Err(self.refused(what, resp, limit).await);
+        }
         let mut body = resp.bytes_stream();
         let mut pending: Vec<u8> = Vec::new();
+        let mut received = 0usize;
         let mut succeeded = false;
         loop {
-            // Each line must come within the timeout; creation itself may take long.
-            let next = tokio::time::timeout(self.timeout, body.next())
-                .await
-                .map_err(|_| OllamaError::Timeout {
-                    host: self.base.clone(),
-                    what: what.into(),
-                    secs: self.timeout.as_secs().max(1),
-                })?;
+            let line_deadline = Instant::now() + limit;
+            let next = if line_deadline < end {
+                tokio::time::timeout_at(line_deadline, body.next())
+                    .await
+                    .map_err(|_| self.timed_out("creating the model (no status line)", limit))?
+            } else {
+                tokio::time::timeout_at(end, body.next())
+                    .await
+                    .map_err(|_| {
+                        self.timed_out(
+                            "creating the model (status kept coming but no `success`)",
+                            total_limit,
+                        )
+                    })?
+            };
             let Some(chunk) = next else { break };
-            let chunk = chunk.map_err(|e| self.transport(what, e))?;
+            let chunk = chunk.map_err(|e| self.transport(what, e, limit))?;
+            received += chunk.len();
+            if received > MAX_STATUS_BYTES {
+                return Err(self.too_large(
+                    what,
+                    format!("over {} of status lines", mib(MAX_STATUS_BYTES)),
+                ));
+            }
+            // Only the new bytes can hold a newline not seen yet.
+            let mut from = pending.len();
             pending.extend_from_slice(&chunk);
-            while let Some(nl) = pending.iter().position(|&b| b == b'\n') {
-                let line: Vec<u8> = pending.drain(..=nl).collect();
-                succeeded |= handle_status_line(&line, &mut on_status)?;
+            while let Some(i) = pending[from..].iter().position(|&b| b == b'\n') {
+                let line: Vec<u8> = pending.drain(..=from + i).collect();
+                succeeded |= self.status_line(&line, &mut on_status)?;
+                from = 0;
+            }
+            if pending.len() > MAX_STATUS_LINE_BYTES {
+                return Err(self.too_large(
+                    what,
+                    format!("a status line over {}", mib(MAX_STATUS_LINE_BYTES)),
+                ));
             }
         }
         if !pending.iter().all(u8::is_ascii_whitespace) {
-            succeeded |= handle_status_line(&pending, &mut on_status)?;
+            succeeded |= self.status_line(&pending, &mut on_status)?;
         }
         if !succeeded {
             return Err(OllamaError::Connection {
@@ -325,6 +515,33 @@ impl OllamaClient {
             });
         }
         Ok(())
+    }
+
+    /// Returns whether the line was the final `success`.
+    fn status_line(
+        &self,
+        line: &[u8],
+        on_status: &mut impl FnMut(&str),
+    ) -> Result<bool, OllamaError> {
+        let text = String::from_utf8_lossy(line);
+        let text = text.trim();
+        if text.is_empty() {
+            return Ok(false);
+        }
+        let v: Value = serde_json::from_str(text).map_err(|e| {
+            self.protocol(
+                "creating the model",
+                format!("{e} in the status line `{}`", shorten(text, 120)),
+            )
+        })?;
+        if let Some(err) = v.get("error").and_then(Value::as_str) {
+            return Err(OllamaError::Stream {
+                message: shorten(err, SHOWN_ERROR_CHARS),
+            });
+        }
+        let status = v.get("status").and_then(Value::as_str).unwrap_or_default();
+        on_status(&shorten(status, SHOWN_ERROR_CHARS));
+        Ok(status == "success")
     }
 
     /// `GET /api/tags`: the models Ollama has.
@@ -339,23 +556,20 @@ impl OllamaClient {
     }
 
     /// Sends `{"model": name}` to a call that answers 404 for an unknown model;
-    /// `None` then, else the checked reply.
+    /// `None` then, else the checked reply's body.
     async fn by_name(
         &self,
         request: reqwest::RequestBuilder,
         what: &str,
         name: &str,
-    ) -> Result<Option<reqwest::Response>, OllamaError> {
-        let resp = request
-            .timeout(self.timeout)
-            .json(&serde_json::json!({ "model": name }))
-            .send()
-            .await
-            .map_err(|e| self.transport(what, e))?;
-        if resp.status().as_u16() == 404 {
+    ) -> Result<Option<Vec<u8>>, OllamaError> {
+        let request = request.json(&serde_json::json!({ "model": name }));
+        let (status, body) = self.exchange(what, request, self.timeout).await?;
+        if status == 404 {
             return Ok(None);
         }
-        self.check(what, resp).await.map(Some)
+        self.check(what, status, &body)?;
+        Ok(Some(body))
     }
 
     /// `POST /api/show`; `None` when the model does not exist.
@@ -363,11 +577,7 @@ impl OllamaClient {
         let what = "showing the model";
         let request = self.http.post(self.url("/api/show"));
         match self.by_name(request, what, name).await? {
-            Some(resp) => resp
-                .json()
-                .await
-                .map(Some)
-                .map_err(|e| self.body_error(what, e)),
+            Some(body) => self.decode(what, &body).map(Some),
             None => Ok(None),
         }
     }
@@ -399,40 +609,34 @@ impl OllamaClient {
             "stream": false,
             "options": { "num_predict": max_tokens },
         });
-        let resp = self
-            .http
-            .post(self.url("/api/chat"))
-            // Loading a model on first use can take a while.
-            .timeout(self.timeout * 5)
-            .json(&body)
-            .send()
-            .await
-            .map_err(|e| self.transport(what, e))?;
-        let resp = self.check(what, resp).await?;
-        let reply: Reply = resp.json().await.map_err(|e| self.body_error(what, e))?;
+        let request = self.http.post(self.url("/api/chat")).json(&body);
+        let (status, body) = self
+            .exchange(what, request, self.timeout * CHAT_TIMEOUTS)
+            .await?;
+        self.check(what, status, &body)?;
+        let reply: Reply = self.decode(what, &body)?;
         Ok(reply.message)
     }
 }
 
-/// Returns whether the line was the final `success`.
-fn handle_status_line(line: &[u8], on_status: &mut impl FnMut(&str)) -> Result<bool, OllamaError> {
-    let text = String::from_utf8_lossy(line);
-    let text = text.trim();
-    if text.is_empty() {
-        return Ok(false);
+/// `s` cut to `max` characters, saying how long it was.
+fn shorten(s: &str, max: usize) -> String {
+    match s.char_indices().nth(max) {
+        None => s.to_string(),
+        Some((i, _)) => format!("{}… ({} bytes in all)", &s[..i], s.len()),
     }
-    let v: Value = serde_json::from_str(text).map_err(|e| OllamaError::Protocol {
-        what: "creating the model".into(),
-        message: format!("{e} in line `{text}`"),
-    })?;
-    if let Some(err) = v.get("error").and_then(Value::as_str) {
-        return Err(OllamaError::Stream {
-            message: err.to_string(),
-        });
+}
+
+fn mib(n: usize) -> String {
+    format!("{} MiB", n >> 20)
+}
+
+fn bytes(n: u64) -> String {
+    if n >= 1 << 20 {
+        format!("{:.1} MiB", n as f64 / (1u64 << 20) as f64)
+    } else {
+        format!("{n} bytes")
     }
-    let status = v.get("status").and_then(Value::as_str).unwrap_or_default();
-    on_status(status);
-    Ok(status == "success")
 }
 
 /// `0.13.1-rc0` → (0, 13, 1).
@@ -526,6 +730,15 @@ mod tests {
         assert!(parse_version("0.5.6").unwrap() < MIN_VERSION);
         assert!(parse_version("0.10.0").unwrap() > MIN_VERSION);
         assert_eq!(parse_version("dev"), None);
+    }
+
+    #[test]
+    fn long_server_messages_are_cut_and_say_their_length() {
+        assert_eq!(shorten("short", 10), "short");
+        let long = "é".repeat(1000);
+        let cut = shorten(&long, 300);
+        assert!(cut.starts_with(&"é".repeat(300)));
+        assert!(cut.ends_with("… (2000 bytes in all)"), "{cut}");
     }
 
     #[test]

@@ -8,7 +8,14 @@ pub enum OllamaError {
     Timeout {
         host: String,
         what: String,
-        secs: u64,
+        secs: f64,
+    },
+    /// The server sent more than any real Ollama would; reading stopped at the cap.
+    #[error("Ollama at {host} sent too much for {what}: {detail}; stopped reading there")]
+    TooLarge {
+        host: String,
+        what: String,
+        detail: String,
     },
     #[error("Ollama {version} is too old: Backpropagate needs {need} or newer")]
     TooOld { version: String, need: String },
@@ -32,8 +39,14 @@ pub enum OllamaError {
     },
     #[error("OLLAMA_HOST `{value}` cannot be used: {reason}")]
     BadHost { value: String, reason: String },
-    #[error("Ollama sent a reply Backpropagate does not understand for {what}: {message}")]
-    Protocol { what: String, message: String },
+    #[error(
+        "Ollama at {host} sent a reply Backpropagate does not understand for {what}: {message}"
+    )]
+    Protocol {
+        host: String,
+        what: String,
+        message: String,
+    },
 }
 
 impl OllamaError {
@@ -46,7 +59,14 @@ impl OllamaError {
                 start_hint()
             )),
             OllamaError::Timeout { .. } => Some(
-                "Ollama is running but busy or stuck; check `ollama ps`, or restart it and try again."
+                "Ollama is running but busy or stuck; check `ollama ps`, or restart it and try \
+                 again (a slow machine or network may need a longer --timeout). Nothing was lost: \
+                 the export stays in the run folder."
+                    .into(),
+            ),
+            OllamaError::TooLarge { .. } => Some(
+                "A real Ollama sends far less: check that OLLAMA_HOST points at Ollama and not \
+                 another server, and see Ollama's log (`ollama serve` output)."
                     .into(),
             ),
             OllamaError::TooOld { .. } => {

@@ -9,7 +9,8 @@ mod template;
 
 pub use client::{
     parse_host, parse_version, ChatMessage, CreateRequest, ModelEntry, OllamaClient, ShowResponse,
-    DEFAULT_HOST, MIN_VERSION,
+    CHAT_TIMEOUTS, DEFAULT_HOST, MAX_REPLY_BYTES, MAX_STATUS_BYTES, MAX_STATUS_LINE_BYTES,
+    MIN_VERSION, STREAM_TIMEOUTS,
 };
 pub use error::OllamaError;
 pub use name::validate_name;

@@ -346,7 +346,9 @@ async fn send_blob(
         };
         match outcome {
             Ok(()) => return Ok((digest, total)),
-            Err(e @ OllamaError::Connection { .. }) | Err(e @ OllamaError::Timeout { .. }) => {
+            // A broken connection is worth another try; a server that went silent for a
+            // whole timeout is stuck, and retrying would multiply the wait the user set.
+            Err(e @ OllamaError::Connection { .. }) => {
                 last_error = Some(e);
                 tokio::time::sleep(Duration::from_millis(300 * attempt as u64)).await;
             }
@@ -355,6 +357,7 @@ async fn send_blob(
     }
     Err(last_error
         .unwrap_or(OllamaError::Protocol {
+            host: client.host().to_string(),
             what: "the upload".into(),
             message: "no attempt was made".into(),
         })
@@ -400,6 +403,7 @@ fn verify(
     let show = runtime
         .block_on(client.show(name))?
         .ok_or_else(|| OllamaError::Protocol {
+            host: client.host().to_string(),
             what: "the check after creating".into(),
             message: format!("Ollama said `success` but does not list `{name}`"),
         })?;
