@@ -27,6 +27,7 @@ pub mod model;
 pub mod model_dir;
 pub mod ollama;
 pub mod run;
+mod safe_path;
 pub mod slao;
 pub mod train;
 

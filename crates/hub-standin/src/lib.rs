@@ -4,14 +4,19 @@
 //! `HEAD|GET /<id>/resolve/<rev>/<file>`. Like the hub, large files (`*.safetensors`)
 //! answer with a redirect to a CDN path carrying `X-Linked-Etag` (their sha256) and
 //! `X-Linked-Size`; small files carry a plain `ETag`; every answer has
-//! `X-Repo-Commit`; the CDN honours `Range`. Gated repos need a bearer token (401
-//! otherwise). A fault breaks the first CDN download after N bytes.
+//! `X-Repo-Commit`; the CDN honours `Range` (416 past the end, as the real one).
+//! Gated repos need a bearer token (401 otherwise).
+//!
+//! [`Faults`] make it a broken or hostile hub: a connection cut after N bytes, a commit
+//! id that is a path, answers for any path whatever it names, file bodies longer than
+//! their declared size (or endless), an endless revision answer, and answers that stall.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use axum::body::Body;
 use axum::extract::{Path as UrlPath, State};
@@ -30,10 +35,30 @@ pub struct Repo {
     pub token: Option<String>,
 }
 
+/// Ways the stand-in misbehaves on purpose; the default is a well-behaved hub.
+#[derive(Clone, Debug, Default)]
+pub struct Faults {
+    /// Cuts the first CDN download after this many bytes.
+    pub break_after: Option<u64>,
+    /// The commit id the revision API answers instead of the repo's.
+    pub sha: Option<String>,
+    /// Answers every path no route knows (say, one a client built from `../` names) with
+    /// the repo file named by its last part, as if it were a resolve of that file.
+    pub answer_any_path: bool,
+    /// Bodies of files whose name ends with this are longer than their declared size.
+    pub oversize_file: Option<String>,
+    /// How many bytes past the declared size; `None` with `oversize_file`: endless.
+    pub oversize_by: Option<u64>,
+    /// The revision answer never ends (a file list that goes on and on).
+    pub endless_revision: bool,
+    /// File downloads (GET) never answer.
+    pub stall_downloads: bool,
+}
+
 #[derive(Default)]
 struct Inner {
     repos: BTreeMap<String, Repo>,
-    break_after: Option<u64>,
+    faults: Faults,
     broken_once: AtomicBool,
     log: Mutex<Vec<String>>,
 }
@@ -49,12 +74,23 @@ impl HubStandIn {
     /// Serves `repos` (id → folder) on a free port; `break_after` cuts the first CDN
     /// download after that many bytes.
     pub fn start(repos: BTreeMap<String, Repo>, break_after: Option<u64>) -> std::io::Result<Self> {
+        Self::start_with(
+            repos,
+            Faults {
+                break_after,
+                ..Faults::default()
+            },
+        )
+    }
+
+    /// Serves `repos` on a free port, misbehaving as `faults` say.
+    pub fn start_with(repos: BTreeMap<String, Repo>, faults: Faults) -> std::io::Result<Self> {
         let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
         listener.set_nonblocking(true)?;
         let addr = listener.local_addr()?;
         let inner = Arc::new(Inner {
             repos,
-            break_after,
+            faults,
             ..Inner::default()
         });
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
@@ -75,6 +111,7 @@ impl HubStandIn {
                     .route("/api/models/{org}/{name}/revision/{rev}", get(revision))
                     .route("/{org}/{name}/resolve/{rev}/{*file}", any(resolve))
                     .route("/cdn/{sha}", get(cdn))
+                    .fallback(any_path)
                     .with_state(state);
                 tokio::select! {
                     _ = axum::serve(listener, app) => {}
@@ -183,11 +220,58 @@ async fn revision(
     if rev != "main" && rev != repo.commit {
         return error(StatusCode::NOT_FOUND, &format!("Invalid rev id: {rev}"));
     }
+    let sha = s.faults.sha.clone().unwrap_or_else(|| repo.commit.clone());
+    if s.faults.endless_revision {
+        let head = format!(r#"{{"id":"{id}","sha":"{sha}","siblings":["#);
+        let entry = bytes::Bytes::from(r#"{"rfilename":"padding.json"},"#.repeat(2048));
+        let stream = futures_util::stream::unfold(Some(head), move |head| {
+            let entry = entry.clone();
+            async move {
+                let chunk = match head {
+                    Some(h) => bytes::Bytes::from(h),
+                    None => {
+                        // About 60 MB/s: endless, without flooding a client that buffers.
+                        tokio::time::sleep(Duration::from_millis(1)).await;
+                        entry
+                    }
+                };
+                Some((Ok::<_, std::io::Error>(chunk), None))
+            }
+        });
+        return Response::builder()
+            .header(header::CONTENT_TYPE, "application/json")
+            .body(Body::from_stream(stream))
+            .unwrap_or_else(|_| error(StatusCode::INTERNAL_SERVER_ERROR, "response"));
+    }
     let siblings: Vec<_> = files(repo)
         .into_iter()
         .map(|f| json!({ "rfilename": f }))
         .collect();
-    Json(json!({ "id": id, "sha": repo.commit, "siblings": siblings })).into_response()
+    Json(json!({ "id": id, "sha": sha, "siblings": siblings })).into_response()
+}
+
+/// With `answer_any_path`, a path no route matched is answered as a resolve of the
+/// file named by its last part, from the first repo.
+async fn any_path(
+    State(s): State<Arc<Inner>>,
+    method: Method,
+    headers: HeaderMap,
+    uri: axum::http::Uri,
+) -> Response {
+    record(&s, &method, uri.path(), &headers);
+    let repo = s.repos.values().next();
+    match repo.filter(|_| s.faults.answer_any_path) {
+        Some(repo) => {
+            let name = uri
+                .path()
+                .rsplit('/')
+                .next()
+                .unwrap_or_default()
+                .to_string();
+            serve_file(&s, &method, &headers, repo, &name).await
+        }
+        None => error(StatusCode::NOT_FOUND, "no such route"),
+    }
 }
 
 fn sha256_hex(bytes: &[u8]) -> String {
@@ -217,7 +301,48 @@ async fn resolve(
     if file.contains("..") {
         return error(StatusCode::BAD_REQUEST, "bad path");
     }
-    let Ok(bytes) = std::fs::read(repo.dir.join(&file)) else {
+    serve_file(&s, &method, &headers, repo, &file).await
+}
+
+/// Grows a body past its declared size when the faults say so for this file: by a
+/// fixed amount, or forever.
+fn padded(s: &Inner, file: &str, body: Vec<u8>) -> Body {
+    let target = s.faults.oversize_file.as_deref();
+    if !target.is_some_and(|t| file.ends_with(t)) {
+        return Body::from(body);
+    }
+    let chunk = bytes::Bytes::from(vec![b'x'; 64 << 10]);
+    // The state is how many padding bytes are left (`None`: endless).
+    let rest = futures_util::stream::unfold(s.faults.oversize_by, move |left| {
+        let chunk = chunk.clone();
+        async move {
+            let n = match left {
+                Some(0) => return None,
+                Some(n) => n.min(chunk.len() as u64) as usize,
+                None => chunk.len(),
+            };
+            let left = left.map(|l| l - n as u64);
+            Some((Ok::<_, std::io::Error>(chunk.slice(..n)), left))
+        }
+    });
+    let first = futures_util::stream::once(async move { Ok(bytes::Bytes::from(body)) });
+    Body::from_stream(futures_util::StreamExt::chain(first, rest))
+}
+
+async fn stall_if_asked(s: &Inner, method: &Method) {
+    if s.faults.stall_downloads && method == Method::GET {
+        tokio::time::sleep(Duration::from_secs(3600)).await;
+    }
+}
+
+async fn serve_file(
+    s: &Inner,
+    method: &Method,
+    headers: &HeaderMap,
+    repo: &Repo,
+    file: &str,
+) -> Response {
+    let Ok(bytes) = std::fs::read(repo.dir.join(file)) else {
         return error(StatusCode::NOT_FOUND, "Entry not found");
     };
     let sha = sha256_hex(&bytes);
@@ -242,15 +367,16 @@ async fn resolve(
     let etag = &sha[..40];
     let builder = Response::builder()
         .header(header::ETAG, format!("\"{etag}\""))
-        .header("x-repo-commit", &repo.commit)
-        .header(header::CONTENT_LENGTH, bytes.len());
-    let body = if method == Method::HEAD {
-        Body::empty()
-    } else {
-        Body::from(bytes)
-    };
+        .header("x-repo-commit", &repo.commit);
+    if method == Method::HEAD {
+        return builder
+            .header(header::CONTENT_LENGTH, bytes.len())
+            .body(Body::empty())
+            .unwrap_or_else(|_| error(StatusCode::INTERNAL_SERVER_ERROR, "response"));
+    }
+    stall_if_asked(s, method).await;
     builder
-        .body(body)
+        .body(padded(s, file, bytes))
         .unwrap_or_else(|_| error(StatusCode::INTERNAL_SERVER_ERROR, "response"))
 }
 
@@ -263,21 +389,38 @@ async fn cdn(
     record(&s, &method, &format!("/cdn/{sha}"), &headers);
     let found = s.repos.values().find_map(|r| {
         files(r).into_iter().find_map(|f| {
-            let bytes = std::fs::read(r.dir.join(f)).ok()?;
-            (sha256_hex(&bytes) == sha).then_some(bytes)
+            let bytes = std::fs::read(r.dir.join(&f)).ok()?;
+            (sha256_hex(&bytes) == sha).then_some((f, bytes))
         })
     });
-    let Some(bytes) = found else {
+    let Some((name, bytes)) = found else {
         return error(StatusCode::NOT_FOUND, "no such object");
     };
+    stall_if_asked(&s, &method).await;
     let total = bytes.len() as u64;
     let start = headers
         .get(header::RANGE)
         .and_then(|v| v.to_str().ok())
         .and_then(|r| r.strip_prefix("bytes="))
         .and_then(|r| r.strip_suffix('-'))
-        .and_then(|n| n.parse::<u64>().ok())
-        .filter(|&n| n < total);
+        .and_then(|n| n.parse::<u64>().ok());
+    if start.is_some_and(|n| n >= total) {
+        return Response::builder()
+            .status(StatusCode::RANGE_NOT_SATISFIABLE)
+            .header(header::CONTENT_RANGE, format!("bytes */{total}"))
+            .body(Body::empty())
+            .unwrap_or_else(|_| error(StatusCode::INTERNAL_SERVER_ERROR, "response"));
+    }
+    if s.faults
+        .oversize_file
+        .as_deref()
+        .is_some_and(|t| name.ends_with(t))
+    {
+        return Response::builder()
+            .header(header::ETAG, format!("\"{sha}\""))
+            .body(padded(&s, &name, bytes))
+            .unwrap_or_else(|_| error(StatusCode::INTERNAL_SERVER_ERROR, "response"));
+    }
     let (status, body_bytes) = match start {
         Some(n) => (StatusCode::PARTIAL_CONTENT, bytes[n as usize..].to_vec()),
         None => (StatusCode::OK, bytes),
@@ -286,6 +429,7 @@ async fn cdn(
     // The first download may be cut short: the body stream fails after N bytes, which
     // drops the connection mid-transfer like a network fault.
     let cut = s
+        .faults
         .break_after
         .filter(|_| !s.broken_once.swap(true, Ordering::SeqCst))
         .map(|n| n as usize)

@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 
 use crate::error::{Error, Result};
 use crate::fsx::write_atomic;
+use crate::safe_path::confined_join;
 
 /// `HF_HUB_CACHE`, else `HF_HOME/hub`, else `~/.cache/huggingface/hub` (on every OS, as
 /// huggingface_hub does).
@@ -39,6 +40,7 @@ impl RepoCache {
         &self.root
     }
 
+    /// `etag` must be a plain name (see `is_etag`).
     pub fn blob(&self, etag: &str) -> PathBuf {
         self.root.join("blobs").join(etag)
     }
@@ -47,20 +49,35 @@ impl RepoCache {
         self.root.join("snapshots").join(commit)
     }
 
-    /// The commit a branch or tag name points to, as last downloaded.
+    /// `snapshots/<commit>/<file>`, or why that name cannot be one: the commit must be
+    /// 40 hex digits and the file a plain relative name, since both come from the hub.
+    pub fn entry(&self, commit: &str, file: &str) -> Result<PathBuf, &'static str> {
+        if !is_commit(commit) {
+            return Err("is not a 40-hex commit id");
+        }
+        confined_join(&self.snapshot(commit), file)
+    }
+
+    /// The commit a branch or tag name points to, as last downloaded (a ref file that
+    /// does not hold a commit id counts as absent).
     pub fn commit_for(&self, revision: &str) -> Option<String> {
         if is_commit(revision) {
             return Some(revision.to_string());
         }
-        let text = std::fs::read_to_string(self.root.join("refs").join(revision)).ok()?;
-        Some(text.trim().to_string()).filter(|c| !c.is_empty())
+        let path = confined_join(&self.root.join("refs"), revision).ok()?;
+        let text = std::fs::read_to_string(path).ok()?;
+        Some(text.trim().to_string()).filter(|c| is_commit(c))
     }
 
     pub fn write_ref(&self, revision: &str, commit: &str) -> Result<()> {
         if is_commit(revision) {
             return Ok(());
         }
-        let path = self.root.join("refs").join(revision);
+        let path = confined_join(&self.root.join("refs"), revision).map_err(|why| {
+            Error::InvalidOption(format!(
+                "revision `{revision}` {why}; give a branch, tag or commit id"
+            ))
+        })?;
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
         }
@@ -68,10 +85,16 @@ impl RepoCache {
     }
 
     /// Puts `snapshots/<commit>/<file>` in place: a relative symlink to the blob, or a
-    /// copy where symlinks are not allowed (Windows without developer mode), as
-    /// huggingface_hub does.
-    pub fn link(&self, commit: &str, file: &str, etag: &str) -> Result<PathBuf> {
-        let target = self.snapshot(commit).join(file);
+    /// copy where symlinks are not allowed (Windows without developer mode) or not
+    /// wanted (`symlinks` false), as huggingface_hub does. Refuses names that would
+    /// land outside the snapshot, whichever way the file is placed.
+    pub fn link(&self, commit: &str, file: &str, etag: &str, symlinks: bool) -> Result<PathBuf> {
+        let target = self.entry(commit, file).map_err(|why| {
+            Error::InvalidOption(format!(
+                "snapshot entry `{commit}/{file}` {why}; refusing to write outside {}",
+                self.root.display()
+            ))
+        })?;
         if let Some(dir) = target.parent() {
             std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
         }
@@ -84,7 +107,7 @@ impl RepoCache {
             .collect::<PathBuf>()
             .join("blobs")
             .join(etag);
-        if symlink(&relative, &target).is_err() {
+        if !symlinks || symlink(&relative, &target).is_err() {
             std::fs::copy(&blob, &target).map_err(|e| Error::io(&target, e))?;
         }
         Ok(target)
@@ -93,6 +116,16 @@ impl RepoCache {
 
 pub fn is_commit(revision: &str) -> bool {
     revision.len() == 40 && revision.bytes().all(|b| b.is_ascii_hexdigit())
+}
+
+/// ETags name blobs: the hub's are sha256 (LFS) or git sha1 hex; mirrors may add `-`
+/// and `.` (S3 multipart). Anything else could name a path.
+pub fn is_etag(etag: &str) -> bool {
+    (1..=128).contains(&etag.len())
+        && !etag.starts_with('.')
+        && etag
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
 }
 
 #[cfg(unix)]

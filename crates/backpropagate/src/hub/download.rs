@@ -2,6 +2,11 @@
 //! (`/api/models/<id>/revision/<rev>`), then each file from `/<id>/resolve/<commit>/<file>`
 //! (a HEAD for its etag and size, a GET that may redirect to a CDN, resumed with
 //! `Range` when a partial blob exists).
+//!
+//! The hub (or whatever `HF_ENDPOINT` points at) is not trusted: the commit id, the
+//! file names an index lists and every etag must be plain names before they touch the
+//! disk; a download stops at its declared size; JSON answers are read up to a cap;
+//! every request and every pause in a body is timed out.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -11,7 +16,7 @@ use futures_util::StreamExt;
 use serde::Deserialize;
 use serde_json::Value;
 
-use super::cache::{cache_dir, RepoCache};
+use super::cache::{cache_dir, is_commit, is_etag, RepoCache};
 use crate::error::{error_chain, Error, Result};
 use crate::event::{Event, EventSink, LogLevel};
 use crate::model::ModelConfig;
@@ -52,6 +57,31 @@ pub enum HubError {
         expected: String,
         got: String,
     },
+    #[error("{repo}@{revision}: the hub answered commit `{sha}`, which is not a 40-hex commit id; nothing was downloaded")]
+    BadCommit {
+        repo: String,
+        revision: String,
+        sha: String,
+    },
+    #[error("{repo}: {source_file} lists `{entry}`, which {why}; refusing to write it (nothing was written outside the cache)")]
+    BadEntry {
+        repo: String,
+        source_file: String,
+        entry: String,
+        why: String,
+    },
+    #[error("{repo}: {file} sent more than its declared {declared} bytes; the download was stopped there and removed")]
+    Oversized {
+        repo: String,
+        file: String,
+        declared: u64,
+    },
+    #[error("{repo}: {what} is larger than the {limit} bytes allowed for it; stopped reading")]
+    TooLarge {
+        repo: String,
+        what: String,
+        limit: u64,
+    },
 }
 
 impl HubError {
@@ -76,6 +106,12 @@ impl HubError {
                 "Pick a repo with .safetensors weights (most have them), or convert the .bin files with transformers and give the folder.".into()
             }
             HubError::Checksum { .. } => "Download again; the broken file was removed.".into(),
+            HubError::BadCommit { .. } | HubError::BadEntry { .. } => {
+                "The repo or the server behind HF_ENDPOINT is broken or hostile: report it to its owner, or use another repo or mirror.".into()
+            }
+            HubError::Oversized { .. } | HubError::TooLarge { .. } => {
+                "The server behind HF_ENDPOINT does not answer like the Hugging Face hub: try again later, report it to the mirror's owner, or unset HF_ENDPOINT. Nothing partial was kept.".into()
+            }
             HubError::Http { .. } | HubError::MissingFile { .. } => return None,
         })
     }
@@ -92,7 +128,12 @@ pub struct HubOptions {
     pub offline: bool,
     /// Tries per file when the connection breaks (each resumes the partial file).
     pub attempts: u32,
+    /// Longest wait for any answer, for a whole JSON answer, and for the next bytes of
+    /// a file.
     pub timeout: Duration,
+    /// Snapshot entries link to their blob; false copies the blob instead (what
+    /// happens anyway where symlinks fail, as on Windows without developer mode).
+    pub symlinks: bool,
 }
 
 impl HubOptions {
@@ -110,6 +151,7 @@ impl HubOptions {
             }),
             attempts: 5,
             timeout: Duration::from_secs(30),
+            symlinks: true,
         }
     }
 }
@@ -124,27 +166,45 @@ const OPTIONAL: [&str; 4] = [
     "chat_template.jinja",
 ];
 
+/// Cap on the revision answer (a file list: a few KB, ~1 MB for repos with thousands
+/// of files) and on any error body we read.
+const MAX_JSON_ANSWER: u64 = 16 << 20;
+/// Cap on the declared size of a file other than the weights: config, tokenizer (the
+/// largest real tokenizer.json files are ~35 MB), index, template.
+const MAX_METADATA_FILE: u64 = 128 << 20;
+
+/// What of a repo to fetch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Want {
+    /// Config, tokenizer files and the safetensors weights: what training needs.
+    Everything,
+    /// Config and tokenizer files only: enough to tokenize and check data.
+    Tokenizer,
+}
+
 pub(super) fn snapshot(
     id: &str,
     revision: &str,
+    want: Want,
     options: &HubOptions,
     sink: &dyn EventSink,
 ) -> Result<PathBuf> {
     let cache = RepoCache::new(&options.cache, id);
     if options.offline {
-        return offline_snapshot(&cache, id, revision, options);
+        return offline_snapshot(&cache, id, revision, want, options);
     }
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .map_err(|e| Error::io(&options.cache, e))?;
-    runtime.block_on(Fetcher::new(id, options)?.snapshot(&cache, revision, sink))
+    runtime.block_on(Fetcher::new(id, options)?.snapshot(&cache, revision, want, sink))
 }
 
 fn offline_snapshot(
     cache: &RepoCache,
     id: &str,
     revision: &str,
+    want: Want,
     options: &HubOptions,
 ) -> Result<PathBuf> {
     let not_cached = || HubError::NotCached {
@@ -155,7 +215,8 @@ fn offline_snapshot(
     let commit = cache.commit_for(revision).ok_or_else(not_cached)?;
     let dir = cache.snapshot(&commit);
     let complete = REQUIRED.iter().all(|f| dir.join(f).is_file())
-        && (dir.join("model.safetensors").is_file()
+        && (want == Want::Tokenizer
+            || dir.join("model.safetensors").is_file()
             || dir.join("model.safetensors.index.json").is_file());
     if complete {
         Ok(dir)
@@ -174,6 +235,7 @@ struct Fetcher {
     head: reqwest::Client,
     attempts: u32,
     timeout: Duration,
+    symlinks: bool,
 }
 
 #[derive(Deserialize)]
@@ -190,7 +252,8 @@ struct Sibling {
 
 struct FileMeta {
     etag: String,
-    size: Option<u64>,
+    /// Declared by the hub before the body; the download never goes past it.
+    size: u64,
 }
 
 impl Fetcher {
@@ -218,6 +281,7 @@ impl Fetcher {
             head: build(false)?,
             attempts: options.attempts.max(1),
             timeout: options.timeout,
+            symlinks: options.symlinks,
         })
     }
 
@@ -259,11 +323,12 @@ impl Fetcher {
                 endpoint: self.endpoint.clone(),
             },
             _ => {
-                let body = resp.text().await.unwrap_or_default();
+                // Only the start of the body goes into the message; reading stops there.
+                let body = self.read_capped(url, resp, 4096).await.unwrap_or_default();
                 HubError::Http {
                     url: url.to_string(),
                     status,
-                    message: body.chars().take(300).collect(),
+                    message: String::from_utf8_lossy(&body).chars().take(300).collect(),
                 }
             }
         })
@@ -273,26 +338,35 @@ impl Fetcher {
         &self,
         cache: &RepoCache,
         revision: &str,
+        want: Want,
         sink: &dyn EventSink,
     ) -> Result<PathBuf> {
         let url = format!(
             "{}/api/models/{}/revision/{}",
-            self.endpoint, self.repo, revision
+            self.endpoint,
+            self.repo,
+            url_path(revision)
         );
-        let resp = self
-            .auth(self.http.get(&url))
-            .timeout(self.timeout)
-            .send()
-            .await
-            .map_err(|e| self.unreachable(e))?;
-        let info: RevisionInfo = self
-            .check(&url, revision, resp)
-            .await?
-            .json()
-            .await
-            .map_err(|e| self.unreachable(e))?;
+        let resp = self.send(self.auth(self.http.get(&url))).await?;
+        let resp = self.check(&url, revision, resp).await?;
+        let body = self.read_capped(&url, resp, MAX_JSON_ANSWER).await?;
+        let info: RevisionInfo = serde_json::from_slice(&body).map_err(|e| HubError::Http {
+            url: url.clone(),
+            status: 200,
+            message: format!(
+                "not the hub's revision JSON ({e}); is HF_ENDPOINT a Hugging Face hub?"
+            ),
+        })?;
         let files: Vec<&str> = info.siblings.iter().map(|s| s.rfilename.as_str()).collect();
         let commit = info.sha.clone();
+        if !is_commit(&commit) {
+            return Err(HubError::BadCommit {
+                repo: self.repo.clone(),
+                revision: revision.to_string(),
+                sha: commit.chars().take(200).collect(),
+            }
+            .into());
+        }
         sink.emit(log(format!("{}@{revision} is commit {commit}", self.repo)));
 
         // config.json first: an architecture we cannot train is refused before any
@@ -317,6 +391,10 @@ impl Fetcher {
         for f in OPTIONAL.iter().filter(|f| files.contains(f)) {
             self.fetch(cache, &commit, f, sink).await?;
         }
+        if want == Want::Tokenizer {
+            cache.write_ref(revision, &commit)?;
+            return Ok(cache.snapshot(&commit));
+        }
         let weights: Vec<String> = if files.contains(&"model.safetensors.index.json") {
             let index = self
                 .fetch(cache, &commit, "model.safetensors.index.json", sink)
@@ -335,6 +413,16 @@ impl Fetcher {
                 .unwrap_or_default();
             shards.sort();
             shards.dedup();
+            for shard in &shards {
+                cache
+                    .entry(&commit, shard)
+                    .map_err(|why| HubError::BadEntry {
+                        repo: self.repo.clone(),
+                        source_file: "model.safetensors.index.json".into(),
+                        entry: shard.chars().take(200).collect(),
+                        why: why.into(),
+                    })?;
+            }
             shards
         } else if files.contains(&"model.safetensors") {
             vec!["model.safetensors".into()]
@@ -363,28 +451,82 @@ impl Fetcher {
 
     async fn meta(&self, url: &str, commit: &str) -> Result<FileMeta, HubError> {
         let resp = self
-            .auth(self.head.head(url))
-            .header(reqwest::header::ACCEPT_ENCODING, "identity")
-            .timeout(self.timeout)
-            .send()
-            .await
-            .map_err(|e| self.unreachable(e))?;
+            .send(
+                self.auth(self.head.head(url))
+                    .header(reqwest::header::ACCEPT_ENCODING, "identity"),
+            )
+            .await?;
         let resp = self.check(url, commit, resp).await?;
         let h = resp.headers();
         let get = |k: &str| h.get(k).and_then(|v| v.to_str().ok()).map(String::from);
+        let bad = |message: &str| HubError::Http {
+            url: url.to_string(),
+            status: resp.status().as_u16(),
+            message: format!("{message}; is HF_ENDPOINT a Hugging Face hub?"),
+        };
         let etag = get("x-linked-etag")
             .or_else(|| get("etag"))
             .map(|e| e.trim_start_matches("W/").trim_matches('"').to_string())
-            .filter(|e| !e.is_empty() && !e.contains(['/', '\\']))
-            .ok_or_else(|| HubError::Http {
-                url: url.to_string(),
-                status: resp.status().as_u16(),
-                message: "no ETag header; is HF_ENDPOINT a Hugging Face hub?".into(),
-            })?;
+            .ok_or_else(|| bad("no ETag header"))?;
+        if !is_etag(&etag) {
+            return Err(bad(&format!(
+                "ETag `{}` is not a plain blob name",
+                etag.chars().take(200).collect::<String>()
+            )));
+        }
         let size = get("x-linked-size")
             .or_else(|| get("content-length"))
-            .and_then(|s| s.parse().ok());
+            .and_then(|s| s.trim().parse().ok())
+            .ok_or_else(|| bad("no size (X-Linked-Size or Content-Length)"))?;
         Ok(FileMeta { etag, size })
+    }
+
+    /// Sends a request, waiting at most the timeout for the answer's headers.
+    async fn send(&self, rb: reqwest::RequestBuilder) -> Result<reqwest::Response, HubError> {
+        match tokio::time::timeout(self.timeout, rb.send()).await {
+            Ok(r) => r.map_err(|e| self.unreachable(e)),
+            Err(_) => Err(self.stalled()),
+        }
+    }
+
+    fn stalled(&self) -> HubError {
+        HubError::Unreachable {
+            endpoint: self.endpoint.clone(),
+            message: format!("no answer for {} s", self.timeout.as_secs_f32()),
+        }
+    }
+
+    /// A whole body, up to `limit` bytes and within the timeout; more is an error,
+    /// never a bigger buffer.
+    async fn read_capped(
+        &self,
+        url: &str,
+        resp: reqwest::Response,
+        limit: u64,
+    ) -> Result<Vec<u8>, HubError> {
+        let too_large = || HubError::TooLarge {
+            repo: self.repo.clone(),
+            what: format!("the answer to {url}"),
+            limit,
+        };
+        if resp.content_length().is_some_and(|n| n > limit) {
+            return Err(too_large());
+        }
+        let read = async {
+            let mut out = Vec::new();
+            let mut body = resp.bytes_stream();
+            while let Some(chunk) = body.next().await {
+                let chunk = chunk.map_err(|e| self.unreachable(e))?;
+                if out.len() as u64 + chunk.len() as u64 > limit {
+                    return Err(too_large());
+                }
+                out.extend_from_slice(&chunk);
+            }
+            Ok(out)
+        };
+        tokio::time::timeout(self.timeout, read)
+            .await
+            .map_err(|_| self.stalled())?
     }
 
     /// One file into the cache (skipped when its snapshot entry or blob exists).
@@ -395,26 +537,42 @@ impl Fetcher {
         file: &str,
         sink: &dyn EventSink,
     ) -> Result<PathBuf> {
-        let entry = cache.snapshot(commit).join(file);
+        let entry = cache
+            .entry(commit, file)
+            .map_err(|why| HubError::BadEntry {
+                repo: self.repo.clone(),
+                source_file: "the revision's file list".into(),
+                entry: file.chars().take(200).collect(),
+                why: why.into(),
+            })?;
         if entry.is_file() {
             return Ok(entry);
         }
         let url = format!(
             "{}/{}/resolve/{}/{}",
-            self.endpoint, self.repo, commit, file
+            self.endpoint,
+            self.repo,
+            commit,
+            url_path(file)
         );
         let meta = self.meta(&url, commit).await?;
+        if !file.ends_with(".safetensors") && meta.size > MAX_METADATA_FILE {
+            return Err(HubError::TooLarge {
+                repo: self.repo.clone(),
+                what: format!("{file} (declared {} bytes)", meta.size),
+                limit: MAX_METADATA_FILE,
+            }
+            .into());
+        }
         let blob = cache.blob(&meta.etag);
         if !blob.is_file() {
             sink.emit(log(format!(
-                "downloading {file}{}",
-                meta.size
-                    .map(|s| format!(" ({:.1} MB)", s as f64 / 1e6))
-                    .unwrap_or_default()
+                "downloading {file} ({:.1} MB)",
+                meta.size as f64 / 1e6
             )));
             self.download(&url, file, &blob, &meta, sink).await?;
         }
-        cache.link(commit, file, &meta.etag)
+        cache.link(commit, file, &meta.etag, self.symlinks)
     }
 
     async fn download(
@@ -427,7 +585,8 @@ impl Fetcher {
     ) -> Result<()> {
         let dir = blob.parent().unwrap_or(Path::new("."));
         std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
-        let partial = blob.with_extension("incomplete");
+        // Beside the blob, named as huggingface_hub names it, so either resumes the other.
+        let partial = dir.join(format!("{}.incomplete", meta.etag));
         let mut last_error = None;
         for attempt in 1..=self.attempts {
             match self.download_once(url, file, &partial, meta, sink).await {
@@ -446,7 +605,14 @@ impl Fetcher {
                     last_error = Some(e);
                     tokio::time::sleep(Duration::from_millis(200 * attempt as u64)).await;
                 }
-                Err(e) => return Err(e.into()),
+                Err(e) => {
+                    // What arrived is not the file (too long, or refused): a later pull
+                    // must start clean rather than resume from it.
+                    if matches!(e, HubError::Oversized { .. }) {
+                        let _ = std::fs::remove_file(&partial);
+                    }
+                    return Err(e.into());
+                }
             }
         }
         if let Some(e) = last_error {
@@ -476,16 +642,32 @@ impl Fetcher {
         meta: &FileMeta,
         sink: &dyn EventSink,
     ) -> Result<(), HubError> {
-        let have = std::fs::metadata(partial).map(|m| m.len()).unwrap_or(0);
+        let total = meta.size;
+        let mut have = std::fs::metadata(partial).map(|m| m.len()).unwrap_or(0);
+        if have >= total {
+            // Left by an older version or a server that sent too much: nothing to
+            // resume from (a Range past the end would only be refused).
+            let _ = std::fs::remove_file(partial);
+            have = 0;
+        }
         let mut req = self
             .auth(self.http.get(url))
             .header(reqwest::header::ACCEPT_ENCODING, "identity");
         if have > 0 {
             req = req.header(reqwest::header::RANGE, format!("bytes={have}-"));
         }
-        let resp = req.send().await.map_err(|e| self.unreachable(e))?;
+        let resp = self.send(req).await?;
         let resp = self.check(url, "", resp).await?;
         let resumed = resp.status().as_u16() == 206;
+        if resumed && range_start(&resp) != Some(have) {
+            let _ = std::fs::remove_file(partial);
+            return Err(HubError::Unreachable {
+                endpoint: self.endpoint.clone(),
+                message: format!(
+                    "{file} resumed at the wrong offset (asked for byte {have}); starting over"
+                ),
+            });
+        }
         let mut out = std::fs::OpenOptions::new()
             .create(true)
             .append(resumed)
@@ -494,7 +676,6 @@ impl Fetcher {
             .open(partial)
             .map_err(|e| self.io_error(partial, e))?;
         let mut done = if resumed { have } else { 0 };
-        let total = meta.size.unwrap_or(0);
         let mut body = resp.bytes_stream();
         let mut last = 0u64;
         loop {
@@ -502,10 +683,18 @@ impl Fetcher {
                 .await
                 .map_err(|_| HubError::Unreachable {
                     endpoint: self.endpoint.clone(),
-                    message: format!("no data for {} s", self.timeout.as_secs()),
+                    message: format!("no data for {} s in {file}", self.timeout.as_secs_f32()),
                 })?;
             let Some(chunk) = next else { break };
             let chunk = chunk.map_err(|e| self.unreachable(e))?;
+            let room = total - done;
+            if chunk.len() as u64 > room {
+                return Err(HubError::Oversized {
+                    repo: self.repo.clone(),
+                    file: file.to_string(),
+                    declared: total,
+                });
+            }
             out.write_all(&chunk)
                 .map_err(|e| self.io_error(partial, e))?;
             done += chunk.len() as u64;
@@ -519,7 +708,7 @@ impl Fetcher {
             }
         }
         out.sync_all().map_err(|e| self.io_error(partial, e))?;
-        if total > 0 && done != total {
+        if done != total {
             return Err(HubError::Unreachable {
                 endpoint: self.endpoint.clone(),
                 message: format!("{file} ended at {done} of {total} bytes"),
@@ -535,6 +724,31 @@ impl Fetcher {
             message: e.to_string(),
         }
     }
+}
+
+/// The first byte of a 206 answer, from `Content-Range: bytes N-M/T`.
+fn range_start(resp: &reqwest::Response) -> Option<u64> {
+    let v = resp
+        .headers()
+        .get(reqwest::header::CONTENT_RANGE)?
+        .to_str()
+        .ok()?;
+    let (start, _) = v.trim().strip_prefix("bytes ")?.split_once('-')?;
+    start.parse().ok()
+}
+
+/// A name percent-encoded for a URL path, keeping `/` between parts (as
+/// huggingface_hub quotes file names), so `#`, `?` or `%` in a name stay in it.
+fn url_path(name: &str) -> String {
+    let mut out = String::with_capacity(name.len());
+    for b in name.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~' | b'/') {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
 }
 
 fn log(message: String) -> Event {

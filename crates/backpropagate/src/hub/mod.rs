@@ -4,7 +4,8 @@
 //! config.json comes first and an unsupported architecture is refused before any
 //! weights are fetched; large files resume where a broken download stopped and are
 //! checked against their sha256; `HF_TOKEN` opens gated repos; offline mode
-//! (`HF_HUB_OFFLINE=1`) uses the cache only.
+//! (`HF_HUB_OFFLINE=1`) uses the cache only. Nothing the hub answers can place a file
+//! outside the repo's cache folder or grow past its declared size.
 
 mod cache;
 mod download;
@@ -12,6 +13,7 @@ mod download;
 use std::path::{Path, PathBuf};
 
 pub use cache::{cache_dir, RepoCache};
+use download::Want;
 pub use download::{HubError, HubOptions};
 
 use crate::error::Result;
@@ -64,9 +66,23 @@ impl ModelSpec {
 /// The local folder for `model`: itself when it is a folder, else the repo's snapshot
 /// in the HF cache, downloaded (or completed) first unless offline.
 pub fn resolve_model(model: &str, options: &HubOptions, sink: &dyn EventSink) -> Result<PathBuf> {
+    resolve(model, Want::Everything, options, sink)
+}
+
+/// Like [`resolve_model`], but a repo's snapshot only gets its config and tokenizer
+/// files (a few MB, never the weights): enough to tokenize and check data.
+pub fn resolve_tokenizer(
+    model: &str,
+    options: &HubOptions,
+    sink: &dyn EventSink,
+) -> Result<PathBuf> {
+    resolve(model, Want::Tokenizer, options, sink)
+}
+
+fn resolve(model: &str, want: Want, options: &HubOptions, sink: &dyn EventSink) -> Result<PathBuf> {
     match ModelSpec::parse(model) {
         ModelSpec::Local(p) => Ok(p),
-        ModelSpec::Repo { id, revision } => download::snapshot(&id, &revision, options, sink),
+        ModelSpec::Repo { id, revision } => download::snapshot(&id, &revision, want, options, sink),
     }
 }
 

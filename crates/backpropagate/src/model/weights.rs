@@ -184,8 +184,18 @@ pub fn safetensors_paths(dir: &Path) -> Result<Vec<PathBuf>> {
     }
 }
 
-/// Shard files named by the index, each checked to exist.
+/// Shard files named by the index, each checked to be a plain name inside `dir` (an
+/// index is as untrusted as any downloaded file) and to exist.
 fn shards(index: &Path, dir: &Path) -> Result<Vec<PathBuf>> {
+    // Real indexes are a few hundred KB even for 400B-parameter models.
+    const MAX_INDEX: u64 = 64 << 20;
+    let size = std::fs::metadata(index).map_err(|e| Error::io(index, e))?.len();
+    if size > MAX_INDEX {
+        return Err(Error::model(
+            index,
+            format!("the index is {size} bytes, more than the 64 MiB an index can plausibly need; re-download it"),
+        ));
+    }
     let text = std::fs::read_to_string(index).map_err(|e| Error::io(index, e))?;
     let v: serde_json::Value = serde_json::from_str(&text)
         .map_err(|e| Error::model(index, format!("not valid JSON: {e}")))?;
@@ -196,7 +206,14 @@ fn shards(index: &Path, dir: &Path) -> Result<Vec<PathBuf>> {
     let files: BTreeSet<&str> = map.values().filter_map(|f| f.as_str()).collect();
     let mut paths = Vec::new();
     for f in files {
-        let p = dir.join(f);
+        let p = crate::safe_path::confined_join(dir, f).map_err(|why| {
+            Error::model(
+                index,
+                format!(
+                    "shard `{f}` listed in the index {why}; shards must be plain file names inside the model folder, so fix or re-download the index"
+                ),
+            )
+        })?;
         if !p.is_file() {
             return Err(Error::model(
                 index,
