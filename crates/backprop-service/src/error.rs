@@ -54,6 +54,7 @@ impl From<backpropagate::Error> for ServiceError {
             }
             E::Io { .. } | E::Tensor(_) => ErrorKind::Internal,
             E::Ollama(_) => ErrorKind::Unavailable,
+            E::RunInUse { .. } => ErrorKind::Conflict,
             _ => ErrorKind::BadRequest,
         };
         ServiceError {

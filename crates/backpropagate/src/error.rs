@@ -28,6 +28,9 @@ pub enum Error {
     Tensor(#[from] candle_core::Error),
     #[error("{path}: {message}")]
     Run { path: PathBuf, message: String },
+    /// Another job (in this process or another) holds the run's lock.
+    #[error("run {} is in use by {holder}; wait for that job to finish or stop it, then try again", run.display())]
+    RunInUse { run: PathBuf, holder: String },
     #[error(transparent)]
     Ollama(#[from] crate::ollama::OllamaError),
     #[error(transparent)]
@@ -40,6 +43,7 @@ impl Error {
         match self {
             Error::Ollama(e) => e.hint(),
             Error::Hub(e) => e.hint(),
+            Error::RunInUse { .. } => Some("A run has one writer at a time (training, resuming, exporting or pushing). The lock goes away by itself when that process ends, even if it crashed or was killed.".into()),
             _ => None,
         }
     }

@@ -60,6 +60,34 @@ pub fn write_f32_safetensors(
     write_atomic(path, &out)
 }
 
+/// Puts the complete folder `tmp` in place of `dest` (absent or a finished earlier
+/// copy): `dest` is moved aside, `tmp` renamed onto it, then the old copy removed. A
+/// crash at any point leaves either the old folder, the new one, or none under `dest`,
+/// never a mix; a leftover `.tmp-old-*` is cleaned by the next writer of the run.
+pub fn replace_dir(tmp: &Path, dest: &Path) -> Result<()> {
+    let dir = dest
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let name = dest
+        .file_name()
+        .map(|n| n.to_string_lossy())
+        .unwrap_or_default();
+    sync_dir(tmp);
+    let old = dir.join(format!(".tmp-old-{name}-{}", std::process::id()));
+    let moved_aside = match std::fs::rename(dest, &old) {
+        Ok(()) => true,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => false,
+        Err(e) => return Err(Error::io(dest, e)),
+    };
+    std::fs::rename(tmp, dest).map_err(|e| Error::io(dest, e))?;
+    sync_dir(dir);
+    if moved_aside {
+        std::fs::remove_dir_all(&old).map_err(|e| Error::io(&old, e))?;
+    }
+    Ok(())
+}
+
 /// Makes a rename durable. Directories cannot be opened for sync on Windows, where
 /// NTFS journals the rename itself, so failure here is not an error.
 fn sync_dir(dir: &Path) {
@@ -80,6 +108,24 @@ mod tests {
         write_atomic(&p, b"two").unwrap();
         assert_eq!(std::fs::read(&p).unwrap(), b"two");
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
+    }
+
+    #[test]
+    fn replace_dir_swaps_whole_folders_and_leaves_nothing_aside() {
+        let dir = tempfile::tempdir().unwrap();
+        let dest = dir.path().join("adapter");
+        for round in ["one", "two"] {
+            let tmp = dir.path().join(format!(".tmp-adapter-{round}"));
+            std::fs::create_dir(&tmp).unwrap();
+            std::fs::write(tmp.join("a"), round).unwrap();
+            replace_dir(&tmp, &dest).unwrap();
+            assert_eq!(std::fs::read_to_string(dest.join("a")).unwrap(), round);
+        }
+        let names: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names, ["adapter"]);
     }
 
     #[test]

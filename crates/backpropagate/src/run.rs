@@ -84,32 +84,218 @@ pub struct MetricLine {
     pub elapsed_s: Option<f64>,
 }
 
+/// The lock file every writer of a run holds (advisory `flock` on Unix, `LockFileEx` on
+/// Windows), and the sibling that says who holds it. They are two files because a
+/// Windows lock also blocks reading the locked file.
+pub const LOCK_FILE: &str = "run.lock";
+const HOLDER_FILE: &str = "run.lock.json";
+
+/// Who holds a run's lock, as the refused writer reports it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Holder {
+    pid: u32,
+    job: String,
+    started: String,
+}
+
+/// The right to write one run folder, held for a job's whole life (train, resume,
+/// multi-run, export, push). Dropping it, or the process dying, releases it: the OS
+/// drops the lock with the file handle, so a killed job never blocks the next one.
+/// Two jobs in one process conflict as well, since each opens its own handle.
+#[derive(Debug)]
+pub struct RunLock {
+    file: File,
+    run_dir: PathBuf,
+}
+
+impl RunLock {
+    /// Takes the run's lock for `job` or fails at once with [`Error::RunInUse`] naming
+    /// the holder. Then removes temporary files that an interrupted writer left, since
+    /// no other writer can own them now.
+    pub fn acquire(run_dir: &Path, job: &str) -> Result<RunLock> {
+        let path = run_dir.join(LOCK_FILE);
+        let file = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .read(true)
+            .write(true)
+            .open(&path)
+            .map_err(|e| Error::io(&path, e))?;
+        match file.try_lock() {
+            Ok(()) => {}
+            Err(std::fs::TryLockError::WouldBlock) => {
+                return Err(Error::RunInUse {
+                    run: run_dir.to_path_buf(),
+                    holder: describe_holder(run_dir),
+                })
+            }
+            Err(std::fs::TryLockError::Error(e)) => return Err(Error::io(&path, e)),
+        }
+        let holder = Holder {
+            pid: std::process::id(),
+            job: job.to_string(),
+            started: now_utc().0,
+        };
+        let json = serde_json::to_string(&holder).expect("holder serializes");
+        write_atomic(&run_dir.join(HOLDER_FILE), json.as_bytes())?;
+        remove_stale_temps(run_dir);
+        Ok(RunLock {
+            file,
+            run_dir: run_dir.to_path_buf(),
+        })
+    }
+
+    pub fn run_dir(&self) -> &Path {
+        &self.run_dir
+    }
+}
+
+impl Drop for RunLock {
+    fn drop(&mut self) {
+        // The holder note goes first, while the lock still keeps others out; the lock
+        // file itself stays, because deleting a lock file lets two processes lock two
+        // different files of the same name.
+        let _ = std::fs::remove_file(self.run_dir.join(HOLDER_FILE));
+        let _ = self.file.unlock();
+    }
+}
+
+/// "process N (job, started T)" from the holder note; the holder writes it just after
+/// locking, so a refusal in that instant waits briefly for it.
+fn describe_holder(run_dir: &Path) -> String {
+    for _ in 0..20 {
+        if let Some(h) = std::fs::read_to_string(run_dir.join(HOLDER_FILE))
+            .ok()
+            .and_then(|t| serde_json::from_str::<Holder>(&t).ok())
+        {
+            let whose = if h.pid == std::process::id() {
+                "this process"
+            } else {
+                "process"
+            };
+            return format!("{whose} {} ({}, started {})", h.pid, h.job, h.started);
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    "another process".into()
+}
+
+/// Whether a file name is one of our interrupted writes: `.tmp-*` folders (checkpoints,
+/// exports, the adapter) and `.<name>.tmp-<pid>` files of [`write_atomic`].
+pub(crate) fn is_temp_name(name: &str) -> bool {
+    name.starts_with(".tmp-") || (name.starts_with('.') && name.contains(".tmp-"))
+}
+
+/// Removes leftovers of interrupted writes in the run folder and the folders that
+/// writers fill; called with the run's lock held.
+fn remove_stale_temps(run_dir: &Path) {
+    for dir in [
+        run_dir.to_path_buf(),
+        run_dir.join("checkpoints"),
+        run_dir.join("exports"),
+        run_dir.join("adapter"),
+        run_dir.join("init"),
+    ] {
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            if !entry.file_name().to_str().is_some_and(is_temp_name) {
+                continue;
+            }
+            let p = entry.path();
+            // Not following links: a planted link must not make us delete elsewhere.
+            let _ = match entry.file_type() {
+                Ok(t) if t.is_dir() => std::fs::remove_dir_all(&p),
+                Ok(_) => std::fs::remove_file(&p),
+                Err(_) => Ok(()),
+            };
+        }
+    }
+}
+
+/// Creates `runs_dir/<base>` exclusively, or `<base>-2`, `<base>-3`, … when taken, so
+/// two runs started in the same second never share a folder. Returns the id used.
+pub fn create_unique_dir(runs_dir: &Path, base: &str) -> Result<(String, PathBuf)> {
+    std::fs::create_dir_all(runs_dir).map_err(|e| Error::io(runs_dir, e))?;
+    for n in 1..=10_000u32 {
+        let id = if n == 1 {
+            base.to_string()
+        } else {
+            format!("{base}-{n}")
+        };
+        let path = runs_dir.join(&id);
+        match std::fs::create_dir(&path) {
+            Ok(()) => return Ok((id, path)),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+            Err(e) => return Err(Error::io(&path, e)),
+        }
+    }
+    Err(Error::Run {
+        path: runs_dir.join(base),
+        message: "10000 runs with this name already exist; give the run another name or clean up the runs folder".into(),
+    })
+}
+
 pub struct RunDir {
     path: PathBuf,
     metrics: Mutex<File>,
     events: Mutex<File>,
+    /// Held by runs opened for writing; `None` for read-only views.
+    lock: Option<RunLock>,
 }
 
 impl RunDir {
-    /// Creates `runs_dir/<id>/` with its config and identity files.
-    pub fn create(runs_dir: &Path, info: &RunInfo, config: &TrainConfig) -> Result<Self> {
-        let path = runs_dir.join(&info.id);
-        std::fs::create_dir_all(path.join("checkpoints")).map_err(|e| Error::io(&path, e))?;
+    /// Creates a new run folder under `runs_dir` named `info.id` (with a suffix when
+    /// that name is taken; `info.id` is updated), locked for `job`, with its config and
+    /// identity files.
+    pub fn create(
+        runs_dir: &Path,
+        info: &mut RunInfo,
+        config: &TrainConfig,
+        job: &str,
+    ) -> Result<Self> {
+        let (id, path) = create_unique_dir(runs_dir, &info.id)?;
+        info.id = id;
+        let lock = RunLock::acquire(&path, job)?;
+        let checkpoints = path.join("checkpoints");
+        std::fs::create_dir_all(&checkpoints).map_err(|e| Error::io(&checkpoints, e))?;
         write_atomic(&path.join("run.toml"), config.to_toml().as_bytes())?;
-        let dir = Self::open_files(path)?;
+        let mut dir = Self::open_files(path)?;
+        dir.lock = Some(lock);
         dir.write_info(info)?;
         Ok(dir)
     }
 
-    /// Opens an existing run for resuming.
+    /// Opens an existing run to read it. Writers use [`RunDir::open_for_write`].
     pub fn open(path: &Path) -> Result<Self> {
+        Self::require_run(path)?;
+        Self::open_files(path.to_path_buf())
+    }
+
+    /// Opens an existing run for `job` (resume), holding its lock while this lives.
+    pub fn open_for_write(path: &Path, job: &str) -> Result<Self> {
+        Self::require_run(path)?;
+        let lock = RunLock::acquire(path, job)?;
+        let mut dir = Self::open_files(path.to_path_buf())?;
+        dir.lock = Some(lock);
+        Ok(dir)
+    }
+
+    fn require_run(path: &Path) -> Result<()> {
         if !path.join("run.json").is_file() {
             return Err(Error::Run {
                 path: path.to_path_buf(),
                 message: "not a run directory (no run.json)".into(),
             });
         }
-        Self::open_files(path.to_path_buf())
+        Ok(())
+    }
+
+    /// The lock this run was opened with, for work done under it (the final export of
+    /// a push, say); `None` for a read-only view.
+    pub fn lock(&self) -> Option<&RunLock> {
+        self.lock.as_ref()
     }
 
     fn open_files(path: PathBuf) -> Result<Self> {
@@ -125,6 +311,7 @@ impl RunDir {
             metrics: Mutex::new(append("metrics.jsonl")?),
             events: Mutex::new(append("events.jsonl")?),
             path,
+            lock: None,
         })
     }
 

@@ -105,8 +105,10 @@ pub fn multi_run(
         .file_stem()
         .map(|s| s.to_string_lossy().into_owned())
         .unwrap_or_default();
-    let dir = runs_dir.join(format!("{stamp}-{stem}-multi"));
-    std::fs::create_dir_all(dir.join("slices")).map_err(|e| Error::io(&dir, e))?;
+    let (_, dir) = run::create_unique_dir(runs_dir, &format!("{stamp}-{stem}-multi"))?;
+    let lock = run::RunLock::acquire(&dir, "multi-run")?;
+    let slices_dir = dir.join("slices");
+    std::fs::create_dir_all(&slices_dir).map_err(|e| Error::io(&slices_dir, e))?;
     for (i, lines) in slices.iter().enumerate() {
         let mut text = lines.join("\n");
         text.push('\n');
@@ -122,7 +124,7 @@ pub fn multi_run(
         stage_dirs: Vec::new(),
     };
     save_progress(&dir, &progress)?;
-    continue_runs(&dir, progress, sink, cancel)
+    continue_runs(&lock, progress, sink, cancel)
 }
 
 /// Continues a multi-run after a crash or a stop, from the run it was in.
@@ -132,12 +134,19 @@ pub fn resume_multi_run(
     cancel: &CancelToken,
 ) -> Result<MultiRunSummary> {
     let path = dir.join("multi_run.json");
+    if !path.is_file() {
+        return Err(Error::Run {
+            path: dir.to_path_buf(),
+            message: "not a multi-run folder (no multi_run.json)".into(),
+        });
+    }
+    let lock = run::RunLock::acquire(dir, "multi-run")?;
     let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
     let progress: Progress = serde_json::from_str(&text).map_err(|e| Error::Run {
         path,
         message: format!("unreadable: {e}"),
     })?;
-    continue_runs(dir, progress, sink, cancel)
+    continue_runs(&lock, progress, sink, cancel)
 }
 
 fn save_progress(dir: &Path, p: &Progress) -> Result<()> {
@@ -186,12 +195,14 @@ fn slice_lines(data: &Path, config: &TrainConfig) -> Result<Vec<Vec<String>>> {
     Ok(out)
 }
 
+/// Runs the remaining stages; `lock` (held for the whole multi-run) names the folder.
 fn continue_runs(
-    dir: &Path,
+    lock: &run::RunLock,
     mut progress: Progress,
     sink: &dyn EventSink,
     cancel: &CancelToken,
 ) -> Result<MultiRunSummary> {
+    let dir = lock.run_dir();
     let c = progress.config.clone();
     let model_config = ModelConfig::load(&progress.model_dir.join("config.json"))?;
     let stages_dir = dir.join("stages");
@@ -316,7 +327,7 @@ fn combine(
             layers,
         }
     };
-    merged.save_peft(&merged_dir, &base_model)?;
+    crate::train::write_adapter(&merged, &merged_dir, &base_model)?;
     if t < c.multi_run.runs {
         let next = match c.multi_run.method {
             MultiRunMethod::Sequential => merged,
@@ -338,21 +349,27 @@ fn combine(
                 }
             }
         };
-        next.save_peft(
-            &dir.join("init").join(format!("run-{}", t + 1)),
-            &base_model,
-        )?;
+        let init = dir.join("init");
+        std::fs::create_dir_all(&init).map_err(|e| Error::io(&init, e))?;
+        crate::train::write_adapter(&next, &init.join(format!("run-{}", t + 1)), &base_model)?;
     }
     Ok(())
 }
 
+/// Copies an adapter folder whole (temporary folder, then rename), like the trainer
+/// writes its own.
 fn copy_adapter(from: &Path, to: &Path) -> Result<()> {
-    std::fs::create_dir_all(to).map_err(|e| Error::io(to, e))?;
+    let parent = to.parent().unwrap_or(Path::new("."));
+    let tmp = parent.join(format!(".tmp-adapter-{}", std::process::id()));
+    if tmp.exists() {
+        std::fs::remove_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
+    }
+    std::fs::create_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
     for name in ["adapter_model.safetensors", "adapter_config.json"] {
         let bytes = std::fs::read(from.join(name)).map_err(|e| Error::io(from.join(name), e))?;
-        write_atomic(&to.join(name), &bytes)?;
+        write_atomic(&tmp.join(name), &bytes)?;
     }
-    Ok(())
+    crate::fsx::replace_dir(&tmp, to)
 }
 
 #[cfg(test)]

@@ -116,6 +116,14 @@ fn a_stopped_multi_run_resumes_where_it_was() {
     // Run 2's slice: 180 samples of its own plus 20% replayed from run 1.
     let slice = std::fs::read_to_string(stopped.run_dir.join("slices/run-2.jsonl")).unwrap();
     assert_eq!(slice.lines().count(), 180 + 36);
+    {
+        // One writer at a time for the multi-run folder too.
+        let _held = backpropagate::run::RunLock::acquire(&stopped.run_dir, "export").unwrap();
+        let err = resume_multi_run(&stopped.run_dir, &Silent, &CancelToken::default())
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("is in use by this process"), "{err}");
+    }
     let done = resume_multi_run(&stopped.run_dir, &Silent, &CancelToken::default()).unwrap();
     assert_eq!(done.status, RunStatus::Finished);
     assert_eq!(done.completed_runs, 2);

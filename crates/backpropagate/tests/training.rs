@@ -4,6 +4,7 @@
 mod common;
 
 use std::path::Path;
+use std::sync::{Arc, Mutex};
 
 use backpropagate::config::BatchSize;
 use backpropagate::event::Event;
@@ -269,4 +270,116 @@ fn a_paused_token_holds_training_between_steps_until_resumed() {
     assert!(events
         .iter()
         .any(|e| matches!(e, Event::Log { message, .. } if message == "resumed")));
+}
+
+/// A copy of the llama fixture, edited by `edit`.
+fn edited_model(edit: impl FnOnce(&Path)) -> std::path::PathBuf {
+    let dir = tempfile::tempdir().unwrap().keep();
+    for entry in std::fs::read_dir(fixture(Family::Llama)).unwrap() {
+        let entry = entry.unwrap();
+        std::fs::copy(entry.path(), dir.join(entry.file_name())).unwrap();
+    }
+    edit(&dir);
+    dir
+}
+
+#[test]
+fn a_token_id_past_the_vocabulary_is_refused_before_step_1_naming_the_line() {
+    // A tokenizer with an added token the model's embedding has no row for.
+    let model = edited_model(|d| {
+        let p = d.join("tokenizer.json");
+        let mut v: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap();
+        let next = v["added_tokens"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|t| t["id"].as_u64().unwrap())
+            .max()
+            .unwrap()
+            + 1;
+        v["added_tokens"]
+            .as_array_mut()
+            .unwrap()
+            .push(serde_json::json!({
+            "id": next, "content": "<|beyond|>", "single_word": false, "lstrip": false,
+            "rstrip": false, "normalized": false, "special": false}));
+        std::fs::write(&p, v.to_string()).unwrap();
+    });
+    let vocab = backpropagate::model::ModelConfig::load(&model.join("config.json"))
+        .unwrap()
+        .vocab_size;
+    let data = model.join("data.jsonl");
+    let lines: Vec<String> = std::fs::read_to_string(samples_dir().join("alpaca.jsonl"))
+        .unwrap()
+        .lines()
+        .take(5)
+        .map(String::from)
+        .collect();
+    let mut text = lines.join("\n");
+    text = text.replacen("al dente when", "al dente <|beyond|> when", 1);
+    std::fs::write(&data, text).unwrap();
+    let steps = Arc::new(Mutex::new(0));
+    let count = steps.clone();
+    let runs = model.join("runs");
+    let err = Trainer::new(model.to_str().unwrap())
+        .runs_dir(&runs)
+        .on_event(move |e: Event| {
+            if let Event::Step { .. } = e {
+                *count.lock().unwrap() += 1;
+            }
+        })
+        .train(&data, 2)
+        .unwrap_err()
+        .to_string();
+    // The trainer's data preparation refuses it (the same check as `data check`).
+    assert!(
+        err.contains("data.jsonl") && err.contains("line 1:"),
+        "{err}"
+    );
+    assert!(err.contains(&format!("token id {vocab}")), "{err}");
+    assert!(err.contains("vocabulary"), "{err}");
+    assert!(!err.contains("compute error"), "{err}");
+    assert_eq!(*steps.lock().unwrap(), 0, "refused before step 1");
+    assert!(!runs.exists(), "refused before creating a run");
+}
+
+#[test]
+fn a_nan_in_the_base_weights_is_named_instead_of_blaming_the_learning_rate() {
+    const TENSOR: &str = "model.layers.1.mlp.down_proj.weight";
+    let model = edited_model(|d| {
+        let p = d.join("model.safetensors");
+        let bytes = std::fs::read(&p).unwrap();
+        let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+        let mut owned: Vec<(String, safetensors::Dtype, Vec<usize>, Vec<u8>)> = st
+            .tensors()
+            .into_iter()
+            .map(|(n, v)| (n, v.dtype(), v.shape().to_vec(), v.data().to_vec()))
+            .collect();
+        let t = owned.iter_mut().find(|t| t.0 == TENSOR).expect(TENSOR);
+        assert_eq!(t.1, safetensors::Dtype::F32);
+        t.3[40..44].copy_from_slice(&f32::NAN.to_le_bytes());
+        let views: Vec<_> = owned
+            .iter()
+            .map(|(n, d, s, b)| {
+                (
+                    n.clone(),
+                    safetensors::tensor::TensorView::new(*d, s.clone(), b).unwrap(),
+                )
+            })
+            .collect();
+        std::fs::write(&p, safetensors::serialize(views, None).unwrap()).unwrap();
+    });
+    let err = Trainer::new(model.to_str().unwrap())
+        .runs_dir(model.join("runs"))
+        .learning_rate(1e-4)
+        .train(samples_dir().join("alpaca.jsonl"), 3)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains(&format!("because the base tensor `{TENSOR}` in ")),
+        "{err}"
+    );
+    assert!(err.contains("(value NaN at element 10)"), "{err}");
+    assert!(!err.contains("lower the learning rate"), "{err}");
 }

@@ -1,7 +1,9 @@
 //! Exports of a trained run: the PEFT adapter as it is, or the base with the LoRA
 //! merged in (`W + s·B·A`) as a Hugging Face checkpoint. Every export is written into
 //! a temporary folder and renamed into `exports/<name>` when complete, so a crash or
-//! a full disk never leaves a partial export under the final name.
+//! a full disk never leaves a partial export under the final name. An export holds
+//! the run's lock ([`RunLock`]) while it works, so two exports of one run, or an export
+//! during training, never write the same files at once: the second fails fast.
 
 mod base_reader;
 mod gguf;
@@ -19,7 +21,7 @@ use serde::Serialize;
 
 use crate::error::{Error, Result};
 use crate::event::{Event, EventSink, LogLevel};
-use crate::run::{RunDir, RunStatus};
+use crate::run::{RunDir, RunLock, RunStatus};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -112,25 +114,35 @@ impl Default for ExportOptions {
     }
 }
 
-/// Exports `run_dir` and returns the export folder.
+/// Exports `run_dir` and returns the export folder. Takes the run's lock for the
+/// export's duration; fails with [`Error::RunInUse`] when another job holds it.
 pub fn export(run_dir: &Path, options: &ExportOptions, sink: &dyn EventSink) -> Result<PathBuf> {
-    let run = RunDir::open(run_dir)?;
+    // Checked before locking so that a path that is not a run gets no lock file.
+    RunDir::open(run_dir)?;
+    let lock = RunLock::acquire(run_dir, "export")?;
+    export_locked(&lock, options, sink)
+}
+
+/// [`export`] for a job that already holds the run's lock (a push exports under the
+/// lock it took for its whole life).
+pub fn export_locked(
+    lock: &RunLock,
+    options: &ExportOptions,
+    sink: &dyn EventSink,
+) -> Result<PathBuf> {
+    let run = RunDir::open(lock.run_dir())?;
     let info = run.info()?;
     let adapter = adapter_source(&run, info.status, sink)?;
     let name = export_name(options);
     let exports = run.path().join("exports");
     let final_dir = exports.join(&name);
-    let tmp = exports.join(format!(".tmp-{name}"));
+    let tmp = exports.join(format!(".tmp-{name}-{}", std::process::id()));
     if tmp.exists() {
         std::fs::remove_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
     }
     std::fs::create_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
     let result = match options.format {
-        ExportFormat::Adapter => copy_files(
-            &adapter,
-            &tmp,
-            &["adapter_model.safetensors", "adapter_config.json"],
-        ),
+        ExportFormat::Adapter => copy_files(&adapter, &tmp, &ADAPTER_FILES),
         ExportFormat::Merged => merged::write(&info.model_dir, &adapter, &tmp, options, sink),
         ExportFormat::Gguf | ExportFormat::GgufLora | ExportFormat::GgufBase => {
             let model_name = info
@@ -175,10 +187,10 @@ pub fn export(run_dir: &Path, options: &ExportOptions, sink: &dyn EventSink) -> 
         let _ = std::fs::remove_dir_all(&tmp);
         return Err(e);
     }
-    if final_dir.exists() {
-        std::fs::remove_dir_all(&final_dir).map_err(|e| Error::io(&final_dir, e))?;
+    if let Err(e) = crate::fsx::replace_dir(&tmp, &final_dir) {
+        let _ = std::fs::remove_dir_all(&tmp);
+        return Err(e);
     }
-    std::fs::rename(&tmp, &final_dir).map_err(|e| Error::io(&final_dir, e))?;
     sink.emit(Event::Log {
         level: LogLevel::Info,
         message: format!("exported {name} to {}", final_dir.display()),
@@ -242,17 +254,35 @@ impl ExportOptions {
     }
 }
 
-/// The finished adapter, or the newest checkpoint of an unfinished run (with a notice).
+/// The two files of a complete PEFT adapter folder.
+const ADAPTER_FILES: [&str; 2] = ["adapter_model.safetensors", "adapter_config.json"];
+
+/// The finished adapter, or the newest checkpoint when the run is unfinished or its
+/// `adapter/` is incomplete (left so by a process killed while writing it, before
+/// adapters were written whole), with a notice saying which.
 fn adapter_source(run: &RunDir, status: RunStatus, sink: &dyn EventSink) -> Result<PathBuf> {
     let finished = run.path().join("adapter");
-    if finished.join("adapter_model.safetensors").is_file() {
+    let missing: Vec<&str> = ADAPTER_FILES
+        .into_iter()
+        .filter(|f| !finished.join(f).is_file())
+        .collect();
+    if missing.is_empty() {
         return Ok(finished);
     }
+    let why = if missing.len() == ADAPTER_FILES.len() {
+        format!("the run is {status:?} and has no final adapter")
+    } else {
+        format!(
+            "{} is incomplete (no {})",
+            finished.display(),
+            missing.join(", ")
+        )
+    };
     match run.latest_checkpoint()? {
         Some((step, dir)) => {
             sink.emit(Event::Log {
                 level: LogLevel::Warn,
-                message: format!("the run is {status:?} and has no final adapter; exporting its checkpoint at step {step}"),
+                message: format!("{why}; exporting its checkpoint at step {step}"),
             });
             Ok(dir)
         }

@@ -56,14 +56,8 @@ pub fn save(
     write_f32_safetensors(&tmp.join("optimizer.safetensors"), &moments)?;
     let json = serde_json::to_string_pretty(state).expect("state serializes");
     write_atomic(&tmp.join("state.json"), json.as_bytes())?;
-    if final_dir.exists() {
-        // A resumed run re-reaching a step it had saved before the kill.
-        std::fs::remove_dir_all(&final_dir).map_err(|e| Error::io(&final_dir, e))?;
-    }
-    std::fs::rename(&tmp, &final_dir).map_err(|e| Error::io(&final_dir, e))?;
-    if let Ok(d) = std::fs::File::open(checkpoints) {
-        let _ = d.sync_all();
-    }
+    // Replacing covers a resumed run re-reaching a step it had saved before the kill.
+    crate::fsx::replace_dir(&tmp, &final_dir)?;
     prune(checkpoints)?;
     Ok(final_dir)
 }

@@ -12,6 +12,7 @@
 
 pub mod batch;
 mod checkpoint;
+mod diagnose;
 pub mod optim;
 pub mod probe;
 pub mod schedule;
@@ -215,9 +216,9 @@ impl Trainer {
             .clone()
             .or_else(|| data.file_stem().map(|s| s.to_string_lossy().into_owned()))
             .unwrap_or_else(|| "run".into());
-        let id = unique_id(&self.runs_dir, &format!("{stamp}-{}", sanitize(&base)));
-        let info = RunInfo {
-            id,
+        let mut info = RunInfo {
+            // The preferred id; creating the folder adds a suffix if it is taken.
+            id: format!("{stamp}-{}", sanitize(&base)),
             created,
             model_dir,
             data: data.clone(),
@@ -227,7 +228,7 @@ impl Trainer {
         };
         // Validate data and model before creating anything on disk.
         let session = Session::prepare(&self.config, &info, sink, self.memory_limit)?;
-        let run = RunDir::create(&self.runs_dir, &info, &self.config)?;
+        let run = RunDir::create(&self.runs_dir, &mut info, &self.config, "train")?;
         session.run(run, info, None, sink, cancel)
     }
 
@@ -237,7 +238,8 @@ impl Trainer {
         sink: &dyn EventSink,
         cancel: &CancelToken,
     ) -> Result<RunSummary> {
-        let run = RunDir::open(run_dir)?;
+        // Locked first: a second resume of the same run must not even read its state.
+        let run = RunDir::open_for_write(run_dir, "resume")?;
         let config = run.config()?;
         let mut info = run.info()?;
         let hash = run::sha256_file(&info.data)?;
@@ -251,6 +253,46 @@ impl Trainer {
         let checkpoint = run.latest_checkpoint()?;
         info.status = RunStatus::Running;
         session.run(run, info, checkpoint.map(|(_, p)| p), sink, cancel)
+    }
+}
+
+/// Writes a PEFT adapter folder whole: into a temporary folder beside `dir`, then
+/// renamed onto it, so a kill between its two files never leaves an adapter without
+/// its config (exports would then fail on a missing file).
+pub(crate) fn write_adapter(lora: &LoraSet, dir: &Path, base_model: &str) -> Result<()> {
+    let parent = dir.parent().unwrap_or(Path::new("."));
+    let name = dir
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let tmp = parent.join(format!(".tmp-{name}-{}", std::process::id()));
+    if tmp.exists() {
+        std::fs::remove_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
+    }
+    let written = lora
+        .save_peft(&tmp, base_model)
+        .and_then(|()| crate::fsx::replace_dir(&tmp, dir));
+    if written.is_err() {
+        let _ = std::fs::remove_dir_all(&tmp);
+    }
+    written
+}
+
+/// The error for a NaN or infinite loss, blaming what is to blame: a non-finite weight
+/// when there is one; else, at step 1 (before any update), not the learning rate.
+fn non_finite_loss(run: &Path, loss: f64, step: u64, lr: f64, bad_weight: Option<String>) -> Error {
+    let message = match bad_weight {
+        Some(tensor) => format!(
+            "loss became {loss} at step {step} because {tensor} is not finite; the model's weights are damaged (re-download or re-convert the model), this is not a learning-rate problem"
+        ),
+        None if step == 1 => format!(
+            "loss became {loss} at step 1, before any update and with every weight finite: the forward pass overflowed; use precision = \"f32\" or check the model"
+        ),
+        None => format!("loss became {loss} at step {step}; lower the learning rate (now {lr})"),
+    };
+    Error::Run {
+        path: run.to_path_buf(),
+        message,
     }
 }
 
@@ -269,16 +311,6 @@ fn sanitize(s: &str) -> String {
         })
         .take(40)
         .collect()
-}
-
-fn unique_id(runs_dir: &Path, base: &str) -> String {
-    let mut id = base.to_string();
-    let mut n = 2;
-    while runs_dir.join(&id).exists() {
-        id = format!("{base}-{n}");
-        n += 1;
-    }
-    id
 }
 
 /// Everything prepared for training, before any file is written.
@@ -734,14 +766,13 @@ impl Session {
             };
             let loss = loss_sum / total_targets.max(1) as f64;
             if !loss.is_finite() {
-                return Err(Error::Run {
-                    path: run.path().to_path_buf(),
-                    message: format!(
-                        "loss became {loss} at step {}; lower the learning rate (now {})",
-                        state.step + 1,
-                        c.learning_rate
-                    ),
-                });
+                return Err(non_finite_loss(
+                    run.path(),
+                    loss,
+                    state.step + 1,
+                    c.learning_rate,
+                    diagnose::non_finite_weight(&info.model_dir, &lora),
+                ));
             }
             let grad_norm = clip_grad_norm(&mut grads, c.optimizer.max_grad_norm);
             opt.step(&mut params, &grads, lr);
@@ -810,8 +841,7 @@ impl Session {
                 });
             }
         }
-        let adapter = run.path().join("adapter");
-        lora.save_peft(&adapter, &base_model)?;
+        write_adapter(&lora, &run.path().join("adapter"), &base_model)?;
         Ok(self.summary(
             info,
             RunStatus::Finished,
