@@ -36,7 +36,9 @@ pub struct CheckArgs {
 }
 
 pub fn check(args: &CheckArgs) -> Result<ExitCode> {
-    let model = backpropagate::hub::resolve_model(
+    // Checking needs the tokenizer only: a repo id fetches config and tokenizer files
+    // into the HF cache (a few MB), never the weights.
+    let model = backpropagate::hub::resolve_tokenizer(
         &args.model.to_string_lossy(),
         &backpropagate::hub::HubOptions::from_env(),
         &backpropagate::event::Silent,
