@@ -11,6 +11,8 @@ use backpropagate::data::{
 use clap::Args;
 use serde_json::json;
 
+use crate::print::safe;
+
 #[derive(Args)]
 pub struct CheckArgs {
     /// JSONL file: alpaca, messages, sharegpt, prompt/completion or text records
@@ -72,7 +74,8 @@ pub fn check(args: &CheckArgs) -> Result<ExitCode> {
                 let report = json!({"ok": false, "path": args.file, "problems": e.problems(), "more_problems": more});
                 println!("{report}");
             } else {
-                eprintln!("{e}");
+                // Problems quote the file's keys and values.
+                eprintln!("{}", safe(&e.to_string()));
                 eprintln!("\nNothing was changed. Fix the lines above and run `backprop data check` again.");
             }
             return Ok(ExitCode::FAILURE);
@@ -108,10 +111,10 @@ pub fn check(args: &CheckArgs) -> Result<ExitCode> {
         return Ok(ExitCode::SUCCESS);
     }
 
-    println!("{}", prepared.path.display());
-    println!("{}", prepared.stats);
+    println!("{}", safe(&prepared.path.display().to_string()));
+    println!("{}", safe(&prepared.stats.to_string()));
     match &prepared.template {
-        TemplateSource::File(p) => println!("template:         {}", p.display()),
+        TemplateSource::File(p) => println!("template:         {}", safe(&p.display().to_string())),
         TemplateSource::FallbackChatml => println!("template:         ChatML (model has none)"),
     }
     for w in &prepared.warnings {
@@ -119,17 +122,17 @@ pub fn check(args: &CheckArgs) -> Result<ExitCode> {
             Severity::Warning => "warning",
             Severity::Error => "error",
         };
-        println!("{tag}: {w}");
+        println!("{tag}: {}", safe(&w.to_string()));
     }
     for (sample, enc, text) in &shown {
         println!("\n── sample from line {} ──", sample.line);
         if let Content::Chat(messages) = &sample.content {
             let roles: Vec<&str> = messages.iter().map(|m| m.role.as_str()).collect();
-            println!("turns: {}", roles.join(" → "));
+            println!("turns: {}", safe(&roles.join(" → ")));
             debug_assert!(messages.iter().any(|m| m.role == Role::Assistant));
         }
         if let Some(text) = text {
-            println!("{text}");
+            println!("{}", safe(text));
         }
         let trained: Vec<u32> = enc
             .labels

@@ -8,6 +8,7 @@ mod export_cmd;
 mod model_cmd;
 mod multi_run_cmd;
 mod ollama_cmd;
+mod print;
 mod serve_cmd;
 mod train_cmd;
 
@@ -157,7 +158,8 @@ fn main() -> ExitCode {
     match run(cli) {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            // The one place errors are printed; they may quote a file or a server.
+            eprintln!("error: {}", print::safe(&format!("{e:#}")));
             ExitCode::FAILURE
         }
     }
@@ -206,10 +208,10 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 for r in &runs {
                     println!(
                         "{:<40} {:<9} step {:>6}  {}",
-                        r.id,
+                        print::safe(&r.id),
                         format!("{:?}", r.status).to_lowercase(),
                         r.step,
-                        r.created
+                        print::safe(&r.created)
                     );
                 }
             }
@@ -221,9 +223,11 @@ fn run(cli: Cli) -> Result<ExitCode> {
     }
 }
 
-/// An engine log event as the CLI prints it: warnings and errors say so up front.
+/// An engine log event as the CLI prints it: warnings and errors say so up front, and
+/// control characters in it (from data, model files or a server) are escaped.
 pub(crate) fn log_line(level: backpropagate::event::LogLevel, message: String) -> String {
     use backpropagate::event::LogLevel;
+    let message = print::safe(&message).into_owned();
     match level {
         LogLevel::Info => message,
         LogLevel::Warn => format!("warning: {message}"),

@@ -71,7 +71,7 @@ pub fn run(cmd: &ModelCommand) -> Result<ExitCode> {
             if let Some((_, b)) = sink.0.lock().unwrap_or_else(|e| e.into_inner()).take() {
                 b.finish();
             }
-            println!("{}", dir.display());
+            println!("{}", crate::print::safe(&dir.display().to_string()));
             Ok(ExitCode::SUCCESS)
         }
     }

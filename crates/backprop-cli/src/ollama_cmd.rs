@@ -14,6 +14,8 @@ use backpropagate::run::{default_runs_dir, resolve_run};
 use clap::{Args, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 
+use crate::print::safe;
+
 #[derive(Args)]
 pub struct PushArgs {
     /// The run (its id or folder)
@@ -40,7 +42,10 @@ pub struct PushArgs {
     /// After pushing, ask the model this and print the reply
     #[arg(long)]
     pub try_prompt: Option<String>,
-    /// Seconds to wait for each Ollama reply
+    /// Seconds Ollama may stay silent in any phase: each reply (version, blob check,
+    /// show) must come within it, an upload may not stall that long nor wait that long
+    /// for its answer, each create status line must come within it (the whole create
+    /// within 10 times it)
     #[arg(long, default_value_t = 60)]
     pub timeout: u64,
     /// Where runs are kept [default: $BACKPROP_HOME/runs or the platform data folder]
@@ -170,7 +175,7 @@ pub fn push(args: &PushArgs) -> Result<ExitCode> {
             serde_json::json!({"type": "Pushed", "report": report})
         );
     } else {
-        println!("{}", report.name);
+        println!("{}", safe(&report.name));
     }
     if let Some(prompt) = &args.try_prompt {
         let client = options.client().map_err(ollama_err)?;
@@ -184,7 +189,7 @@ pub fn push(args: &PushArgs) -> Result<ExitCode> {
                 128,
             ))
             .map_err(ollama_err)?;
-        println!("{}", reply.content);
+        println!("{}", safe(&reply.content));
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -195,19 +200,19 @@ pub fn run(cmd: &OllamaCommand) -> Result<ExitCode> {
     match cmd {
         OllamaCommand::Status => {
             let v = rt.block_on(client.check_version()).map_err(ollama_err)?;
-            println!("Ollama {v} at {}", client.host());
+            println!("Ollama {} at {}", safe(&v), safe(client.host()));
         }
         OllamaCommand::List => {
             let models = rt.block_on(client.tags()).map_err(ollama_err)?;
             if models.is_empty() {
-                println!("Ollama at {} has no models yet", client.host());
+                println!("Ollama at {} has no models yet", safe(client.host()));
             }
             for m in models {
                 println!(
                     "{:<40} {:>10.1} MB  {}",
-                    m.name,
+                    safe(&m.name),
                     m.size as f64 / 1e6,
-                    m.modified_at
+                    safe(&m.modified_at)
                 );
             }
         }
@@ -218,11 +223,11 @@ pub fn run(cmd: &OllamaCommand) -> Result<ExitCode> {
                 .ok_or_else(|| {
                     anyhow!("Ollama has no model named `{name}` (see `backprop ollama list`)")
                 })?;
-            println!("template:\n{}\n", show.template);
+            println!("template:\n{}\n", safe(&show.template));
             if !show.system.is_empty() {
-                println!("system: {}", show.system);
+                println!("system: {}", safe(&show.system));
             }
-            println!("parameters:\n{}", show.parameters);
+            println!("parameters:\n{}", safe(&show.parameters));
         }
         OllamaCommand::Chat {
             name,
@@ -239,13 +244,13 @@ pub fn run(cmd: &OllamaCommand) -> Result<ExitCode> {
                     *max_tokens,
                 ))
                 .map_err(ollama_err)?;
-            println!("{}", reply.content);
+            println!("{}", safe(&reply.content));
         }
         OllamaCommand::Rm { name } => {
             if !rt.block_on(client.delete(name)).map_err(ollama_err)? {
                 return Err(anyhow!("Ollama has no model named `{name}`"));
             }
-            println!("deleted {name}");
+            println!("deleted {}", safe(name));
         }
     }
     Ok(ExitCode::SUCCESS)

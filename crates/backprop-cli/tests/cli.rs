@@ -1,5 +1,5 @@
 //! The `backprop` binary end to end: help, honest stubs, fixture + data check on the
-//! bundled samples and broken files.
+//! bundled samples and broken files, escape sequences in data printed escaped.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -193,4 +193,41 @@ fn config_defaults_is_valid_toml_with_the_seed_defaults() {
     let c: backpropagate::TrainConfig = toml::from_str(&t).unwrap();
     assert_eq!(c, backpropagate::TrainConfig::default());
     assert!(t.contains("batch_size = \"auto\""), "{t}");
+}
+
+#[test]
+fn data_check_prints_escape_sequences_from_the_data_escaped() {
+    let dir = tempfile::tempdir().unwrap();
+    let good = dir.path().join("esc.jsonl");
+    // JSON escapes, so the file itself is plain text and the parsed strings hold ESC.
+    std::fs::write(
+        &good,
+        "{\"instruction\": \"clear \\u001b[2J\", \"input\": \"\", \"output\": \"title \\u001b]0;owned\\u0007 done\"}\n",
+    )
+    .unwrap();
+    let bad = dir.path().join("esc_keys.jsonl");
+    std::fs::write(
+        &bad,
+        "{\"\\u001b[2Jkey\": 1, \"\\u001b]0;owned\\u0007\": 2}\n{\"messages\": [{\"role\": \"\\u001b[2Jbot\", \"content\": \"x\"}]}\n",
+    )
+    .unwrap();
+    for (file, code, needle) in [
+        (&good, 0, "clear \\x1b[2J"),
+        (&bad, 1, "\\x1b]0;owned\\x07"),
+    ] {
+        let out = backprop(&["data", "check", file.to_str().unwrap(), "--model", model()]);
+        assert_eq!(out.status.code(), Some(code), "{}", text(&out));
+        for (stream, bytes) in [("stdout", &out.stdout), ("stderr", &out.stderr)] {
+            assert!(
+                !bytes.contains(&0x1b) && !bytes.contains(&0x07),
+                "raw control bytes on {stream}: {}",
+                text(&out)
+            );
+        }
+        assert!(
+            text(&out).contains(needle),
+            "`{needle}` not in:\n{}",
+            text(&out)
+        );
+    }
 }

@@ -1,5 +1,6 @@
 //! `backprop push` and `backprop ollama` against the Ollama stand-in: the round trip as
-//! a user types it, and the message when Ollama is not running.
+//! a user types it, the message when Ollama is not running, a stuck Ollama ending within
+//! --timeout, and escape sequences from Ollama printed escaped.
 
 use std::process::Command;
 
@@ -98,4 +99,120 @@ fn ollama_not_running_tells_how_to_start_it() {
         !ok && err.contains("not a valid Ollama model name"),
         "{err}"
     );
+}
+
+fn no_raw_escapes(what: &str, text: &str) {
+    assert!(
+        !text.contains('\u{1b}') && !text.contains('\u{7}'),
+        "raw control bytes in {what}: {text:?}"
+    );
+}
+
+#[test]
+fn a_push_to_an_ollama_that_never_answers_the_upload_ends_within_the_timeout() {
+    let tmp = tempfile::tempdir().unwrap();
+    let run = trained_run(tmp.path());
+    let hung = StandIn::start(Faults {
+        hang_after_upload: true,
+        ..Faults::default()
+    })
+    .unwrap();
+    let t0 = std::time::Instant::now();
+    let (ok, _, err) = backprop(
+        &hung.url(),
+        &[
+            "push",
+            &run,
+            "--name",
+            "m",
+            "--quant",
+            "q8_0",
+            "--timeout",
+            "2",
+        ],
+    );
+    let elapsed = t0.elapsed();
+    assert!(!ok);
+    assert!(
+        err.contains(&format!(
+            "Ollama at {} did not answer the upload of",
+            hung.url()
+        )) && err.contains("no reply) within 2 s"),
+        "{err}"
+    );
+    assert!(err.contains("fix: "), "{err}");
+    assert!(elapsed < std::time::Duration::from_secs(30), "{elapsed:?}");
+
+    // Nothing holds the run afterwards: the same push to a working Ollama completes.
+    let good = StandIn::start(Faults::default()).unwrap();
+    let (ok, out, err) = backprop(
+        &good.url(),
+        &["push", &run, "--name", "m", "--quant", "q8_0"],
+    );
+    assert!(ok, "{err}");
+    assert_eq!(out.lines().next(), Some("m"));
+}
+
+#[test]
+fn escape_sequences_in_ollama_replies_are_printed_escaped() {
+    let tmp = tempfile::tempdir().unwrap();
+    let run = trained_run(tmp.path());
+    let hostile = "\u{1b}[2J\u{1b}]0;owned\u{7}reply";
+    let server = StandIn::start(Faults {
+        chat_reply: Some(hostile.into()),
+        ..Faults::default()
+    })
+    .unwrap();
+    let host = server.url();
+    let template = tmp.path().join("template.txt");
+    std::fs::write(&template, "\u{1b}[31m{{ .Prompt }}\u{1b}[0m").unwrap();
+
+    let (ok, out, err) = backprop(
+        &host,
+        &[
+            "push",
+            &run,
+            "--name",
+            "esc",
+            "--quant",
+            "q8_0",
+            "--template",
+            template.to_str().unwrap(),
+            "--system",
+            "be \u{1b}[8mhidden",
+            "--try-prompt",
+            "hi",
+        ],
+    );
+    assert!(ok, "{err}");
+    no_raw_escapes("push stdout", &out);
+    no_raw_escapes("push stderr", &err);
+    assert!(out.contains("\\x1b[2J\\x1b]0;owned\\x07reply"), "{out}");
+
+    let (ok, out, err) = backprop(&host, &["ollama", "chat", "esc", "hi"]);
+    assert!(ok, "{err}");
+    no_raw_escapes("chat", &out);
+    assert!(out.contains("\\x1b[2J"), "{out}");
+
+    let (ok, out, err) = backprop(&host, &["ollama", "show", "esc"]);
+    assert!(ok, "{err}");
+    no_raw_escapes("show", &out);
+    assert!(
+        out.contains("\\x1b[31m{{ .Prompt }}\\x1b[0m") && out.contains("be \\x1b[8mhidden"),
+        "{out}"
+    );
+
+    // An error message from Ollama is printed escaped too.
+    let failing = StandIn::start(Faults {
+        create_error: Some("disk \u{1b}[2Jfull".into()),
+        ..Faults::default()
+    })
+    .unwrap();
+    let (ok, _, err) = backprop(
+        &failing.url(),
+        &["push", &run, "--name", "esc", "--quant", "q8_0"],
+    );
+    assert!(!ok);
+    no_raw_escapes("error", &err);
+    assert!(err.contains("disk \\x1b[2Jfull"), "{err}");
 }
