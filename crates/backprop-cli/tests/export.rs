@@ -58,3 +58,65 @@ fn unknown_quant_names_say_what_exists() {
         "{err}"
     );
 }
+
+/// Reads every tensor of a GGUF file: a truncated or torn file fails here.
+fn read_whole_gguf(path: &Path) -> usize {
+    use candle_core::quantized::gguf_file::Content;
+    let mut f = std::fs::File::open(path).unwrap();
+    let content = Content::read(&mut f).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    for name in content.tensor_infos.keys() {
+        content
+            .tensor(&mut f, name, &candle_core::Device::Cpu)
+            .unwrap_or_else(|e| panic!("{}: tensor {name}: {e}", path.display()));
+    }
+    content.tensor_infos.len()
+}
+
+#[test]
+fn exports_of_one_format_at_once_never_expose_a_truncated_gguf() {
+    let tmp = tempfile::tempdir().unwrap();
+    let run = trained_run(tmp.path());
+    let dir = Path::new(&run).join("exports/gguf-q8_0");
+    let mut refused = 0;
+    for _round in 0..3 {
+        let children: Vec<_> = (0..2)
+            .map(|_| {
+                Command::new(bin())
+                    .args(["export", &run, "--format", "gguf", "--quant", "q8_0"])
+                    .stdout(std::process::Stdio::piped())
+                    .stderr(std::process::Stdio::piped())
+                    .spawn()
+                    .unwrap()
+            })
+            .collect();
+        let outs: Vec<_> = children
+            .into_iter()
+            .map(|c| c.wait_with_output().unwrap())
+            .collect();
+        for out in &outs {
+            let err = String::from_utf8_lossy(&out.stderr);
+            if !out.status.success() {
+                // The only acceptable failure: refused at once, naming the holder.
+                assert!(
+                    err.contains("is in use by process") && err.contains("(export, started"),
+                    "{err}"
+                );
+                refused += 1;
+            }
+        }
+        assert!(outs.iter().any(|o| o.status.success()));
+        let files: Vec<_> = std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .collect();
+        assert_eq!(files.len(), 1, "{files:?}");
+        assert!(read_whole_gguf(&files[0]) > 0);
+        let leftovers: Vec<_> = std::fs::read_dir(dir.parent().unwrap())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .filter(|n| n != "gguf-q8_0")
+            .collect();
+        assert!(leftovers.is_empty(), "{leftovers:?}");
+    }
+    eprintln!("{refused} of 6 exports refused as concurrent");
+}

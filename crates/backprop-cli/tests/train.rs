@@ -1,5 +1,6 @@
 //! `backprop train` end to end, including the guarantee that matters most: a run
-//! killed with SIGKILL and resumed logs exactly the losses of an uninterrupted run.
+//! killed with SIGKILL and resumed logs exactly the losses of an uninterrupted run; and
+//! one writer per run when several processes start at once.
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -123,6 +124,8 @@ fn resume_after_kill_continues_identical_loss() {
         info["status"], "running",
         "the killed process never marked the run"
     );
+    // Its lock file and holder note stay behind; the OS released the lock itself.
+    assert!(run.join("run.lock").is_file() && run.join("run.lock.json").is_file());
 
     let out = Command::new(bin())
         .args(["train", "--resume", run.to_str().unwrap(), "--json"])
@@ -214,4 +217,120 @@ fn progress_bar_run_prints_a_summary() {
         "{stdout}"
     );
     assert!(tmp.path().join("runs").is_dir());
+}
+
+/// The steps of every training-loss line of a run, in order.
+fn loss_steps(run: &Path) -> Vec<u64> {
+    metrics(run)
+        .into_iter()
+        .filter(|m| m.1.is_some())
+        .map(|m| m.0)
+        .collect()
+}
+
+#[test]
+fn three_trains_started_at_once_get_three_folders_with_their_own_metrics() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = fixture(tmp.path());
+    let runs = tmp.path().join("runs");
+    let data = samples().join("alpaca.jsonl");
+    let children: Vec<_> = (0..3)
+        .map(|_| {
+            Command::new(bin())
+                .args(["train", "--model", model.to_str().unwrap()])
+                .args(["--data", data.to_str().unwrap(), "--steps", "4"])
+                .args(["--batch-size", "2", "--runs-dir", runs.to_str().unwrap()])
+                .arg("--json")
+                .stdout(Stdio::null())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    for child in children {
+        let out = child.wait_with_output().unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let mut dirs: Vec<PathBuf> = std::fs::read_dir(&runs)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    dirs.sort();
+    assert_eq!(dirs.len(), 3, "{dirs:?}");
+    for dir in &dirs {
+        assert_eq!(loss_steps(dir), [1, 2, 3, 4], "{}", dir.display());
+        let info: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(dir.join("run.json")).unwrap()).unwrap();
+        assert_eq!(info["id"], dir.file_name().unwrap().to_str().unwrap());
+        assert_eq!(info["status"], "finished");
+    }
+}
+
+#[test]
+fn a_second_resume_of_a_run_is_refused_naming_the_process_and_the_first_finishes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = fixture(tmp.path());
+    let runs = tmp.path().join("runs");
+    let mut args = train_args(&model, &runs);
+    let steps = args.iter().position(|a| a == "--steps").unwrap() + 1;
+    args[steps] = "40".into();
+    // A run killed early, so that there is something left to resume.
+    let mut child = Command::new(bin())
+        .args(&args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    for line in BufReader::new(child.stdout.take().unwrap()).lines() {
+        let v: serde_json::Value = serde_json::from_str(&line.unwrap()).unwrap();
+        if v["type"] == "Step" && v["step"].as_u64().unwrap() >= 6 {
+            child.kill().unwrap();
+            break;
+        }
+    }
+    child.wait().unwrap();
+    let run = only_run(&runs);
+
+    let resume = |stderr: Stdio| {
+        Command::new(bin())
+            .args(["train", "--resume", run.to_str().unwrap(), "--json"])
+            .stdout(Stdio::piped())
+            .stderr(stderr)
+            .spawn()
+            .unwrap()
+    };
+    let mut first = resume(Stdio::null());
+    let mut first_out = BufReader::new(first.stdout.take().unwrap()).lines();
+    // Once the first resume trains, it holds the run.
+    for line in first_out.by_ref() {
+        let v: serde_json::Value = serde_json::from_str(&line.unwrap()).unwrap();
+        if v["type"] == "Step" {
+            break;
+        }
+    }
+    let t0 = std::time::Instant::now();
+    let second = resume(Stdio::piped()).wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&second.stderr);
+    assert_eq!(second.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains(&format!(
+            "run {} is in use by process {} (resume, started ",
+            run.display(),
+            first.id()
+        )),
+        "{err}"
+    );
+    // Refused at once, not after loading the model and data.
+    assert!(t0.elapsed() < std::time::Duration::from_secs(5));
+
+    for _ in first_out {}
+    assert!(first.wait().unwrap().success());
+    assert_eq!(loss_steps(&run), (1..=40).collect::<Vec<_>>());
+    let info: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(run.join("run.json")).unwrap()).unwrap();
+    assert_eq!(info["status"], "finished");
 }

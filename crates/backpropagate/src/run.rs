@@ -121,15 +121,31 @@ impl RunLock {
             .write(true)
             .open(&path)
             .map_err(|e| Error::io(&path, e))?;
-        match file.try_lock() {
-            Ok(()) => {}
-            Err(std::fs::TryLockError::WouldBlock) => {
-                return Err(Error::RunInUse {
-                    run: run_dir.to_path_buf(),
-                    holder: describe_holder(run_dir),
-                })
+        // The holder writes its note just after locking and removes it just before
+        // unlocking; a refusal that finds no note is in one of those instants, so it
+        // looks again (up to ~200 ms) instead of naming nobody or refusing needlessly.
+        let mut attempts = 0;
+        loop {
+            match file.try_lock() {
+                Ok(()) => break,
+                Err(std::fs::TryLockError::WouldBlock) => {
+                    attempts += 1;
+                    if let Some(holder) = read_holder(run_dir) {
+                        return Err(Error::RunInUse {
+                            run: run_dir.to_path_buf(),
+                            holder,
+                        });
+                    }
+                    if attempts == 20 {
+                        return Err(Error::RunInUse {
+                            run: run_dir.to_path_buf(),
+                            holder: "another process".into(),
+                        });
+                    }
+                    std::thread::sleep(std::time::Duration::from_millis(10));
+                }
+                Err(std::fs::TryLockError::Error(e)) => return Err(Error::io(&path, e)),
             }
-            Err(std::fs::TryLockError::Error(e)) => return Err(Error::io(&path, e)),
         }
         let holder = Holder {
             pid: std::process::id(),
@@ -160,24 +176,19 @@ impl Drop for RunLock {
     }
 }
 
-/// "process N (job, started T)" from the holder note; the holder writes it just after
-/// locking, so a refusal in that instant waits briefly for it.
-fn describe_holder(run_dir: &Path) -> String {
-    for _ in 0..20 {
-        if let Some(h) = std::fs::read_to_string(run_dir.join(HOLDER_FILE))
-            .ok()
-            .and_then(|t| serde_json::from_str::<Holder>(&t).ok())
-        {
-            let whose = if h.pid == std::process::id() {
-                "this process"
-            } else {
-                "process"
-            };
-            return format!("{whose} {} ({}, started {})", h.pid, h.job, h.started);
-        }
-        std::thread::sleep(std::time::Duration::from_millis(10));
-    }
-    "another process".into()
+/// "process N (job, started T)" from the holder note, if there is one.
+fn read_holder(run_dir: &Path) -> Option<String> {
+    let text = std::fs::read_to_string(run_dir.join(HOLDER_FILE)).ok()?;
+    let h: Holder = serde_json::from_str(&text).ok()?;
+    let whose = if h.pid == std::process::id() {
+        "this process"
+    } else {
+        "process"
+    };
+    Some(format!(
+        "{whose} {} ({}, started {})",
+        h.pid, h.job, h.started
+    ))
 }
 
 /// Whether a file name is one of our interrupted writes: `.tmp-*` folders (checkpoints,
