@@ -570,3 +570,63 @@ fn push_times_out_when_ollama_never_answers_create() {
     assert_eq!(snapshot(&run), before);
     no_partial_exports(&run);
 }
+
+#[test]
+fn a_hung_blob_check_or_check_after_creating_times_out_naming_the_phase() {
+    let runs = tempfile::tempdir().unwrap();
+    let run = trained_run(Family::Qwen2, runs.path());
+    let before = snapshot(&run);
+    let blob_check = Faults {
+        hang_blob_check: true,
+        ..Faults::default()
+    };
+    let show_after = Faults {
+        hang_show_of_existing: true,
+        ..Faults::default()
+    };
+    for (faults, phase) in [
+        (blob_check, "did not answer the blob check within 1 s"),
+        (show_after, "the check after creating `m`, which exists now"),
+    ] {
+        let server = StandIn::start(faults).unwrap();
+        let mut o = options("m", &server);
+        o.timeout = Duration::from_secs(1);
+        let t0 = Instant::now();
+        let err = push_run(&run, &o, &Silent).unwrap_err();
+        let Error::Ollama(e @ OllamaError::Timeout { .. }) = &err else {
+            panic!("{err}")
+        };
+        names_host_and_phase(e, &server, phase);
+        assert!(t0.elapsed() < Duration::from_secs(15), "{:?}", t0.elapsed());
+        assert_eq!(snapshot(&run), before);
+    }
+}
+
+#[test]
+fn a_cancelled_push_stops_at_once_while_ollama_hangs() {
+    let runs = tempfile::tempdir().unwrap();
+    let run = trained_run(Family::Qwen2, runs.path());
+    let server = StandIn::start(Faults {
+        hang_after_upload: true,
+        ..Faults::default()
+    })
+    .unwrap();
+    // The timeout alone would take a minute; the stop button must not.
+    let mut o = options("m", &server);
+    o.timeout = Duration::from_secs(60);
+    let cancel = backpropagate::train::CancelToken::default();
+    o.cancel = Some(cancel.clone());
+    let stopper = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(1500));
+        cancel.cancel();
+        Instant::now()
+    });
+    let err = push_run(&run, &o, &Silent).unwrap_err();
+    let stopped_after = stopper.join().unwrap().elapsed();
+    assert!(
+        matches!(&err, Error::Ollama(OllamaError::Cancelled { what }) if what == "the upload"),
+        "{err}"
+    );
+    assert!(stopped_after < Duration::from_secs(1), "{stopped_after:?}");
+    no_partial_exports(&run);
+}

@@ -9,8 +9,9 @@
 //! Faults for tests: a slow server, an error line in the create stream, dying (all
 //! connections dropped) after some upload bytes, and hostile servers: replies that never
 //! end, a status line that never ends, a status stream that never ends, an upload that
-//! is read but never answered, a create that is never answered, and a chat reply chosen
-//! by the test (e.g. one carrying terminal escape sequences).
+//! is read but never answered (or not read at all), a blob check, create or show that is
+//! never answered, and a chat reply chosen by the test (e.g. one carrying terminal
+//! escape sequences).
 
 mod gguf_meta;
 
@@ -57,6 +58,11 @@ pub struct Faults {
     pub hang_upload: bool,
     /// `/api/create` never answers, not even with headers.
     pub hang_create: bool,
+    /// `HEAD /api/blobs/...` (does Ollama have this blob?) never answers.
+    pub hang_blob_check: bool,
+    /// `/api/show` of a model that exists never answers (a missing one still 404s), so
+    /// the check after a create hangs.
+    pub hang_show_of_existing: bool,
     /// `/api/chat` answers with this content instead of the fixed sentence.
     pub chat_reply: Option<String>,
 }
@@ -227,6 +233,9 @@ async fn blob(
     };
     match method {
         Method::HEAD => {
+            if s.faults.hang_blob_check {
+                return std::future::pending().await;
+            }
             if path.is_file() {
                 StatusCode::OK.into_response()
             } else {
@@ -578,6 +587,9 @@ async fn show(State(s): State<Shared>, Json(req): Json<NameReq>) -> Response {
             format!("model '{}' not found", req.model),
         );
     };
+    if s.faults.hang_show_of_existing {
+        return std::future::pending().await;
+    }
     let params = parameters_text(&m.parameters);
     let mut modelfile = format!(
         "FROM {}\nTEMPLATE \"\"\"{}\"\"\"\n",

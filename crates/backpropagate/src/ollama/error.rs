@@ -37,6 +37,8 @@ pub enum OllamaError {
         what: String,
         message: String,
     },
+    #[error("the push was stopped during {what}")]
+    Cancelled { what: String },
     #[error("OLLAMA_HOST `{value}` cannot be used: {reason}")]
     BadHost { value: String, reason: String },
     #[error(
@@ -83,6 +85,11 @@ impl OllamaError {
             OllamaError::Connection { .. } => Some(
                 "Nothing was lost: the export stays in the run folder and a new push resumes \
                  (blobs Ollama already has are not sent again)."
+                    .into(),
+            ),
+            OllamaError::Cancelled { .. } => Some(
+                "The run is unchanged and its export is kept; push again to finish (blobs Ollama \
+                 already has are not sent again)."
                     .into(),
             ),
             OllamaError::BadHost { .. } => {

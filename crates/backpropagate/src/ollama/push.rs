@@ -16,6 +16,7 @@ use crate::error::{Error, Result};
 use crate::event::{Event, EventSink, LogLevel};
 use crate::export::{self, ExportFormat, ExportOptions, GgufQuant};
 use crate::run::RunDir;
+use crate::train::CancelToken;
 
 #[derive(Debug, Clone)]
 pub struct PushOptions {
@@ -36,6 +37,8 @@ pub struct PushOptions {
     pub timeout: Duration,
     /// Upload attempts before giving up (each starts by asking whether the blob arrived).
     pub upload_attempts: u32,
+    /// Stops the push between or during its network phases (a job's stop button).
+    pub cancel: Option<CancelToken>,
 }
 
 impl PushOptions {
@@ -50,6 +53,7 @@ impl PushOptions {
             host: None,
             timeout: Duration::from_secs(60),
             upload_attempts: 3,
+            cancel: None,
         }
     }
 
@@ -87,9 +91,23 @@ pub fn push_run(run_dir: &Path, options: &PushOptions, sink: &dyn EventSink) -> 
     let client = options.client()?;
 
     // Cheap checks first: a stopped Ollama or a taken name must not cost an export.
-    let version = runtime.block_on(client.check_version())?;
+    let cancel = options.cancel.as_ref();
+    let version = net(
+        &runtime,
+        cancel,
+        "the version check",
+        client.check_version(),
+    )?;
     sink.emit(log(format!("Ollama {version} at {}", client.host())));
-    if !options.overwrite && runtime.block_on(client.show(&options.name))?.is_some() {
+    if !options.overwrite
+        && net(
+            &runtime,
+            cancel,
+            "the name check",
+            client.show(&options.name),
+        )?
+        .is_some()
+    {
         return Err(OllamaError::NameTaken {
             name: options.name.clone(),
         }
@@ -131,8 +149,8 @@ pub fn push_run(run_dir: &Path, options: &PushOptions, sink: &dyn EventSink) -> 
         .map(|f| (f, false))
         .chain(adapters.iter().map(|f| (f, true)))
     {
-        let (digest, sent) =
-            runtime.block_on(send_blob(&client, file, options.upload_attempts, sink))?;
+        let upload = send_blob(&client, file, options.upload_attempts, sink);
+        let (digest, sent) = net(&runtime, cancel, "the upload", upload)?;
         uploaded += sent;
         let key = file_name(file);
         if is_adapter {
@@ -147,9 +165,10 @@ pub fn push_run(run_dir: &Path, options: &PushOptions, sink: &dyn EventSink) -> 
         done: 0,
         total: 1,
     });
-    let result = runtime.block_on(client.create(&request, |status| {
+    let create = client.create(&request, |status| {
         sink.emit(log(format!("ollama: {status}")));
-    }));
+    });
+    let result = net(&runtime, cancel, "creating the model", create);
     if let Err(e) = result {
         if options.as_adapter {
             if let OllamaError::Stream { message } | OllamaError::Api { message, .. } = &e {
@@ -171,7 +190,7 @@ pub fn push_run(run_dir: &Path, options: &PushOptions, sink: &dyn EventSink) -> 
         total: 1,
     });
 
-    verify(&runtime, &client, &options.name, &request, sink)?;
+    verify(&runtime, &client, &options.name, &request, cancel, sink)?;
     sink.emit(log(format!(
         "`{}` is in Ollama: try it with `ollama run {}`",
         options.name, options.name
@@ -184,6 +203,28 @@ pub fn push_run(run_dir: &Path, options: &PushOptions, sink: &dyn EventSink) -> 
         uploaded_bytes: uploaded,
         family: template.family,
         stop: template.stop,
+    })
+}
+
+/// Runs one network phase of the push; a cancel ends it within 100 ms.
+fn net<T, E: From<OllamaError>>(
+    runtime: &tokio::runtime::Runtime,
+    cancel: Option<&CancelToken>,
+    what: &str,
+    phase: impl std::future::Future<Output = std::result::Result<T, E>>,
+) -> std::result::Result<T, E> {
+    runtime.block_on(async {
+        tokio::pin!(phase);
+        loop {
+            tokio::select! {
+                r = &mut phase => return r,
+                _ = tokio::time::sleep(Duration::from_millis(100)) => {
+                    if cancel.is_some_and(CancelToken::is_cancelled) {
+                        return Err(OllamaError::Cancelled { what: what.to_string() }.into());
+                    }
+                }
+            }
+        }
     })
 }
 
@@ -398,13 +439,23 @@ fn verify(
     client: &OllamaClient,
     name: &str,
     sent: &CreateRequest,
+    cancel: Option<&CancelToken>,
     sink: &dyn EventSink,
 ) -> Result<()> {
-    let show = runtime
-        .block_on(client.show(name))?
+    let after = "the check after creating";
+    let show = net(runtime, cancel, after, client.show(name))
+        .map_err(|e| match e {
+            // The model exists by now; say so rather than leave the user guessing.
+            OllamaError::Timeout { host, what, secs } => OllamaError::Timeout {
+                host,
+                what: format!("{what} (the check after creating `{name}`, which exists now)"),
+                secs,
+            },
+            e => e,
+        })?
         .ok_or_else(|| OllamaError::Protocol {
             host: client.host().to_string(),
-            what: "the check after creating".into(),
+            what: after.into(),
             message: format!("Ollama said `success` but does not list `{name}`"),
         })?;
     let mut problems = Vec::new();
