@@ -1,6 +1,8 @@
 //! `backprop serve`: the app API (docs/http-api.md) over HTTP with Server-Sent Events,
 //! and the built web UI, so a headless GPU box gets the same app in a browser. Loopback
-//! only unless a token protects it.
+//! only unless a token protects it; without a token only the server's own loopback
+//! address (Host) and page (Origin) may use it, so other web pages cannot. Bodies are
+//! capped (JSON small, uploads streamed to disk) and abandoned checks stop.
 
 use std::convert::Infallible;
 use std::net::{IpAddr, SocketAddr};
@@ -10,8 +12,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context, Result};
-use axum::body::Bytes;
-use axum::extract::{Path as UrlPath, Query, Request, State};
+use axum::body::{Body, Bytes};
+use axum::extract::{FromRequest, OriginalUri, Path as UrlPath, Query, Request, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
@@ -19,9 +21,9 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use backprop_service::dto::*;
-use backprop_service::{ErrorKind, Service, ServiceConfig, ServiceError};
+use backprop_service::{ErrorKind, RequestBudget, Service, ServiceConfig, ServiceError};
 use clap::Args;
-use futures_util::Stream;
+use futures_util::{Stream, StreamExt};
 use serde::Deserialize;
 
 #[derive(Args)]
@@ -32,9 +34,16 @@ pub struct ServeArgs {
     #[arg(long, default_value_t = 7860)]
     pub port: u16,
     /// Secret every request must carry (`Authorization: Bearer ...`, or `#token=` in
-    /// the page address); also read from BACKPROP_TOKEN
+    /// the page address), at least 16 characters; also read from BACKPROP_TOKEN
     #[arg(long, env = "BACKPROP_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
+    /// Another web origin allowed to call the API without a token, e.g. the UI dev
+    /// server `http://localhost:5173` (repeatable)
+    #[arg(long = "allow-origin", value_name = "ORIGIN")]
+    pub allow_origins: Vec<String>,
+    /// Largest dataset upload accepted (MiB)
+    #[arg(long, default_value_t = 2048)]
+    pub max_upload_mib: u64,
     /// The built web UI [default: BACKPROP_UI_DIR, else ui/ next to the binary, else
     /// the source tree's ui/dist]
     #[arg(long)]
@@ -53,7 +62,17 @@ struct AppState {
     service: Service,
     token: Option<Arc<str>>,
     ui_dir: Option<Arc<Path>>,
+    /// The port the listener got (known only after binding with --port 0).
+    port: u16,
+    allow_origins: Arc<[String]>,
 }
+
+/// Shortest token accepted: guessing 16 random characters over HTTP is hopeless.
+const MIN_TOKEN_CHARS: usize = 16;
+/// JSON request bodies are small; anything bigger is refused before it is buffered.
+const MAX_JSON_BODY: usize = 1 << 20;
+/// Wall-clock budget of one data check.
+const CHECK_TIME_LIMIT: Duration = Duration::from_secs(120);
 
 struct ApiFailure(ServiceError);
 
@@ -70,6 +89,7 @@ impl IntoResponse for ApiFailure {
             ErrorKind::NotFound => StatusCode::NOT_FOUND,
             ErrorKind::Conflict => StatusCode::CONFLICT,
             ErrorKind::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+            ErrorKind::TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             ErrorKind::Internal => StatusCode::INTERNAL_SERVER_ERROR,
         };
         (status, Json(self.0.to_api())).into_response()
@@ -78,12 +98,23 @@ impl IntoResponse for ApiFailure {
 
 type ApiResult<T> = std::result::Result<Json<T>, ApiFailure>;
 
+fn refusal(status: StatusCode, error: String, hint: String) -> Response {
+    (
+        status,
+        Json(ApiError {
+            error,
+            hint: Some(hint),
+        }),
+    )
+        .into_response()
+}
+
 /// Runs blocking engine work off the async threads.
-async fn blocking<T: Send + 'static>(
+async fn off_executor<T: Send + 'static>(
     f: impl FnOnce() -> backprop_service::Result<T> + Send + 'static,
-) -> ApiResult<T> {
+) -> std::result::Result<T, ApiFailure> {
     match tokio::task::spawn_blocking(f).await {
-        Ok(r) => r.map(Json).map_err(ApiFailure),
+        Ok(r) => r.map_err(ApiFailure),
         Err(e) => Err(ApiFailure(ServiceError::new(
             ErrorKind::Internal,
             format!("worker failed: {e}"),
@@ -91,8 +122,105 @@ async fn blocking<T: Send + 'static>(
     }
 }
 
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> backprop_service::Result<T> + Send + 'static,
+) -> ApiResult<T> {
+    off_executor(f).await.map(Json)
+}
+
+/// `Json` whose refusals never quote the body: serde names the field that is wrong, and
+/// any string value it would repeat is replaced by `…`.
+struct ApiJson<T>(T);
+
+impl<T, S> FromRequest<S> for ApiJson<T>
+where
+    Json<T>: FromRequest<S, Rejection = axum::extract::rejection::JsonRejection>,
+    S: Send + Sync,
+{
+    type Rejection = Response;
+
+    async fn from_request(req: Request, state: &S) -> std::result::Result<Self, Self::Rejection> {
+        use axum::extract::rejection::JsonRejection as R;
+        match Json::<T>::from_request(req, state).await {
+            Ok(Json(v)) => Ok(ApiJson(v)),
+            Err(R::BytesRejection(_)) => Err(refusal(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                format!(
+                    "the request body is over the {} KiB limit of JSON calls",
+                    MAX_JSON_BODY >> 10
+                ),
+                "Send the request's fields only; datasets go to POST /api/datasets, or give their path.".into(),
+            )),
+            Err(R::MissingJsonContentType(_)) => Err(refusal(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "the request body must be JSON".into(),
+                "Send it with `Content-Type: application/json`.".into(),
+            )),
+            Err(e) => Err(refusal(
+                e.status(),
+                format!("the request body does not fit this call: {}", redact_serde(&e.body_text())),
+                "See docs/http-api.md for the fields of each call.".into(),
+            )),
+        }
+    }
+}
+
+/// serde's message without the body's own text: quoted strings become `"…"` and the
+/// name in "unknown field/variant `x`" becomes `…`; bounded in length.
+fn redact_serde(text: &str) -> String {
+    let mut out = String::new();
+    let mut chars = text.chars().peekable();
+    let mut in_string = false;
+    while let Some(c) = chars.next() {
+        if in_string {
+            match c {
+                '\\' => {
+                    chars.next();
+                }
+                '"' => {
+                    in_string = false;
+                    out.push_str("…\"");
+                }
+                _ => {}
+            }
+        } else {
+            out.push(c);
+            in_string = c == '"';
+        }
+    }
+    for marker in ["unknown field `", "unknown variant `"] {
+        if let Some(at) = out.find(marker) {
+            let from = at + marker.len();
+            if let Some(len) = out[from..].find('`') {
+                out.replace_range(from..from + len, "…");
+            }
+        }
+    }
+    out.chars().take(300).collect()
+}
+
 pub fn run(args: &ServeArgs) -> Result<ExitCode> {
     let token = args.token.clone().filter(|t| !t.is_empty());
+    if let Some(t) = &token {
+        if t.trim().is_empty() {
+            bail!(
+                "the token is only whitespace\n  fix: pass a random secret of at least {MIN_TOKEN_CHARS} characters, e.g. --token \"$(openssl rand -hex 16)\""
+            );
+        }
+        let n = t.chars().count();
+        if n < MIN_TOKEN_CHARS {
+            bail!(
+                "the token is too short ({n} characters; at least {MIN_TOKEN_CHARS} are needed so it cannot be guessed)\n  fix: pass a random secret, e.g. --token \"$(openssl rand -hex 16)\""
+            );
+        }
+    }
+    for o in &args.allow_origins {
+        if !(o.starts_with("http://") || o.starts_with("https://")) || o.ends_with('/') {
+            bail!(
+                "--allow-origin {o:?} is not a web origin\n  fix: give scheme, host and port only, e.g. --allow-origin http://localhost:5173"
+            );
+        }
+    }
     if !args.host.is_loopback() && token.is_none() {
         bail!(
             "refusing to listen on {} without a token: anyone on the network could train, \
@@ -110,11 +238,15 @@ pub fn run(args: &ServeArgs) -> Result<ExitCode> {
             .unwrap_or_else(backpropagate::run::default_runs_dir),
         ollama_host: None,
         thermal_limit_c: (args.thermal_limit > 0.0).then_some(args.thermal_limit),
+        max_upload_bytes: args.max_upload_mib.saturating_mul(1 << 20),
+        ..ServiceConfig::default()
     });
-    let state = AppState {
+    let mut state = AppState {
         service,
         token: token.map(Arc::from),
         ui_dir: ui_dir.clone().map(Arc::from),
+        port: args.port,
+        allow_origins: args.allow_origins.clone().into(),
     };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -125,6 +257,7 @@ pub fn run(args: &ServeArgs) -> Result<ExitCode> {
             .await
             .with_context(|| format!("cannot listen on {addr} (is another `backprop serve` running? try --port)"))?;
         let local = listener.local_addr()?;
+        state.port = local.port();
         match &ui_dir {
             Some(d) => eprintln!("serving the web UI from {}", d.display()),
             None => eprintln!(
@@ -171,7 +304,10 @@ fn router(state: AppState) -> Router {
         .route("/models/inspect", post(inspect_model))
         .route("/models/recent", get(recent_models))
         .route("/models/download", post(download_model))
-        .route("/datasets", post(upload_dataset))
+        .route(
+            "/datasets",
+            post(upload_dataset).layer(axum::extract::DefaultBodyLimit::disable()),
+        )
         .route("/data/check", post(check_data))
         .route("/runs", get(list_runs).post(start_training))
         .route("/runs/{id}", get(get_run))
@@ -187,12 +323,15 @@ fn router(state: AppState) -> Router {
         .fallback(|| async {
             ApiFailure(ServiceError::new(ErrorKind::NotFound, "no such API call"))
         })
-        // Datasets are uploaded whole; 2 GiB covers any JSONL worth training on.
-        .layer(axum::extract::DefaultBodyLimit::max(2 << 30))
+        .layer(axum::extract::DefaultBodyLimit::max(MAX_JSON_BODY))
         .layer(middleware::from_fn_with_state(state.clone(), require_token));
     Router::new()
         .nest("/api", api)
         .fallback(static_file)
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            same_site_only,
+        ))
         .layer(middleware::from_fn(security_headers))
         .with_state(state)
 }
@@ -231,9 +370,84 @@ fn same(a: &str, b: &str) -> bool {
             == 0
 }
 
+/// Without a token the loopback address is the only protection, and a browser would
+/// let any web page reach it: through a DNS name that resolves to 127.0.0.1 (rebinding:
+/// the request then carries that name as `Host`), or by a cross-site request (which
+/// carries the page's `Origin`). So without a token only the server's own loopback
+/// names and port are answered, and only its own pages (or --allow-origin ones) may
+/// call. Clients that send no `Origin` (curl, scripts) are not web pages and pass.
+async fn same_site_only(State(state): State<AppState>, req: Request, next: Next) -> Response {
+    if state.token.is_some() {
+        return next.run(req).await;
+    }
+    let port = state.port;
+    let own = format!("http://127.0.0.1:{port}");
+    let host = req
+        .headers()
+        .get(header::HOST)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string)
+        .or_else(|| req.uri().authority().map(|a| a.to_string()));
+    let loopback_names = [
+        format!("127.0.0.1:{port}"),
+        format!("localhost:{port}"),
+        format!("[::1]:{port}"),
+    ];
+    if !host
+        .as_deref()
+        .is_some_and(|h| loopback_names.iter().any(|n| n.eq_ignore_ascii_case(h)))
+    {
+        let shown = host.as_deref().map_or("no Host".to_string(), shown_header);
+        return refusal(
+            StatusCode::MISDIRECTED_REQUEST,
+            format!(
+                "this server answers only as 127.0.0.1, localhost or [::1] on port {port}, not as `{shown}`"
+            ),
+            format!(
+                "Open {own}/ directly. A page reached through another name cannot use this server; \
+                 behind a proxy or tunnel, start it with --token."
+            ),
+        );
+    }
+    if let Some(origin) = req.headers().get(header::ORIGIN) {
+        let origin = origin.to_str().unwrap_or("");
+        let allowed = loopback_names
+            .iter()
+            .any(|n| origin.eq_ignore_ascii_case(&format!("http://{n}")))
+            || state
+                .allow_origins
+                .iter()
+                .any(|o| o.eq_ignore_ascii_case(origin));
+        if !allowed {
+            return refusal(
+                StatusCode::FORBIDDEN,
+                format!(
+                    "cross-site request refused: a page from `{}` cannot use this server",
+                    shown_header(origin)
+                ),
+                format!(
+                    "Use the app at {own}/. To let another page of yours call it (a UI dev \
+                     server), start `backprop serve --allow-origin <origin>`."
+                ),
+            );
+        }
+    }
+    next.run(req).await
+}
+
+/// A client's header for an error message: printable ASCII, at most 100 characters.
+fn shown_header(value: &str) -> String {
+    value
+        .chars()
+        .take(100)
+        .flat_map(char::escape_default)
+        .collect()
+}
+
 async fn require_token(
     State(state): State<AppState>,
     Query(q): Query<TokenQuery>,
+    OriginalUri(original): OriginalUri,
     headers: HeaderMap,
     req: Request,
     next: Next,
@@ -245,18 +459,23 @@ async fn require_token(
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "));
-    let given = bearer.or(q.token.as_deref());
+    // `EventSource` cannot send headers, so only the event stream takes `?token=`;
+    // everywhere else a token in the address (and so in logs and history) is refused.
+    let is_sse = original.path() == "/api/events";
+    let given = bearer.or(q.token.as_deref().filter(|_| is_sse));
     if given.is_some_and(|g| same(g, want)) {
         return next.run(req).await;
     }
-    (
+    let hint = if q.token.is_some() && !is_sse {
+        "`?token=` is accepted only on /api/events; send `Authorization: Bearer <token>` instead."
+    } else {
+        "Open the page as http://host:port/#token=<secret> (the token given to `backprop serve --token`)."
+    };
+    refusal(
         StatusCode::UNAUTHORIZED,
-        Json(ApiError {
-            error: "this server needs a token".into(),
-            hint: Some("Open the page as http://host:port/#token=<secret> (the token given to `backprop serve --token`).".into()),
-        }),
+        "this server needs a token".into(),
+        hint.into(),
     )
-        .into_response()
 }
 
 async fn static_file(State(state): State<AppState>, uri: axum::http::Uri) -> Response {
@@ -316,14 +535,14 @@ async fn config_defaults(State(s): State<AppState>) -> Json<backpropagate::Train
 
 async fn inspect_model(
     State(s): State<AppState>,
-    Json(req): Json<ModelRequest>,
+    ApiJson(req): ApiJson<ModelRequest>,
 ) -> ApiResult<ModelInfo> {
     blocking(move || s.service.inspect_model(&req)).await
 }
 
 async fn download_model(
     State(s): State<AppState>,
-    Json(req): Json<ModelRequest>,
+    ApiJson(req): ApiJson<ModelRequest>,
 ) -> ApiResult<JobInfo> {
     blocking(move || s.service.download_model(&req)).await
 }
@@ -337,19 +556,66 @@ struct UploadQuery {
     name: String,
 }
 
+/// Streams the body to a temporary file on a blocking thread, so a large or slow upload
+/// costs disk, not memory. A client that goes away drops this future, which closes the
+/// channel, and the unfinished upload removes its file.
 async fn upload_dataset(
     State(s): State<AppState>,
     Query(q): Query<UploadQuery>,
-    body: Bytes,
+    headers: HeaderMap,
+    body: Body,
 ) -> ApiResult<UploadedDataset> {
-    blocking(move || s.service.save_upload(&q.name, &body)).await
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    let service = s.service.clone();
+    let mut upload = off_executor(move || service.begin_upload(&q.name, declared)).await?;
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<Bytes>(8);
+    let writer = tokio::task::spawn_blocking(move || {
+        while let Some(chunk) = rx.blocking_recv() {
+            upload.write(&chunk)?;
+        }
+        Ok(upload)
+    });
+    let mut frames = body.into_data_stream();
+    while let Some(frame) = frames.next().await {
+        match frame {
+            Ok(chunk) => {
+                if tx.send(chunk).await.is_err() {
+                    break; // the writer stopped; its error says why
+                }
+            }
+            Err(e) => {
+                return Err(ApiFailure(ServiceError::new(
+                    ErrorKind::BadRequest,
+                    format!("the upload was cut off: {e}"),
+                )))
+            }
+        }
+    }
+    drop(tx);
+    let upload = match writer.await {
+        Ok(r) => r.map_err(ApiFailure)?,
+        Err(e) => {
+            return Err(ApiFailure(ServiceError::new(
+                ErrorKind::Internal,
+                format!("worker failed: {e}"),
+            )))
+        }
+    };
+    blocking(move || upload.finish()).await
 }
 
+/// The check stops between its stages once this request is dropped (the client went
+/// away) or its time is up, so abandoned checks do not keep the CPU busy.
 async fn check_data(
     State(s): State<AppState>,
-    Json(req): Json<DataCheckRequest>,
+    ApiJson(req): ApiJson<DataCheckRequest>,
 ) -> ApiResult<DataReport> {
-    blocking(move || s.service.check_data(&req)).await
+    let budget = RequestBudget::new(CHECK_TIME_LIMIT);
+    let _cancel = budget.cancel_on_drop();
+    blocking(move || s.service.check_data_within(&req, &budget)).await
 }
 
 async fn list_runs(State(s): State<AppState>) -> ApiResult<Vec<backpropagate::run::RunInfo>> {
@@ -362,7 +628,7 @@ async fn get_run(State(s): State<AppState>, UrlPath(id): UrlPath<String>) -> Api
 
 async fn start_training(
     State(s): State<AppState>,
-    Json(req): Json<StartTraining>,
+    ApiJson(req): ApiJson<StartTraining>,
 ) -> ApiResult<JobInfo> {
     blocking(move || s.service.start_training(req)).await
 }
@@ -374,7 +640,7 @@ async fn resume_run(State(s): State<AppState>, UrlPath(id): UrlPath<String>) -> 
 async fn export_run(
     State(s): State<AppState>,
     UrlPath(id): UrlPath<String>,
-    Json(req): Json<ExportRequest>,
+    ApiJson(req): ApiJson<ExportRequest>,
 ) -> ApiResult<JobInfo> {
     blocking(move || s.service.export_run(&id, &req)).await
 }
@@ -382,7 +648,7 @@ async fn export_run(
 async fn push_run(
     State(s): State<AppState>,
     UrlPath(id): UrlPath<String>,
-    Json(req): Json<PushRequest>,
+    ApiJson(req): ApiJson<PushRequest>,
 ) -> ApiResult<JobInfo> {
     blocking(move || s.service.push_run(&id, &req)).await
 }
@@ -409,7 +675,7 @@ async fn ollama_models(State(s): State<AppState>) -> ApiResult<Vec<OllamaModel>>
 
 async fn ollama_chat(
     State(s): State<AppState>,
-    Json(req): Json<ChatRequest>,
+    ApiJson(req): ApiJson<ChatRequest>,
 ) -> ApiResult<ChatMessage> {
     s.service
         .ollama_chat(&req)

@@ -10,8 +10,11 @@ pub enum ErrorKind {
     NotFound,
     /// Another job holds what this one needs (one training job at a time).
     Conflict,
-    /// Something outside the request failed (disk, Ollama down).
+    /// Something outside the request failed (disk, Ollama down), or the server is busy
+    /// with as many uploads or checks as it runs at once.
     Unavailable,
+    /// The request body is over the server's size limit.
+    TooLarge,
     Internal,
 }
 

@@ -5,7 +5,9 @@
 
 pub mod dto;
 mod error;
+mod limits;
 mod service;
 
 pub use error::{ErrorKind, Result, ServiceError};
-pub use service::{Service, ServiceConfig};
+pub use limits::{CancelOnDrop, DatasetUpload, RequestBudget};
+pub use service::{Service, ServiceConfig, MAX_SAMPLE_CHARS, MAX_SHOWN_SAMPLES};

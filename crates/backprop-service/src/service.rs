@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use backpropagate::data::{
-    encode_all, read_jsonl, ChatTemplate, Content, DataError, EncodeOptions, Encoder,
+    encode_all, read_jsonl, ChatTemplate, Content, DataError, Diagnostic, EncodeOptions, Encoder,
     PrepareOptions, TemplateSource,
 };
 use backpropagate::event::{Event, EventSink, LogLevel};
@@ -17,13 +17,14 @@ use backpropagate::gpu::{ThermalChange, ThermalGuard};
 use backpropagate::hub::{resolve_model, HubError, HubOptions, ModelSpec};
 use backpropagate::model::ModelConfig;
 use backpropagate::ollama::{self, OllamaClient, PushOptions};
-use backpropagate::run::{list_runs, resolve_run, RunDir, RunStatus};
+use backpropagate::run::{list_runs, validate_run_id, RunDir, RunStatus};
 use backpropagate::train::{CancelToken, Trainer};
 use backpropagate::TrainConfig;
 use tokio::sync::broadcast;
 
 use crate::dto::*;
 use crate::error::{ErrorKind, Result, ServiceError};
+use crate::limits::{too_large, DatasetUpload, RequestBudget, Slots};
 
 #[derive(Debug, Clone)]
 pub struct ServiceConfig {
@@ -34,6 +35,12 @@ pub struct ServiceConfig {
     /// Training pauses while the GPU is at or above this temperature (°C) and goes on
     /// 5 °C below it; `None` turns the guard off.
     pub thermal_limit_c: Option<f32>,
+    /// Largest dataset upload accepted, in bytes.
+    pub max_upload_bytes: u64,
+    /// Uploads written at the same time; more are refused as busy.
+    pub max_concurrent_uploads: usize,
+    /// Data checks run at the same time; more are refused as busy.
+    pub max_concurrent_checks: usize,
 }
 
 impl Default for ServiceConfig {
@@ -42,6 +49,9 @@ impl Default for ServiceConfig {
             runs_dir: backpropagate::run::default_runs_dir(),
             ollama_host: None,
             thermal_limit_c: Some(85.0),
+            max_upload_bytes: 2 << 30,
+            max_concurrent_uploads: 2,
+            max_concurrent_checks: 2,
         }
     }
 }
@@ -61,6 +71,11 @@ struct Inner {
     gpu: backpropagate::gpu::GpuStatus,
     /// Set by the thermal guard; every training job's token shares it.
     thermal_pause: Arc<std::sync::atomic::AtomicBool>,
+    /// One Ollama client for every call (building one costs a TLS setup), keyed by the
+    /// host setting it was built for so a changed OLLAMA_HOST gets a new one.
+    ollama: Mutex<Option<(String, OllamaClient)>>,
+    uploads: Slots,
+    checks: Slots,
 }
 
 /// Cheap to clone; every clone drives the same jobs.
@@ -130,6 +145,9 @@ impl Service {
         };
         Service {
             inner: Arc::new(Inner {
+                uploads: Slots::new(config.max_concurrent_uploads),
+                checks: Slots::new(config.max_concurrent_checks),
+                ollama: Mutex::new(None),
                 config,
                 events,
                 jobs: Mutex::new(Vec::new()),
@@ -160,10 +178,18 @@ impl Service {
         AppInfo {
             version: env!("CARGO_PKG_VERSION").to_string(),
             runs_dir: self.runs_dir().display().to_string(),
-            ollama_host: self
-                .ollama_client()
-                .map(|c| c.host().to_string())
-                .unwrap_or_default(),
+            // Only the address: no client (and no TLS setup) for a status line.
+            ollama_host: match &self.inner.config.ollama_host {
+                Some(h) => ollama::parse_host(h).ok(),
+                None => std::env::var("OLLAMA_HOST")
+                    .ok()
+                    .filter(|v| !v.trim().is_empty())
+                    .map_or_else(
+                        || ollama::parse_host(ollama::DEFAULT_HOST).ok(),
+                        |v| ollama::parse_host(&v).ok(),
+                    ),
+            }
+            .unwrap_or_default(),
             // Training runs on the CPU until the CUDA path lands (#9); a GPU is named.
             device: match &self.inner.gpu {
                 backpropagate::gpu::GpuStatus::Found { gpus } => format!(
@@ -218,7 +244,15 @@ impl Service {
 
     /// Stores an uploaded dataset (browser drops) and returns its path on this machine.
     pub fn save_upload(&self, name: &str, bytes: &[u8]) -> Result<UploadedDataset> {
-        use sha2::{Digest, Sha256};
+        let mut upload = self.begin_upload(name, Some(bytes.len() as u64))?;
+        upload.write(bytes)?;
+        upload.finish()
+    }
+
+    /// Starts a streamed upload of a dataset named `name` (only its file name counts):
+    /// refused when `declared_len` is over the size cap or when the server already
+    /// writes as many uploads as it allows at once.
+    pub fn begin_upload(&self, name: &str, declared_len: Option<u64>) -> Result<DatasetUpload> {
         let stem: String = Path::new(name)
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
@@ -234,27 +268,79 @@ impl Service {
             .take(80)
             .collect();
         if stem.is_empty() || stem.starts_with('.') {
-            return Err(bad(format!("`{name}` is not a usable file name")));
+            let shown: String = name.chars().take(80).collect();
+            return Err(bad(format!("`{shown}` is not a usable file name"))
+                .hint("Name the dataset file like data.jsonl."));
         }
-        let hash = format!("{:x}", Sha256::digest(bytes));
+        let limit = self.inner.config.max_upload_bytes;
+        if declared_len.is_some_and(|n| n > limit) {
+            return Err(too_large(limit));
+        }
+        let slot = self.inner.uploads.try_take().ok_or_else(|| {
+            ServiceError::new(
+                ErrorKind::Unavailable,
+                format!(
+                    "{} uploads are already being received",
+                    self.inner.uploads.max()
+                ),
+            )
+            .hint("Wait until an upload finishes, then try again.")
+        })?;
         let dir = self.datasets_dir();
         std::fs::create_dir_all(&dir).map_err(|e| {
             ServiceError::new(ErrorKind::Internal, format!("{}: {e}", dir.display()))
         })?;
-        let path = dir.join(format!("{}-{stem}", &hash[..12]));
-        if !path.is_file() {
-            backpropagate::fsx::write_atomic(&path, bytes)?;
-        }
-        Ok(UploadedDataset {
-            path: path.display().to_string(),
+        static NEXT: AtomicU64 = AtomicU64::new(0);
+        let tmp = dir.join(format!(
+            ".upload-{}-{}.tmp",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::SeqCst)
+        ));
+        let file = std::fs::File::create(&tmp).map_err(|e| {
+            ServiceError::new(ErrorKind::Internal, format!("{}: {e}", tmp.display()))
+        })?;
+        Ok(DatasetUpload {
+            tmp,
+            dir,
+            stem,
+            file: Some(file),
+            hasher: Default::default(),
+            written: 0,
+            limit,
+            _slot: slot,
         })
     }
 
     /// Validates and tokenizes the data for the model, and renders the first samples.
     pub fn check_data(&self, req: &DataCheckRequest) -> Result<DataReport> {
+        self.check_data_within(req, &RequestBudget::unbounded())
+    }
+
+    /// [`Service::check_data`] that stops between its stages once `budget` is cancelled
+    /// or spent. The report says what a dataset report needs and no more: at most
+    /// [`MAX_SHOWN_SAMPLES`] samples of at most [`MAX_SAMPLE_CHARS`] characters, and
+    /// problems that name JSON keys and roles only when they are ones the formats use.
+    pub fn check_data_within(
+        &self,
+        req: &DataCheckRequest,
+        budget: &RequestBudget,
+    ) -> Result<DataReport> {
+        let _slot = self.inner.checks.try_take().ok_or_else(|| {
+            ServiceError::new(
+                ErrorKind::Unavailable,
+                format!(
+                    "{} data checks are already running",
+                    self.inner.checks.max()
+                ),
+            )
+            .hint("Wait until a check finishes, then try again.")
+        })?;
+        let what = "the data check";
+        budget.check(what)?;
         let model = local_model(&req.model)?;
         let data = PathBuf::from(&req.data);
         let encoder = Encoder::from_model_dir(&model)?;
+        budget.check(what)?;
         let defaults = TrainConfig::default();
         let options = PrepareOptions {
             encode: EncodeOptions {
@@ -270,15 +356,23 @@ impl Service {
                 .unwrap_or_default(),
             TemplateSource::FallbackChatml => "ChatML (model has none)".to_string(),
         };
-        let prepared = match read_jsonl(&data, &options.read)
-            .and_then(|raw| encode_all(raw, &encoder, &options))
-        {
+        let prepared = match read_jsonl(&data, &options.read).and_then(|raw| {
+            budget
+                .check(what)
+                .map_err(|e| DataError::Io {
+                    path: data.clone(),
+                    source: std::io::Error::other(e.message),
+                })
+                .map(|()| raw)
+                .and_then(|raw| encode_all(raw, &encoder, &options))
+        }) {
             Ok(p) => p,
             Err(DataError::Io { path, source }) => {
+                budget.check(what)?;
                 return Err(ServiceError::new(
                     ErrorKind::NotFound,
                     format!("cannot read {}: {source}", path.display()),
-                ))
+                ));
             }
             Err(e @ DataError::Invalid { .. }) => {
                 let more = match &e {
@@ -291,23 +385,24 @@ impl Service {
                     stats: None,
                     template,
                     warnings: Vec::new(),
-                    problems: e.problems().to_vec(),
+                    problems: e.problems().iter().map(redact_file_text).collect(),
                     more_problems: more,
                     samples: Vec::new(),
                 });
             }
         };
+        budget.check(what)?;
         let samples = prepared
             .samples
             .iter()
             .zip(&prepared.encoded)
-            .take(req.show.unwrap_or(3))
+            .take(req.show.unwrap_or(3).min(MAX_SHOWN_SAMPLES))
             .map(|(sample, enc)| SamplePreview {
                 line: sample.line,
-                text: match &sample.content {
+                text: clip(match &sample.content {
                     Content::Chat(m) => encoder.template().render(m, false).unwrap_or_default(),
                     Content::Text(t) => t.clone(),
-                },
+                }),
                 tokens: enc.input_ids.len(),
                 trainable_tokens: enc.labels.iter().filter(|&&l| l >= 0).count(),
             })
@@ -317,7 +412,7 @@ impl Service {
             path: prepared.path.display().to_string(),
             stats: Some(prepared.stats),
             template,
-            warnings: prepared.warnings,
+            warnings: prepared.warnings.iter().map(redact_file_text).collect(),
             problems: Vec::new(),
             more_problems: 0,
             samples,
@@ -347,11 +442,22 @@ impl Service {
         Ok(runs)
     }
 
+    /// The folder of run `id`, which must name a run directly under the runs dir: an
+    /// id is never read as a path, so `..`, `a/b` or `/abs` cannot reach other folders.
     fn run_dir(&self, id: &str) -> Result<PathBuf> {
-        resolve_run(self.runs_dir(), id).map_err(|e| {
-            ServiceError::new(ErrorKind::NotFound, e.to_string())
+        validate_run_id(id).map_err(|e| {
+            ServiceError::new(ErrorKind::BadRequest, e.to_string())
                 .hint("Pick a run from the Runs list.")
-        })
+        })?;
+        let dir = self.runs_dir().join(id);
+        if !dir.join("run.json").is_file() {
+            return Err(ServiceError::new(
+                ErrorKind::NotFound,
+                format!("no run `{id}` under {}", self.runs_dir().display()),
+            )
+            .hint("Pick a run from the Runs list."));
+        }
+        Ok(dir)
     }
 
     pub fn get_run(&self, id: &str) -> Result<RunDetail> {
@@ -638,10 +744,22 @@ impl Service {
     }
 
     fn ollama_client(&self) -> Result<OllamaClient> {
-        Ok(match &self.inner.config.ollama_host {
-            Some(h) => OllamaClient::new(h)?,
-            None => OllamaClient::from_env()?,
-        })
+        let setting = match &self.inner.config.ollama_host {
+            Some(h) => h.clone(),
+            None => std::env::var("OLLAMA_HOST")
+                .ok()
+                .filter(|v| !v.trim().is_empty())
+                .unwrap_or_else(|| ollama::DEFAULT_HOST.to_string()),
+        };
+        let mut cached = self.inner.ollama.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((built_for, client)) = cached.as_ref() {
+            if *built_for == setting {
+                return Ok(client.clone());
+            }
+        }
+        let client = OllamaClient::new(&setting)?;
+        *cached = Some((setting, client.clone()));
+        Ok(client)
     }
 
     pub async fn ollama_status(&self) -> OllamaStatus {
@@ -709,6 +827,93 @@ impl Service {
             content: reply.content,
         })
     }
+}
+
+/// Most samples a data check renders, whatever the request asks.
+pub const MAX_SHOWN_SAMPLES: usize = 20;
+/// Longest rendered sample in a data check, in characters; longer ones are cut with `…`.
+pub const MAX_SAMPLE_CHARS: usize = 8192;
+
+fn clip(text: String) -> String {
+    match text.char_indices().nth(MAX_SAMPLE_CHARS) {
+        Some((at, _)) => format!("{}…", &text[..at]),
+        None => text,
+    }
+}
+
+/// Names a diagnostic may quote from the file: the keys and roles of the formats the
+/// reader knows. Anything else the file says (an unknown key or role, which in a file
+/// that is no dataset may be a secret) is shown as `…`.
+const FORMAT_NAMES: &[&str] = &[
+    "messages",
+    "conversations",
+    "role",
+    "content",
+    "from",
+    "value",
+    "instruction",
+    "input",
+    "output",
+    "prompt",
+    "completion",
+    "text",
+    "system",
+    "user",
+    "assistant",
+    "human",
+    "gpt",
+    "tool",
+    "type",
+    "name",
+];
+
+fn redact_file_text(d: &Diagnostic) -> Diagnostic {
+    let mut d = d.clone();
+    d.message = redact(&d.message);
+    d.hint = d.hint.as_deref().map(redact);
+    d
+}
+
+/// Replaces quoted file text by `…`: from the first `backtick` span that is not a format
+/// name to the message's last backtick (a quoted value may itself hold backticks), and
+/// each key of a `(found: a, b)` list that is not a format name.
+fn redact(text: &str) -> String {
+    let keep = |s: &str| FORMAT_NAMES.contains(&s) || s.starts_with('"') || s.is_empty();
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(open) = rest.find('`') {
+        let Some(len) = rest[open + 1..].find('`') else {
+            break;
+        };
+        let inner = &rest[open + 1..open + 1 + len];
+        out.push_str(&rest[..open]);
+        if keep(inner) {
+            out.push('`');
+            out.push_str(inner);
+            out.push('`');
+            rest = &rest[open + len + 2..];
+        } else {
+            out.push_str("`…`");
+            let last = rest.rfind('`').unwrap_or(open + len + 1);
+            rest = &rest[last + 1..];
+        }
+    }
+    out.push_str(rest);
+    if let (Some(at), Some(close)) = (out.find("(found: "), out.rfind(')')) {
+        if close > at {
+            let shown: Vec<&str> = out[at + 8..close]
+                .split(", ")
+                .map(|k| if FORMAT_NAMES.contains(&k) { k } else { "…" })
+                .collect();
+            out = format!(
+                "{}(found: {}){}",
+                &out[..at],
+                shown.join(", "),
+                &out[close + 1..]
+            );
+        }
+    }
+    out
 }
 
 /// A local folder, or a repo id already in the Hugging Face cache. A repo that is not

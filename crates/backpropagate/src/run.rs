@@ -525,3 +525,39 @@ pub fn sha256_file(path: &Path) -> Result<String> {
     std::io::copy(&mut f, &mut h).map_err(|e| Error::io(path, e))?;
     Ok(format!("{:x}", h.finalize()))
 }
+
+/// The longest run id a client may name; generated ids stay far below it.
+pub const MAX_RUN_ID_LEN: usize = 128;
+
+/// A run id names one folder directly under the runs dir: ASCII letters, digits, `-`,
+/// `_` and `.`, starting with a letter or digit, so no id can be `..`, a path, hidden,
+/// or a different folder on a case- or Unicode-normalizing filesystem. Faces call this
+/// on every id a client sends before joining it to the runs dir.
+pub fn validate_run_id(id: &str) -> Result<()> {
+    let refuse = |why: &str| {
+        let shown: String = id.chars().take(40).flat_map(char::escape_default).collect();
+        Err(Error::Run {
+            path: PathBuf::from(format!("run id `{shown}`")),
+            message: format!(
+                "{why}; a run id is the name of a folder directly under the runs dir, made of \
+                 ASCII letters, digits, `-`, `_` and `.` (pick one from the runs list)"
+            ),
+        })
+    };
+    if id.is_empty() {
+        return refuse("the run id is empty");
+    }
+    if id.len() > MAX_RUN_ID_LEN {
+        return refuse(&format!("the run id is longer than {MAX_RUN_ID_LEN} bytes"));
+    }
+    if !id.starts_with(|c: char| c.is_ascii_alphanumeric()) {
+        return refuse("the run id must start with a letter or digit");
+    }
+    if let Some(c) = id
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.')))
+    {
+        return refuse(&format!("the run id contains {:?}", c));
+    }
+    Ok(())
+}
