@@ -83,6 +83,9 @@ pub struct Encoder {
     template: ChatTemplate,
     eos_id: Option<u32>,
     tokenizer_path: PathBuf,
+    /// `vocab_size` of the model's config.json: an id at or past it would fail on the
+    /// first training step, so it is reported here, with the line.
+    vocab_size: Option<usize>,
 }
 
 impl Encoder {
@@ -93,7 +96,15 @@ impl Encoder {
             Error::model(&tokenizer_path, format!("cannot load the tokenizer: {e}"))
         })?;
         let template = ChatTemplate::from_model_dir(dir)?;
-        Ok(Self::new(tokenizer, template, tokenizer_path))
+        let config = dir.join("config.json");
+        let vocab_size = if config.is_file() {
+            Some(crate::model::ModelConfig::load(&config)?.vocab_size)
+        } else {
+            None
+        };
+        let mut encoder = Self::new(tokenizer, template, tokenizer_path);
+        encoder.vocab_size = vocab_size;
+        Ok(encoder)
     }
 
     pub fn new(tokenizer: Tokenizer, template: ChatTemplate, tokenizer_path: PathBuf) -> Self {
@@ -105,6 +116,7 @@ impl Encoder {
             template,
             eos_id,
             tokenizer_path,
+            vocab_size: None,
         }
     }
 
@@ -146,12 +158,18 @@ impl Encoder {
                     .encode(rendered.text.as_str(), false)
                     .map_err(|e| tokenizer_failed(sample.line, &e))?;
                 let ids = enc.get_ids().to_vec();
+                // Spans are sorted and disjoint: the one that may hold a token is the
+                // last starting at or before it (a search, not a scan per token).
+                let spans = &rendered.assistant;
+                let in_reply = |start: usize| {
+                    let k = spans.partition_point(|s| s.start <= start);
+                    k > 0 && spans[k - 1].contains(&start)
+                };
                 let labels: Vec<i32> = ids
                     .iter()
                     .zip(enc.get_offsets())
                     .map(|(&id, &(start, _))| {
-                        let learn = options.train_on == TrainOn::All
-                            || rendered.assistant.iter().any(|s| s.contains(&start));
+                        let learn = options.train_on == TrainOn::All || in_reply(start);
                         if learn {
                             id as i32
                         } else {
@@ -176,6 +194,21 @@ impl Encoder {
                 (ids, labels)
             }
         };
+        if let Some(vocab) = self.vocab_size {
+            if let Some(&id) = input_ids.iter().find(|&&id| id as usize >= vocab) {
+                let token = self.tokenizer.id_to_token(id).unwrap_or_default();
+                return Err(Diagnostic::error(
+                    sample.line,
+                    format!(
+                        "the tokenizer gives token id {id} (`{token}`), outside the model's vocabulary of {vocab} (`vocab_size` in config.json)"
+                    ),
+                    format!(
+                        "tokenizer.json does not match this model: use the tokenizer that came with it, or remove the added token from {}",
+                        self.tokenizer_path.display()
+                    ),
+                ));
+            }
+        }
         let full_len = input_ids.len();
         input_ids.truncate(options.max_seq_len);
         labels.truncate(options.max_seq_len);

@@ -28,6 +28,9 @@ pub use template::{
 
 use diagnostic::Collector;
 
+/// Text tokenized in parallel at once.
+const PARALLEL_TEXT_BYTES: usize = 4 << 20;
+
 #[derive(Debug, Clone, Default)]
 pub struct PrepareOptions {
     pub read: ReadOptions,
@@ -63,11 +66,23 @@ pub fn encode_all(
     encoder: &Encoder,
     options: &PrepareOptions,
 ) -> Result<PreparedDataset, DataError> {
-    let results: Vec<Result<Encoded, Diagnostic>> = raw
-        .samples
-        .par_iter()
-        .map(|s| encoder.encode(s, &options.encode))
-        .collect();
+    // Tokenizing holds ~100× a record's text in memory; chunks of bounded text keep
+    // the records in flight at once (one per core) from adding up to gigabytes.
+    let mut results: Vec<Result<Encoded, Diagnostic>> = Vec::with_capacity(raw.samples.len());
+    let mut rest = &raw.samples[..];
+    while !rest.is_empty() {
+        let mut bytes = 0usize;
+        let take = rest
+            .iter()
+            .position(|s| {
+                bytes += reader::content_bytes(&s.content);
+                bytes > PARALLEL_TEXT_BYTES
+            })
+            .map_or(rest.len(), |i| i.max(1));
+        let (chunk, tail) = rest.split_at(take);
+        results.par_extend(chunk.par_iter().map(|s| encoder.encode(s, &options.encode)));
+        rest = tail;
+    }
     let mut found = Collector::new(options.read.max_problems);
     let mut encoded = Vec::with_capacity(results.len());
     for r in results {

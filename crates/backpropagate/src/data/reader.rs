@@ -20,6 +20,9 @@ pub struct ReadOptions {
     pub max_line_bytes: usize,
     /// How many errors to keep; the rest are counted.
     pub max_problems: usize,
+    /// Text one record may hold. Tokenizing takes ~100× the text in memory, and
+    /// training keeps only the first `max_seq_len` tokens anyway.
+    pub max_record_bytes: usize,
 }
 
 impl Default for ReadOptions {
@@ -27,6 +30,7 @@ impl Default for ReadOptions {
         ReadOptions {
             max_line_bytes: 16 << 20,
             max_problems: 100,
+            max_record_bytes: 2 << 20,
         }
     }
 }
@@ -44,11 +48,77 @@ pub struct RawDataset {
 /// Reads and validates a JSONL dataset. Either every record is usable, or the error
 /// lists the problems (line, what was expected, how to fix it).
 pub fn read_jsonl(path: &Path, options: &ReadOptions) -> Result<RawDataset, DataError> {
-    let file = File::open(path).map_err(|source| DataError::Io {
+    let file = open_regular(path)?;
+    read_from(BufReader::with_capacity(1 << 16, file), path, options)
+}
+
+/// Opens a dataset only if it is a regular file: `/dev/zero` would be read forever,
+/// and opening a FIFO blocks until a writer appears. The path is checked before
+/// opening, then the opened file again, so a swap in between is caught too.
+pub(crate) fn open_regular(path: &Path) -> Result<File, DataError> {
+    let io = |source| DataError::Io {
         path: path.to_path_buf(),
         source,
-    })?;
-    read_from(BufReader::with_capacity(1 << 16, file), path, options)
+    };
+    let meta = std::fs::metadata(path).map_err(io)?;
+    if !meta.is_file() {
+        return Err(not_regular(path, &meta));
+    }
+    let mut open = std::fs::OpenOptions::new();
+    open.read(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        // Never block in open(2) on a FIFO swapped in after the check above.
+        open.custom_flags(libc::O_NONBLOCK);
+    }
+    let file = open.open(path).map_err(io)?;
+    let meta = file.metadata().map_err(io)?;
+    if !meta.is_file() {
+        return Err(not_regular(path, &meta));
+    }
+    Ok(file)
+}
+
+fn not_regular(path: &Path, meta: &std::fs::Metadata) -> DataError {
+    let ft = meta.file_type();
+    let kind = if ft.is_dir() {
+        "a directory"
+    } else {
+        kind_of_special(&ft)
+    };
+    // An I/O error of kind InvalidInput, so every face already reports it as a file
+    // it cannot read, with this message.
+    DataError::Io {
+        path: path.to_path_buf(),
+        source: std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            format!(
+                "the dataset must be a regular file, but this is {kind}; save the data to a .jsonl file and pass that"
+            ),
+        ),
+    }
+}
+
+#[cfg(unix)]
+fn kind_of_special(ft: &std::fs::FileType) -> &'static str {
+    use std::os::unix::fs::FileTypeExt;
+    if ft.is_fifo() {
+        "a named pipe (FIFO)"
+    } else if ft.is_char_device() {
+        "a character device"
+    } else if ft.is_block_device() {
+        "a block device"
+    } else if ft.is_socket() {
+        "a socket"
+    } else {
+        "not a regular file"
+    }
+}
+
+#[cfg(not(unix))]
+fn kind_of_special(_: &std::fs::FileType) -> &'static str {
+    "not a regular file"
 }
 
 /// Format of the file, fixed by its first well-formed record.
@@ -140,6 +210,15 @@ pub(crate) fn read_from<R: Read>(
                 continue;
             }
         };
+        if let Some(key) = first_duplicate_key(text) {
+            found.push(Diagnostic::warning(
+                n,
+                format!(
+                    "key `{}` appears more than once in this record; only its last value is used",
+                    key.chars().take(80).collect::<String>()
+                ),
+            ));
+        }
         let Value::Object(obj) = value else {
             found.push(Diagnostic::error(
                 n,
@@ -173,6 +252,17 @@ pub(crate) fn read_from<R: Read>(
             Some(_) => {}
         }
         match record::parse(format, &obj, n) {
+            Ok(content) if content_bytes(&content) > options.max_record_bytes => {
+                found.push(Diagnostic::error(
+                    n,
+                    format!(
+                        "this record holds {} bytes of text, above the limit of {} KiB per record",
+                        content_bytes(&content),
+                        options.max_record_bytes >> 10
+                    ),
+                    "training keeps only the first max_seq_len tokens of a record; split long documents into several records (e.g. by section or paragraph)",
+                ));
+            }
             Ok(content) => samples.push(Sample { line: n, content }),
             Err(problems) => problems.into_iter().for_each(|p| found.push(p)),
         }
@@ -221,6 +311,83 @@ pub(crate) fn read_from<R: Read>(
         samples,
         warnings: found.warnings,
     })
+}
+
+/// Bytes of text in a record, which is what tokenizing costs memory for.
+pub(crate) fn content_bytes(content: &record::Content) -> usize {
+    match content {
+        record::Content::Text(t) => t.len(),
+        record::Content::Chat(messages) => messages.iter().map(|m| m.content.len()).sum(),
+    }
+}
+
+/// The first key repeated within one object of a JSON text, at any depth. Parsers
+/// keep the last value silently; a record with `"output"` twice is almost always a
+/// merge or export bug the user wants to hear about.
+fn first_duplicate_key(text: &str) -> Option<String> {
+    serde_json::from_str::<DuplicateKey>(text).ok()?.0
+}
+
+struct DuplicateKey(Option<String>);
+
+impl<'de> serde::Deserialize<'de> for DuplicateKey {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_any(DuplicateKeyVisitor)
+    }
+}
+
+struct DuplicateKeyVisitor;
+
+impl<'de> serde::de::Visitor<'de> for DuplicateKeyVisitor {
+    type Value = DuplicateKey;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("any JSON value")
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<DuplicateKey, A::Error> {
+        let mut seen = std::collections::HashSet::new();
+        let mut found = None;
+        while let Some(key) = map.next_key::<String>()? {
+            let inner: DuplicateKey = map.next_value()?;
+            if found.is_none() {
+                found = inner.0;
+                if seen.contains(&key) {
+                    found = Some(key);
+                } else {
+                    seen.insert(key);
+                }
+            }
+        }
+        Ok(DuplicateKey(found))
+    }
+
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<DuplicateKey, A::Error> {
+        let mut found = None;
+        while let Some(inner) = seq.next_element::<DuplicateKey>()? {
+            found = found.or(inner.0);
+        }
+        Ok(DuplicateKey(found))
+    }
+
+    fn visit_bool<E>(self, _: bool) -> Result<DuplicateKey, E> {
+        Ok(DuplicateKey(None))
+    }
+    fn visit_i64<E>(self, _: i64) -> Result<DuplicateKey, E> {
+        Ok(DuplicateKey(None))
+    }
+    fn visit_u64<E>(self, _: u64) -> Result<DuplicateKey, E> {
+        Ok(DuplicateKey(None))
+    }
+    fn visit_f64<E>(self, _: f64) -> Result<DuplicateKey, E> {
+        Ok(DuplicateKey(None))
+    }
+    fn visit_str<E>(self, _: &str) -> Result<DuplicateKey, E> {
+        Ok(DuplicateKey(None))
+    }
+    fn visit_unit<E>(self) -> Result<DuplicateKey, E> {
+        Ok(DuplicateKey(None))
+    }
 }
 
 fn json_kind(v: &Value) -> &'static str {

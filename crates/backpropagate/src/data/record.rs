@@ -244,6 +244,10 @@ fn parse_prompt_completion(
     Some(Content::Chat(messages))
 }
 
+/// Turns one record may hold: the chat template renders a record in one pass, but each
+/// render's instruction budget is sized for conversations up to this length.
+pub const MAX_TURNS: usize = 20_000;
+
 /// Key names of the two list-of-turns formats.
 struct TurnKeys {
     list: &'static str,
@@ -318,6 +322,18 @@ fn parse_turns(
             line,
             format!("`{}` is empty", keys.list),
             "add at least one user turn and one assistant turn, or delete this line",
+        ));
+        return None;
+    }
+    if list.len() > MAX_TURNS {
+        problems.push(Diagnostic::error(
+            line,
+            format!(
+                "`{}` has {} turns, above the limit of {MAX_TURNS} per record",
+                keys.list,
+                list.len()
+            ),
+            "split this conversation into several records (each with its own assistant replies)",
         ));
         return None;
     }

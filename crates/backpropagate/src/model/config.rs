@@ -127,35 +127,44 @@ impl ModelConfig {
         };
         let usize_field = |key: &str| -> Result<usize> {
             match v.get(key) {
-                Some(x) => x
-                    .as_u64()
-                    .filter(|&n| n > 0)
-                    .map(|n| n as usize)
-                    .ok_or_else(|| {
-                        fail(format!(
-                            "field `{key}` must be a positive integer, found {x}"
-                        ))
-                    }),
+                Some(x) => bounded_size(key, x).map_err(fail),
                 None => Err(fail(format!("missing field `{key}`"))),
             }
         };
-        let opt_usize = |key: &str| v.get(key).and_then(Value::as_u64).map(|n| n as usize);
-        let float = |key: &str, default: f64| v.get(key).and_then(Value::as_f64).unwrap_or(default);
+        let opt_usize = |key: &str| -> Result<Option<usize>> {
+            match v.get(key) {
+                None | Some(Value::Null) => Ok(None),
+                Some(x) => bounded_size(key, x).map(Some).map_err(fail),
+            }
+        };
+        let float = |key: &str, default: f64| -> Result<f64> {
+            match v.get(key) {
+                None | Some(Value::Null) => Ok(default),
+                Some(x) => x
+                    .as_f64()
+                    .filter(|f| f.is_finite() && *f > 0.0)
+                    .ok_or_else(|| {
+                        fail(format!(
+                            "field `{key}` must be a positive finite number, found {x}; fix config.json"
+                        ))
+                    }),
+            }
+        };
         let flag =
             |key: &str, default: bool| v.get(key).and_then(Value::as_bool).unwrap_or(default);
 
         let hidden_size = usize_field("hidden_size")?;
         let num_heads = usize_field("num_attention_heads")?;
-        let num_kv_heads = opt_usize("num_key_value_heads").unwrap_or(num_heads);
-        let head_dim = opt_usize("head_dim").unwrap_or(hidden_size / num_heads);
+        let num_kv_heads = opt_usize("num_key_value_heads")?.unwrap_or(num_heads);
+        let head_dim = opt_usize("head_dim")?.unwrap_or(hidden_size / num_heads);
         if num_kv_heads == 0 || num_heads % num_kv_heads != 0 {
             return Err(fail(format!(
                 "field `num_key_value_heads` ({num_kv_heads}) must divide `num_attention_heads` ({num_heads})"
             )));
         }
-        if head_dim % 2 != 0 {
+        if head_dim == 0 || head_dim % 2 != 0 {
             return Err(fail(format!(
-                "head dimension {head_dim} must be even for rotary embeddings"
+                "head dimension {head_dim} (field `head_dim`, or `hidden_size` / `num_attention_heads`) must be even and positive for rotary embeddings"
             )));
         }
         let attention_bias = flag("attention_bias", false);
@@ -168,10 +177,10 @@ impl ModelConfig {
             num_kv_heads,
             head_dim,
             vocab_size: usize_field("vocab_size")?,
-            rms_norm_eps: float("rms_norm_eps", 1e-6),
-            rope_theta: float("rope_theta", 10_000.0),
+            rms_norm_eps: float("rms_norm_eps", 1e-6)?,
+            rope_theta: float("rope_theta", 10_000.0)?,
             rope_scaling: rope_scaling(v.get("rope_scaling"), path)?,
-            max_position_embeddings: opt_usize("max_position_embeddings").unwrap_or(4096),
+            max_position_embeddings: opt_usize("max_position_embeddings")?.unwrap_or(4096),
             tie_word_embeddings: flag("tie_word_embeddings", false),
             qkv_bias: arch == Arch::Qwen2 || attention_bias,
             o_bias: arch != Arch::Qwen2 && attention_bias,
@@ -207,6 +216,37 @@ impl ModelConfig {
     }
 }
 
+/// Upper bound of each size field: a few times the largest published model, so every
+/// product of sizes (tensor shapes, parameter counts, memory plans) fits in a `usize`
+/// and a hostile `config.json` cannot make us build a billion tensor names.
+const SIZE_LIMITS: &[(&str, u64)] = &[
+    ("hidden_size", 1 << 16),
+    ("intermediate_size", 1 << 18),
+    ("num_hidden_layers", 1 << 10),
+    ("num_attention_heads", 1 << 10),
+    ("num_key_value_heads", 1 << 10),
+    ("head_dim", 1 << 11),
+    ("vocab_size", 1 << 22),
+    ("max_position_embeddings", 1 << 24),
+];
+
+/// A size field: a positive integer no larger than its limit in [`SIZE_LIMITS`].
+fn bounded_size(key: &str, x: &Value) -> std::result::Result<usize, String> {
+    let n = x.as_u64().filter(|&n| n > 0).ok_or_else(|| {
+        format!("field `{key}` must be a positive integer, found {x}; fix config.json")
+    })?;
+    let limit = SIZE_LIMITS
+        .iter()
+        .find(|(k, _)| *k == key)
+        .map_or(1 << 24, |(_, l)| *l);
+    if n > limit {
+        return Err(format!(
+            "field `{key}` is {n}, above the limit of {limit}; config.json is damaged or not a model we can train"
+        ));
+    }
+    Ok(n as usize)
+}
+
 fn rope_scaling(v: Option<&Value>, path: &Path) -> Result<RopeScaling> {
     let Some(obj) = v.filter(|v| !v.is_null()) else {
         return Ok(RopeScaling::None);
@@ -217,12 +257,15 @@ fn rope_scaling(v: Option<&Value>, path: &Path) -> Result<RopeScaling> {
         .and_then(Value::as_str)
         .unwrap_or("default");
     let num = |key: &str| {
-        obj.get(key).and_then(Value::as_f64).ok_or_else(|| {
-            Error::model(
-                path,
-                format!("field `rope_scaling.{key}` is missing or not a number"),
-            )
-        })
+        obj.get(key)
+            .and_then(Value::as_f64)
+            .filter(|f| f.is_finite() && *f > 0.0)
+            .ok_or_else(|| {
+                Error::model(
+                    path,
+                    format!("field `rope_scaling.{key}` is missing or not a positive number"),
+                )
+            })
     };
     match kind {
         "default" => Ok(RopeScaling::None),
@@ -311,6 +354,57 @@ mod tests {
         let mut v = base();
         v["rope_scaling"] = json!({"rope_type": "yarn", "factor": 4.0});
         assert!(parse(v).unwrap_err().to_string().contains("`yarn`"));
+    }
+
+    #[test]
+    fn huge_size_fields_are_refused_naming_the_field() {
+        for (key, value) in [
+            ("num_hidden_layers", json!(1_000_000_000u64)),
+            ("hidden_size", json!(1u64 << 40)),
+            ("intermediate_size", json!(u64::MAX)),
+            ("vocab_size", json!(1_000_000_000u64)),
+            ("num_attention_heads", json!(1u64 << 20)),
+            ("head_dim", json!(1u64 << 30)),
+            ("max_position_embeddings", json!(1u64 << 40)),
+        ] {
+            let mut v = base();
+            v[key] = value;
+            let start = std::time::Instant::now();
+            let e = parse(v).unwrap_err().to_string();
+            assert!(
+                start.elapsed().as_millis() < 100,
+                "{key} took {:?}",
+                start.elapsed()
+            );
+            assert!(e.contains("config.json"), "{e}");
+            assert!(e.contains(&format!("field `{key}`")), "{e}");
+            assert!(e.contains("above the limit"), "{e}");
+        }
+    }
+
+    #[test]
+    fn non_integer_or_non_finite_fields_are_refused() {
+        let mut v = base();
+        v["num_key_value_heads"] = json!(1.5);
+        let e = parse(v).unwrap_err().to_string();
+        assert!(
+            e.contains("`num_key_value_heads` must be a positive integer"),
+            "{e}"
+        );
+        let mut v = base();
+        v["num_hidden_layers"] = json!(1e9);
+        assert!(parse(v)
+            .unwrap_err()
+            .to_string()
+            .contains("num_hidden_layers"));
+        let mut v = base();
+        v["rms_norm_eps"] = json!(-1.0);
+        assert!(parse(v).unwrap_err().to_string().contains("rms_norm_eps"));
+        let mut v = base();
+        v["num_attention_heads"] = json!(128);
+        v["num_key_value_heads"] = json!(128);
+        let e = parse(v).unwrap_err().to_string();
+        assert!(e.contains("head dimension 0"), "{e}");
     }
 
     #[test]

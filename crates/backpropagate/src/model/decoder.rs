@@ -15,7 +15,7 @@ use super::quant::{quant_linear, FrozenWeight};
 use super::rope::RopeTables;
 use super::weights::Weights;
 use crate::config::BaseQuant;
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::lora::{LoraLayer, LoraSet};
 
 /// A frozen linear layer, optionally adapted by LoRA.
@@ -164,6 +164,26 @@ impl CausalLm {
     /// bad download fails before a run starts.
     pub fn validate(dir: &Path, config: &ModelConfig) -> Result<()> {
         let w = Weights::open(dir, DType::F32, &Device::Cpu)?;
+        // The sizes that multiply (vocab × hidden, the layer count) are checked against
+        // the header first, so a config.json claiming far more than the checkpoint holds
+        // fails on one clear line instead of a list of every missing tensor.
+        w.check(
+            "model.embed_tokens.weight",
+            &[config.vocab_size, config.hidden_size],
+        )?;
+        let last = format!(
+            "model.layers.{}.input_layernorm.weight",
+            config.num_layers.saturating_sub(1)
+        );
+        w.check(&last, &[config.hidden_size]).map_err(|_| {
+            Error::model(
+                dir.join("config.json"),
+                format!(
+                    "field `num_hidden_layers` is {} but the checkpoint has no `{last}`; config.json does not belong to these weights",
+                    config.num_layers
+                ),
+            )
+        })?;
         for (name, shape) in expected_tensors(config) {
             w.check(&name, &shape)?;
         }
