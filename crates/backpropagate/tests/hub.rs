@@ -9,6 +9,7 @@ mod common;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use backpropagate::event::Silent;
 use backpropagate::fixture::Family;
@@ -602,4 +603,89 @@ fn a_local_index_pointing_outside_the_model_folder_is_refused_naming_the_entry()
             "{msg}"
         );
     }
+}
+
+#[test]
+fn two_pulls_of_one_model_at_once_both_succeed_with_one_download() {
+    for symlinks in [true, false] {
+        let server = Arc::new(
+            HubStandIn::start_with(
+                [("org/tiny".to_string(), repo(fixture(Family::Qwen2), None))].into(),
+                Faults {
+                    slow_downloads: true,
+                    ..Faults::default()
+                },
+            )
+            .unwrap(),
+        );
+        let cache = tempfile::tempdir().unwrap();
+        let mut o = options(&server, cache.path());
+        o.symlinks = symlinks;
+        let barrier = Arc::new(std::sync::Barrier::new(2));
+        let pulls: Vec<_> = (0..2)
+            .map(|_| {
+                let (o, barrier) = (o.clone(), barrier.clone());
+                std::thread::spawn(move || {
+                    barrier.wait();
+                    resolve_model("org/tiny", &o, &Silent)
+                })
+            })
+            .collect();
+        let dirs: Vec<PathBuf> = pulls
+            .into_iter()
+            .map(|t| t.join().unwrap().unwrap())
+            .collect();
+        assert_eq!(dirs[0], dirs[1]);
+        let want =
+            backpropagate::run::sha256_file(&fixture(Family::Qwen2).join("model.safetensors"))
+                .unwrap();
+        assert_eq!(
+            backpropagate::run::sha256_file(&dirs[0].join("model.safetensors")).unwrap(),
+            want
+        );
+        let downloads = server
+            .requests()
+            .iter()
+            .filter(|r| r.starts_with("GET /cdn/"))
+            .count();
+        assert_eq!(downloads, 1, "{:?}", server.requests());
+        let left = files_under(cache.path());
+        assert!(
+            left.iter()
+                .all(|(p, _)| !p.to_string_lossy().contains(".incomplete")
+                    && !p.to_string_lossy().contains(".tmp-")),
+            "{left:?}"
+        );
+    }
+}
+
+#[test]
+fn a_config_declared_larger_than_any_real_one_is_not_downloaded() {
+    let server = HubStandIn::start_with(
+        [("org/tiny".to_string(), repo(fixture(Family::Qwen2), None))].into(),
+        Faults {
+            declared_size: Some(("config.json".into(), 5 << 30)),
+            ..Faults::default()
+        },
+    )
+    .unwrap();
+    let cache = tempfile::tempdir().unwrap();
+    let err = resolve_model("org/tiny", &options(&server, cache.path()), &Silent).unwrap_err();
+    assert!(
+        matches!(err, Error::Hub(HubError::TooLarge { .. })),
+        "{err}"
+    );
+    let msg = err.to_string();
+    assert!(
+        msg.contains("org/tiny") && msg.contains("config.json"),
+        "{msg}"
+    );
+    assert!(
+        !server
+            .requests()
+            .iter()
+            .any(|r| r.starts_with("GET ") && r.contains("config.json")),
+        "{:?}",
+        server.requests()
+    );
 }

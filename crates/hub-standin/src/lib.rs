@@ -9,7 +9,8 @@
 //!
 //! [`Faults`] make it a broken or hostile hub: a connection cut after N bytes, a commit
 //! id that is a path, answers for any path whatever it names, file bodies longer than
-//! their declared size (or endless), an endless revision answer, and answers that stall.
+//! their declared size (or endless), a declared size of the tester's choosing, an
+//! endless revision answer, answers that stall or trickle.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -53,6 +54,10 @@ pub struct Faults {
     pub endless_revision: bool,
     /// File downloads (GET) never answer.
     pub stall_downloads: bool,
+    /// CDN bodies trickle (16 KiB every 5 ms), so that downloads overlap in time.
+    pub slow_downloads: bool,
+    /// HEAD answers declare this size for files whose name ends with the string.
+    pub declared_size: Option<(String, u64)>,
 }
 
 #[derive(Default)]
@@ -346,6 +351,10 @@ async fn serve_file(
         return error(StatusCode::NOT_FOUND, "Entry not found");
     };
     let sha = sha256_hex(&bytes);
+    let declared = match &s.faults.declared_size {
+        Some((name, size)) if file.ends_with(name.as_str()) => *size,
+        _ => bytes.len() as u64,
+    };
     if file.ends_with(".safetensors") {
         // LFS: the hub redirects to the CDN (another host, so an absolute address that
         // clients do not follow on HEAD) and names the blob by its sha256.
@@ -357,7 +366,7 @@ async fn serve_file(
             .status(StatusCode::FOUND)
             .header(header::LOCATION, format!("http://{host}/cdn/{sha}"))
             .header("x-linked-etag", format!("\"{sha}\""))
-            .header("x-linked-size", bytes.len())
+            .header("x-linked-size", declared)
             .header("x-repo-commit", &repo.commit)
             .header(header::ETAG, "\"redirect\"")
             .body(Body::empty())
@@ -370,7 +379,7 @@ async fn serve_file(
         .header("x-repo-commit", &repo.commit);
     if method == Method::HEAD {
         return builder
-            .header(header::CONTENT_LENGTH, bytes.len())
+            .header(header::CONTENT_LENGTH, declared)
             .body(Body::empty())
             .unwrap_or_else(|_| error(StatusCode::INTERNAL_SERVER_ERROR, "response"));
     }
@@ -436,6 +445,26 @@ async fn cdn(
         .filter(|&n| n < len);
     // The cut comes a moment after the first part, so that part is flushed to the
     // client first, as when a real connection drops mid-file.
+    if s.faults.slow_downloads {
+        let body = bytes::Bytes::from(body_bytes);
+        let stream = futures_util::stream::unfold(0usize, move |at| {
+            let body = body.clone();
+            async move {
+                if at >= body.len() {
+                    return None;
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await;
+                let end = (at + (16 << 10)).min(body.len());
+                Some((Ok::<_, std::io::Error>(body.slice(at..end)), end))
+            }
+        });
+        return Response::builder()
+            .status(status)
+            .header(header::CONTENT_LENGTH, len)
+            .header(header::ETAG, format!("\"{sha}\""))
+            .body(Body::from_stream(stream))
+            .unwrap_or_else(|_| error(StatusCode::INTERNAL_SERVER_ERROR, "response"));
+    }
     let first = bytes::Bytes::from(body_bytes[..cut.unwrap_or(len)].to_vec());
     let stream = futures_util::stream::unfold(0u8, move |state| {
         let first = first.clone();

@@ -45,6 +45,15 @@ impl RepoCache {
         self.root.join("blobs").join(etag)
     }
 
+    /// The lock a writer of blob `etag` holds, where huggingface_hub keeps it
+    /// (`<cache>/.locks/models--org--name/<etag>.lock`, flock on Unix): a download in
+    /// Python and one here never write the same blob at once either.
+    pub fn lock_path(&self, etag: &str) -> PathBuf {
+        let cache = self.root.parent().unwrap_or(Path::new("."));
+        let name = self.root.file_name().unwrap_or_default();
+        cache.join(".locks").join(name).join(format!("{etag}.lock"))
+    }
+
     pub fn snapshot(&self, commit: &str) -> PathBuf {
         self.root.join("snapshots").join(commit)
     }
@@ -108,7 +117,18 @@ impl RepoCache {
             .join("blobs")
             .join(etag);
         if !symlinks || symlink(&relative, &target).is_err() {
-            std::fs::copy(&blob, &target).map_err(|e| Error::io(&target, e))?;
+            // Copied beside the entry and renamed over it: never a half copy under the
+            // final name, and never a copy through a link that appeared meanwhile
+            // (which would truncate the blob it points to).
+            let name = target.file_name().unwrap_or_default().to_string_lossy();
+            let tmp = target.with_file_name(format!(".{name}.tmp-{}", std::process::id()));
+            let copied = std::fs::copy(&blob, &tmp)
+                .and_then(|_| std::fs::File::open(&tmp)?.sync_all())
+                .and_then(|()| std::fs::rename(&tmp, &target));
+            if let Err(e) = copied {
+                let _ = std::fs::remove_file(&tmp);
+                return Err(Error::io(&target, e));
+            }
         }
         Ok(target)
     }

@@ -565,6 +565,9 @@ impl Fetcher {
             .into());
         }
         let blob = cache.blob(&meta.etag);
+        // Held while the blob is written and linked: a second pull of the same model
+        // waits and then finds the blob, instead of writing the same partial file.
+        let _lock = self.lock_blob(cache, &meta.etag, file, sink).await?;
         if !blob.is_file() {
             sink.emit(log(format!(
                 "downloading {file} ({:.1} MB)",
@@ -573,6 +576,45 @@ impl Fetcher {
             self.download(&url, file, &blob, &meta, sink).await?;
         }
         cache.link(commit, file, &meta.etag, self.symlinks)
+    }
+
+    /// Takes the blob's lock, waiting (and saying so once) while another process or
+    /// thread holds it; the holder's own timeouts bound the wait. Dropping the file
+    /// releases it, as does the holder dying.
+    async fn lock_blob(
+        &self,
+        cache: &RepoCache,
+        etag: &str,
+        file: &str,
+        sink: &dyn EventSink,
+    ) -> Result<std::fs::File> {
+        let path = cache.lock_path(etag);
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+        }
+        let lock = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .map_err(|e| Error::io(&path, e))?;
+        let mut told = false;
+        loop {
+            match lock.try_lock() {
+                Ok(()) => return Ok(lock),
+                Err(std::fs::TryLockError::WouldBlock) => {
+                    if !told {
+                        sink.emit(log(format!(
+                            "another download of {file} into {} is running; waiting for it",
+                            cache.root().display()
+                        )));
+                        told = true;
+                    }
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                Err(std::fs::TryLockError::Error(e)) => return Err(Error::io(&path, e)),
+            }
+        }
     }
 
     async fn download(
