@@ -143,6 +143,30 @@ impl EventSink for PushFace {
     }
 }
 
+/// Real Go templates are a few kilobytes; a cap keeps `--template /dev/zero` from
+/// filling memory.
+const MAX_TEMPLATE_BYTES: u64 = 1 << 20;
+
+fn read_template(path: &std::path::Path) -> Result<String> {
+    use std::io::Read;
+    let cannot = |e: std::io::Error| anyhow!("cannot read the template {}: {e}", path.display());
+    let mut text = String::new();
+    std::fs::File::open(path)
+        .map_err(cannot)?
+        .take(MAX_TEMPLATE_BYTES + 1)
+        .read_to_string(&mut text)
+        .map_err(cannot)?;
+    if text.len() as u64 > MAX_TEMPLATE_BYTES {
+        return Err(anyhow!(
+            "the template {} is over {} KiB; a Go chat template is a few KiB (pass the \
+             template text, not a model file)",
+            path.display(),
+            MAX_TEMPLATE_BYTES >> 10
+        ));
+    }
+    Ok(text)
+}
+
 fn runtime() -> Result<tokio::runtime::Runtime> {
     Ok(tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -159,10 +183,7 @@ pub fn push(args: &PushArgs) -> Result<ExitCode> {
     options.system = args.system.clone();
     options.timeout = Duration::from_secs(args.timeout.max(1));
     if let Some(t) = &args.template {
-        options.template = Some(
-            std::fs::read_to_string(t)
-                .map_err(|e| anyhow!("cannot read the template {}: {e}", t.display()))?,
-        );
+        options.template = Some(read_template(t)?);
     }
     let face = PushFace {
         json: args.json,

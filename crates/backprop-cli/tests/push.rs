@@ -216,3 +216,19 @@ fn escape_sequences_in_ollama_replies_are_printed_escaped() {
     no_raw_escapes("error", &err);
     assert!(err.contains("disk \\x1b[2Jfull"), "{err}");
 }
+
+#[test]
+fn an_endless_template_file_is_refused_without_reading_it_all() {
+    let tmp = tempfile::tempdir().unwrap();
+    let run = trained_run(tmp.path());
+    let server = StandIn::start(Faults::default()).unwrap();
+    let (ok, _, err) = backprop(
+        &server.url(),
+        &["push", &run, "--name", "m", "--template", "/dev/zero"],
+    );
+    assert!(!ok);
+    assert!(
+        err.contains("the template /dev/zero is over 1024 KiB"),
+        "{err}"
+    );
+}
