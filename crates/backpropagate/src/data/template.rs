@@ -95,7 +95,7 @@ fn bounded_size(v: &Value, limit: usize) -> std::result::Result<usize, minijinja
     let mut steps = 0usize;
     while let Some(v) = stack.pop() {
         steps += 1;
-        if steps % 4096 == 0 {
+        if steps.is_multiple_of(4096) {
             check_time()?;
         }
         seen += 16;
@@ -183,7 +183,7 @@ fn guard_assignments(text: &str) -> String {
     let mut after_block_start = false;
     let mut depth = 0usize;
     let mut open = false;
-    for token in tokenize(text, false, SyntaxConfig::default(), ws) {
+    for token in tokenize(text, false, SyntaxConfig, ws) {
         let Ok((token, span)) = token else {
             return text.to_string();
         };
