@@ -62,8 +62,8 @@ impl OllamaError {
             )),
             OllamaError::Timeout { .. } => Some(
                 "Ollama is running but busy or stuck; check `ollama ps`, or restart it and try \
-                 again (a slow machine or network may need a longer --timeout). Nothing was lost: \
-                 the export stays in the run folder."
+                 again (on a slow machine or link, allow more time: `backprop push --timeout`). \
+                 Nothing was lost: the export stays in the run folder."
                     .into(),
             ),
             OllamaError::TooLarge { .. } => Some(
