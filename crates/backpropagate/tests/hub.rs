@@ -689,3 +689,16 @@ fn a_config_declared_larger_than_any_real_one_is_not_downloaded() {
         server.requests()
     );
 }
+
+#[test]
+fn a_revision_that_is_a_path_is_refused_before_any_request() {
+    let server = hub(vec![("org/tiny", repo(fixture(Family::Qwen2), None))], None);
+    let cache = tempfile::tempdir().unwrap();
+    for spec in ["org/tiny@..", "org/tiny@.", "org/tiny@a:b"] {
+        let err = resolve_model(spec, &options(&server, cache.path()), &Silent).unwrap_err();
+        let msg = err.to_string();
+        assert!(msg.contains(spec) && msg.contains("revision"), "{msg}");
+    }
+    assert_eq!(server.requests(), Vec::<String>::new());
+    assert_eq!(files_under(cache.path()), vec![]);
+}

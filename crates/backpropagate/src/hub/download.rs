@@ -189,6 +189,12 @@ pub(super) fn snapshot(
     options: &HubOptions,
     sink: &dyn EventSink,
 ) -> Result<PathBuf> {
+    // The revision names a file under refs/ and goes into URLs: a plain name only.
+    if let Err(why) = crate::safe_path::confined_join(Path::new("refs"), revision) {
+        return Err(Error::InvalidOption(format!(
+            "{id}@{revision}: the revision {why}; give a branch, tag or commit id"
+        )));
+    }
     let cache = RepoCache::new(&options.cache, id);
     if options.offline {
         return offline_snapshot(&cache, id, revision, want, options);
