@@ -9,6 +9,8 @@ use backpropagate::export::{export, ExportFormat, ExportOptions, GgufQuant, Weig
 use backpropagate::run::{default_runs_dir, resolve_run};
 use clap::Args;
 
+use crate::print::safe;
+
 #[derive(Args)]
 pub struct ExportArgs {
     /// The run (its id or folder)
@@ -39,7 +41,7 @@ impl EventSink for Progress {
             Event::Log {
                 level: LogLevel::Warn,
                 message,
-            } => eprintln!("warning: {message}"),
+            } => eprintln!("warning: {}", safe(&message)),
             _ => {}
         }
     }

@@ -159,7 +159,17 @@ fn main() -> ExitCode {
         Ok(code) => code,
         Err(e) => {
             // The one place errors are printed; they may quote a file or a server.
-            eprintln!("error: {}", print::safe(&format!("{e:#}")));
+            let message = format!("{e:#}");
+            eprintln!("error: {}", print::safe(&message));
+            // The engine's errors carry what to do; commands that already said it
+            // (a `fix:` line in the message) are not repeated.
+            let hint = e
+                .chain()
+                .find_map(|c| c.downcast_ref::<backpropagate::Error>())
+                .and_then(|engine| engine.hint());
+            if let Some(h) = hint.filter(|_| !message.contains("\n  fix: ")) {
+                eprintln!("  fix: {}", print::safe(&h));
+            }
             ExitCode::FAILURE
         }
     }

@@ -12,6 +12,8 @@ use backpropagate::train::CancelToken;
 use backpropagate::TrainConfig;
 use clap::Args;
 
+use crate::print::safe;
+
 use crate::train_cmd::TrainArgs;
 
 #[derive(Args)]
@@ -46,8 +48,8 @@ impl EventSink for Lines {
             Event::Step {
                 run, step, loss, ..
             } if step % 10 == 0 => eprintln!("run {run} step {step}: loss {loss:.4}"),
-            Event::Log { message, .. } => eprintln!("{message}"),
-            Event::Failed { error, .. } => eprintln!("error: {error}"),
+            Event::Log { message, .. } => eprintln!("{}", safe(&message)),
+            Event::Failed { error, .. } => eprintln!("error: {}", safe(&error)),
             _ => {}
         }
     }

@@ -12,6 +12,8 @@ use backpropagate::run::{default_runs_dir, resolve_run, RunDir, RunStatus};
 use backpropagate::train::{RunSummary, Trainer};
 use backpropagate::TrainConfig;
 use clap::Args;
+
+use crate::print::safe;
 use indicatif::{ProgressBar, ProgressStyle};
 
 #[derive(Args)]
@@ -274,9 +276,9 @@ impl EventSink for Face {
                 }
             }
             Event::Failed { error, hint } => {
-                eprintln!("error: {error}");
+                eprintln!("error: {}", safe(&error));
                 if let Some(h) = hint {
-                    eprintln!("  fix: {h}");
+                    eprintln!("  fix: {}", safe(&h));
                 }
             }
             _ => {}

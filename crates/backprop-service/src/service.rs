@@ -737,7 +737,8 @@ impl Service {
         options.overwrite = req.overwrite;
         options.host = self.inner.config.ollama_host.clone();
         let run = dir.file_name().map(|n| n.to_string_lossy().into_owned());
-        self.spawn_job(JobKind::Push, run, move |sink, _| {
+        self.spawn_job(JobKind::Push, run, move |sink, cancel| {
+            options.cancel = Some(cancel.clone());
             let report = ollama::push_run(&dir, &options, sink)?;
             Ok(report.name)
         })

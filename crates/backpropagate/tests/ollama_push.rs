@@ -630,3 +630,28 @@ fn a_cancelled_push_stops_at_once_while_ollama_hangs() {
     assert!(stopped_after < Duration::from_secs(1), "{stopped_after:?}");
     no_partial_exports(&run);
 }
+
+#[test]
+fn a_push_of_a_run_another_job_is_writing_is_refused_before_any_upload() {
+    let runs = tempfile::tempdir().unwrap();
+    let run = trained_run(Family::Qwen2, runs.path());
+    let server = StandIn::start(Faults::default()).unwrap();
+    let held = backpropagate::run::RunLock::acquire(&run, "train").unwrap();
+    let before = snapshot(&run);
+    let err = push_run(&run, &options("locked", &server), &Silent).unwrap_err();
+    assert!(matches!(err, Error::RunInUse { .. }), "{err}");
+    assert!(err.to_string().contains("in use by"), "{err}");
+    let uploaded = std::fs::read_dir(server.blobs_dir()).map_or(0, |d| d.count());
+    assert_eq!(
+        uploaded, 0,
+        "nothing may be uploaded while the run is in use"
+    );
+    assert!(
+        !run.join("exports").exists(),
+        "no export while the run is in use"
+    );
+    assert_eq!(snapshot(&run), before);
+    // Once the other job lets go, the same push goes through.
+    drop(held);
+    push_run(&run, &options("locked", &server), &Silent).unwrap();
+}

@@ -15,7 +15,7 @@ use crate::data::ChatTemplate;
 use crate::error::{Error, Result};
 use crate::event::{Event, EventSink, LogLevel};
 use crate::export::{self, ExportFormat, ExportOptions, GgufQuant};
-use crate::run::RunDir;
+use crate::run::{RunDir, RunLock};
 use crate::train::CancelToken;
 
 #[derive(Debug, Clone)]
@@ -82,6 +82,9 @@ pub struct PushReport {
 /// runtime, so call it from a worker thread, not from inside async code.
 pub fn push_run(run_dir: &Path, options: &PushOptions, sink: &dyn EventSink) -> Result<PushReport> {
     validate_name(&options.name)?;
+    // One writer per run: the exports a push makes must not race a training or export
+    // job on the same run, and the run must not change under the upload.
+    let lock = RunLock::acquire(run_dir, "push")?;
     let run = RunDir::open(run_dir)?;
     let info = run.info()?;
     let runtime = tokio::runtime::Builder::new_current_thread()
@@ -117,17 +120,12 @@ pub fn push_run(run_dir: &Path, options: &PushOptions, sink: &dyn EventSink) -> 
     let template = derive_template(&info.model_dir, options, sink)?;
 
     let (files, adapters) = if options.as_adapter {
-        let base = gguf_export(run_dir, ExportFormat::GgufBase, options.quant, sink)?;
-        let lora = gguf_export(run_dir, ExportFormat::GgufLora, GgufQuant::F16, sink)?;
+        let base = gguf_export(&lock, ExportFormat::GgufBase, options.quant, sink)?;
+        let lora = gguf_export(&lock, ExportFormat::GgufLora, GgufQuant::F16, sink)?;
         (vec![base], vec![lora])
     } else {
         (
-            vec![gguf_export(
-                run_dir,
-                ExportFormat::Gguf,
-                options.quant,
-                sink,
-            )?],
+            vec![gguf_export(&lock, ExportFormat::Gguf, options.quant, sink)?],
             vec![],
         )
     };
@@ -304,7 +302,7 @@ fn generation_eos_tokens(model_dir: &Path) -> Vec<String> {
 
 /// The one `.gguf` file of a fresh export with these options, exporting when needed.
 fn gguf_export(
-    run_dir: &Path,
+    lock: &RunLock,
     format: ExportFormat,
     quant: GgufQuant,
     sink: &dyn EventSink,
@@ -314,12 +312,12 @@ fn gguf_export(
         quant,
         ..ExportOptions::default()
     };
-    let dir = match export::fresh_export(run_dir, &options) {
+    let dir = match export::fresh_export(lock.run_dir(), &options) {
         Some(dir) => {
             sink.emit(log(format!("reusing the export in {}", dir.display())));
             dir
         }
-        None => export::export(run_dir, &options, sink)?,
+        None => export::export_locked(lock, &options, sink)?,
     };
     let entries = std::fs::read_dir(&dir).map_err(|e| Error::io(&dir, e))?;
     for entry in entries {
