@@ -1215,9 +1215,10 @@ fn abandoned_data_checks_cannot_pile_up_on_the_cpu() {
     });
     let abandoned_cpu = settled_cpu(&s) - start_cpu - full_cpu;
     eprintln!("eight abandoned checks: {abandoned_cpu:.2} s CPU");
-    // At most two checks run at once, and they stop at their next stage.
+    // At most two checks run at once, and those two stop tokenizing as soon as their
+    // clients are gone: together they cost less than one check run to the end.
     assert!(
-        abandoned_cpu < 3.0 * full_cpu,
+        abandoned_cpu < full_cpu,
         "eight abandoned checks used {abandoned_cpu:.2} s CPU, one full check {full_cpu:.2} s"
     );
     // A check after them is answered as usual.

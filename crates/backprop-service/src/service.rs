@@ -8,8 +8,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use backpropagate::data::{
-    encode_all, read_jsonl, ChatTemplate, Content, DataError, Diagnostic, EncodeOptions, Encoder,
-    PrepareOptions, TemplateSource,
+    encode_all_until, read_jsonl, ChatTemplate, Content, DataError, Diagnostic, EncodeOptions,
+    Encoder, PrepareOptions, TemplateSource,
 };
 use backpropagate::event::{Event, EventSink, LogLevel};
 use backpropagate::export::{self, ExportOptions};
@@ -364,7 +364,9 @@ impl Service {
                     source: std::io::Error::other(e.message),
                 })
                 .map(|()| raw)
-                .and_then(|raw| encode_all(raw, &encoder, &options))
+                .and_then(|raw| {
+                    encode_all_until(raw, &encoder, &options, &|| budget.check(what).is_err())
+                })
         }) {
             Ok(p) => p,
             Err(DataError::Io { path, source }) => {

@@ -291,3 +291,35 @@ fn huge_layer_count_is_refused_before_any_tensor_is_built() {
     assert!(e.contains("config.json"), "{e}");
     assert!(e.contains("`num_hidden_layers` is 1000"), "{e}");
 }
+
+#[test]
+fn tokenizing_stops_when_its_caller_says_stop_naming_the_file() {
+    let enc = Encoder::from_model_dir(fixture(Family::Qwen2)).unwrap();
+    let path = common::samples_dir().join("alpaca.jsonl");
+    let options = PrepareOptions::default();
+    let calls = std::sync::atomic::AtomicUsize::new(0);
+    let raw = read_jsonl(&path, &ReadOptions::default()).unwrap();
+    let samples = raw.samples.len();
+    let err = backpropagate::data::encode_all_until(raw, &enc, &options, &|| {
+        calls.fetch_add(1, std::sync::atomic::Ordering::Relaxed) >= 10
+    })
+    .unwrap_err();
+    let backpropagate::data::DataError::Io {
+        path: named,
+        source,
+    } = err
+    else {
+        panic!("expected an interruption, got {err}");
+    };
+    assert_eq!(named, path);
+    assert_eq!(source.kind(), std::io::ErrorKind::Interrupted);
+    // It stopped early instead of tokenizing every sample first.
+    let asked = calls.load(std::sync::atomic::Ordering::Relaxed);
+    assert!(asked < samples, "asked {asked} times for {samples} samples");
+    // Without a stop, the same data encodes completely.
+    let raw = read_jsonl(&path, &ReadOptions::default()).unwrap();
+    assert_eq!(
+        encode_all(raw, &enc, &options).unwrap().encoded.len(),
+        samples
+    );
+}

@@ -11,6 +11,7 @@ mod stats;
 mod template;
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
 
 use rayon::prelude::*;
 use serde::Serialize;
@@ -66,10 +67,30 @@ pub fn encode_all(
     encoder: &Encoder,
     options: &PrepareOptions,
 ) -> Result<PreparedDataset, DataError> {
+    encode_all_until(raw, encoder, options, &|| false)
+}
+
+/// [`encode_all`] that stops between chunks of text once `stop()` is true (a caller
+/// that went away, a deadline), with an `Interrupted` I/O error naming the file:
+/// tokenizing is nearly all of a data check's time.
+pub fn encode_all_until(
+    raw: RawDataset,
+    encoder: &Encoder,
+    options: &PrepareOptions,
+    stop: &(dyn Fn() -> bool + Sync),
+) -> Result<PreparedDataset, DataError> {
     // Tokenizing holds ~100× a record's text in memory; chunks of bounded text keep
     // the records in flight at once (one per core) from adding up to gigabytes.
     let mut results: Vec<Result<Encoded, Diagnostic>> = Vec::with_capacity(raw.samples.len());
     let mut rest = &raw.samples[..];
+    let stopped = std::sync::atomic::AtomicBool::new(false);
+    let interrupted = |path: PathBuf| DataError::Io {
+        path,
+        source: std::io::Error::new(
+            std::io::ErrorKind::Interrupted,
+            "tokenizing was stopped before it finished",
+        ),
+    };
     while !rest.is_empty() {
         let mut bytes = 0usize;
         let take = rest
@@ -80,7 +101,17 @@ pub fn encode_all(
             })
             .map_or(rest.len(), |i| i.max(1));
         let (chunk, tail) = rest.split_at(take);
-        results.par_extend(chunk.par_iter().map(|s| encoder.encode(s, &options.encode)));
+        results.par_extend(chunk.par_iter().filter_map(|s| {
+            // Checked per sample: one chunk can hold a whole small dataset.
+            if stopped.load(Ordering::Relaxed) || stop() {
+                stopped.store(true, Ordering::Relaxed);
+                return None;
+            }
+            Some(encoder.encode(s, &options.encode))
+        }));
+        if stopped.load(Ordering::Relaxed) {
+            return Err(interrupted(raw.path));
+        }
         rest = tail;
     }
     let mut found = Collector::new(options.read.max_problems);
