@@ -189,7 +189,9 @@ pub fn safetensors_paths(dir: &Path) -> Result<Vec<PathBuf>> {
 fn shards(index: &Path, dir: &Path) -> Result<Vec<PathBuf>> {
     // Real indexes are a few hundred KB even for 400B-parameter models.
     const MAX_INDEX: u64 = 64 << 20;
-    let size = std::fs::metadata(index).map_err(|e| Error::io(index, e))?.len();
+    let size = std::fs::metadata(index)
+        .map_err(|e| Error::io(index, e))?
+        .len();
     if size > MAX_INDEX {
         return Err(Error::model(
             index,
