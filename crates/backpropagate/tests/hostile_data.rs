@@ -323,3 +323,28 @@ fn tokenizing_stops_when_its_caller_says_stop_naming_the_file() {
         samples
     );
 }
+
+#[test]
+fn a_user_turn_ending_with_the_next_reply_is_never_taken_for_that_reply() {
+    // Long conversations are located in one pass; a user turn whose text ends with
+    // the reply that follows it (`… say OK` then `OK`) must not steal the reply's span.
+    let enc = Encoder::from_model_dir(fixture(Family::Qwen2)).unwrap();
+    let mut turns = Vec::new();
+    for i in 0..40 {
+        let question = if i == 10 {
+            format!("question {i}: just say answer {i}")
+        } else {
+            format!("question {i}")
+        };
+        turns.push(Message::new(Role::User, question));
+        turns.push(Message::new(Role::Assistant, format!("answer {i}")));
+    }
+    let rendered = enc.template().render_with_spans(&turns).unwrap();
+    assert_eq!(rendered.assistant.len(), 40);
+    for (k, span) in rendered.assistant.iter().enumerate() {
+        let i = 2 * k + 1;
+        let p = enc.template().render(&turns[..i], true).unwrap();
+        let u = enc.template().render(&turns[..=i], false).unwrap();
+        assert_eq!(*span, p.len()..u.len(), "reply {k}");
+    }
+}

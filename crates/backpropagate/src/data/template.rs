@@ -552,8 +552,11 @@ impl ChatTemplate {
         replies: &[usize],
     ) -> std::result::Result<Option<Vec<Range<usize>>>, TemplateError> {
         // What the template writes before and after a reply's (trimmed) text, learnt
-        // from the first replies and required to be the same for each of them.
-        let mut affixes: Option<(String, String)> = None;
+        // from the first replies and required to be the same for each of them. The
+        // generation prompt is part of what is searched for, so that a user turn
+        // ending with the next reply's text (`… say OK` then `OK`) is never taken for
+        // the reply; it is not part of the span.
+        let mut affixes: Option<(String, String, String)> = None;
         let mut cursor = 0usize;
         let mut spans = Vec::with_capacity(replies.len());
         for &i in &replies[..LEARN_REPLIES] {
@@ -566,7 +569,14 @@ impl ChatTemplate {
                 return Ok(None);
             };
             let body = span.range.start + off..span.range.start + off + content.len();
+            let Some(gen) = self.generation_prompt(&messages[..i]) else {
+                return Ok(None);
+            };
+            if gen.is_empty() || !text[..span.range.start].ends_with(gen.as_str()) {
+                return Ok(None);
+            }
             let found = (
+                gen,
                 text[span.range.start..body.start].to_string(),
                 text[body.end..span.range.end].to_string(),
             );
@@ -578,19 +588,20 @@ impl ChatTemplate {
             cursor = span.range.end;
             spans.push(span.range);
         }
-        let Some((before, after)) = affixes else {
+        let Some((gen, before, after)) = affixes else {
             return Ok(None);
         };
         let mut needle = String::new();
         for &i in &replies[LEARN_REPLIES..] {
             needle.clear();
+            needle.push_str(&gen);
             needle.push_str(&before);
             needle.push_str(messages[i].content.trim());
             needle.push_str(&after);
             let Some(off) = text[cursor..].find(needle.as_str()) else {
                 return Ok(None);
             };
-            let range = cursor + off..cursor + off + needle.len();
+            let range = cursor + off + gen.len()..cursor + off + needle.len();
             cursor = range.end;
             spans.push(range);
         }
@@ -603,6 +614,16 @@ impl ChatTemplate {
             }
         }
         Ok(Some(spans))
+    }
+}
+
+impl ChatTemplate {
+    /// What `add_generation_prompt` adds after `messages` (`<|im_start|>assistant\n`
+    /// for ChatML); `None` when the template does not simply append it.
+    fn generation_prompt(&self, messages: &[Message]) -> Option<String> {
+        let with = self.render(messages, true).ok()?;
+        let without = self.render(messages, false).ok()?;
+        with.strip_prefix(without.as_str()).map(str::to_string)
     }
 }
 
