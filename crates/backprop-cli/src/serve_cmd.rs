@@ -556,6 +556,9 @@ struct UploadQuery {
     name: String,
 }
 
+/// How long an upload may send nothing before it is dropped.
+const UPLOAD_IDLE: Duration = Duration::from_secs(60);
+
 /// Streams the body to a temporary file on a blocking thread, so a large or slow upload
 /// costs disk, not memory. A client that goes away drops this future, which closes the
 /// channel, and the unfinished upload removes its file.
@@ -579,7 +582,18 @@ async fn upload_dataset(
         Ok(upload)
     });
     let mut frames = body.into_data_stream();
-    while let Some(frame) = frames.next().await {
+    loop {
+        // A client that stops sending would otherwise hold an upload slot forever.
+        let Ok(next) = tokio::time::timeout(UPLOAD_IDLE, frames.next()).await else {
+            return Err(ApiFailure(ServiceError::new(
+                ErrorKind::BadRequest,
+                format!(
+                    "the upload stalled: no data for {} s; it was dropped",
+                    UPLOAD_IDLE.as_secs()
+                ),
+            )));
+        };
+        let Some(frame) = next else { break };
         match frame {
             Ok(chunk) => {
                 if tx.send(chunk).await.is_err() {

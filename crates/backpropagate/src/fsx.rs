@@ -10,14 +10,7 @@ use crate::error::{Error, Result};
 /// Writes `bytes` to a temporary file beside `path`, fsyncs it, then renames it over
 /// `path` (atomic on the same filesystem). On failure the temporary file is removed.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let dir = path
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy())
-        .unwrap_or_default();
+    let (dir, name) = folder_and_name(path);
     let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
     let result = (|| {
         let mut f = File::create(&tmp)?;
@@ -63,16 +56,10 @@ pub fn write_f32_safetensors(
 /// Puts the complete folder `tmp` in place of `dest` (absent or a finished earlier
 /// copy): `dest` is moved aside, `tmp` renamed onto it, then the old copy removed. A
 /// crash at any point leaves either the old folder, the new one, or none under `dest`,
-/// never a mix; a leftover `.tmp-old-*` is cleaned by the next writer of the run.
+/// never a mix; a failed rename puts the old one back; a leftover `.tmp-old-*` is
+/// cleaned by the next writer of the run.
 pub fn replace_dir(tmp: &Path, dest: &Path) -> Result<()> {
-    let dir = dest
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    let name = dest
-        .file_name()
-        .map(|n| n.to_string_lossy())
-        .unwrap_or_default();
+    let (dir, name) = folder_and_name(dest);
     sync_dir(tmp);
     let old = dir.join(format!(".tmp-old-{name}-{}", std::process::id()));
     let moved_aside = match std::fs::rename(dest, &old) {
@@ -80,12 +67,34 @@ pub fn replace_dir(tmp: &Path, dest: &Path) -> Result<()> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => false,
         Err(e) => return Err(Error::io(dest, e)),
     };
-    std::fs::rename(tmp, dest).map_err(|e| Error::io(dest, e))?;
+    if let Err(e) = std::fs::rename(tmp, dest) {
+        // Put the finished earlier copy back: the caller removes `tmp`, and a leftover
+        // `.tmp-old-*` would be cleaned by the next writer, losing both.
+        if moved_aside {
+            let _ = std::fs::rename(&old, dest);
+        }
+        return Err(Error::io(dest, e));
+    }
     sync_dir(dir);
+    // The new folder is in place: a copy that cannot be removed now is only litter,
+    // which the next writer of the run cleans.
     if moved_aside {
-        std::fs::remove_dir_all(&old).map_err(|e| Error::io(&old, e))?;
+        let _ = std::fs::remove_dir_all(&old);
     }
     Ok(())
+}
+
+/// The folder a temporary sibling of `path` goes in, and `path`'s own name.
+fn folder_and_name(path: &Path) -> (&Path, std::borrow::Cow<'_, str>) {
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy())
+        .unwrap_or_default();
+    (dir, name)
 }
 
 /// Makes a rename durable. Directories cannot be opened for sync on Windows, where
@@ -107,6 +116,19 @@ mod tests {
         write_atomic(&p, b"one").unwrap();
         write_atomic(&p, b"two").unwrap();
         assert_eq!(std::fs::read(&p).unwrap(), b"two");
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
+    }
+
+    #[test]
+    fn a_failed_replace_dir_keeps_the_finished_folder() {
+        let dir = tempfile::tempdir().unwrap();
+        let dest = dir.path().join("adapter");
+        std::fs::create_dir(&dest).unwrap();
+        std::fs::write(dest.join("a"), "finished").unwrap();
+        // The new copy vanished (a full disk, a cleaner): the rename onto `dest` fails.
+        let err = replace_dir(&dir.path().join(".tmp-gone"), &dest).unwrap_err();
+        assert!(err.to_string().contains("adapter"), "{err}");
+        assert_eq!(std::fs::read_to_string(dest.join("a")).unwrap(), "finished");
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
     }
 

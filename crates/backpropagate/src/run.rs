@@ -124,22 +124,26 @@ impl RunLock {
         // The holder writes its note just after locking and removes it just before
         // unlocking; a refusal that finds no note is in one of those instants, so it
         // looks again (up to ~200 ms) instead of naming nobody or refusing needlessly.
-        let mut attempts = 0;
+        // A holder in this process gets up to ~1 s: a job announces its end (the face
+        // then resumes or exports) just before it lets go of the run.
+        let (mut attempts, mut unnamed) = (0, 0);
         loop {
             match file.try_lock() {
                 Ok(()) => break,
                 Err(std::fs::TryLockError::WouldBlock) => {
                     attempts += 1;
-                    if let Some(holder) = read_holder(run_dir) {
+                    let refused = match read_holder(run_dir) {
+                        Some(h) if h.pid == std::process::id() && attempts < 100 => None,
+                        Some(h) => Some(h.to_string()),
+                        None => {
+                            unnamed += 1;
+                            (unnamed >= 20).then(|| "another process".to_string())
+                        }
+                    };
+                    if let Some(holder) = refused {
                         return Err(Error::RunInUse {
                             run: run_dir.to_path_buf(),
                             holder,
-                        });
-                    }
-                    if attempts == 20 {
-                        return Err(Error::RunInUse {
-                            run: run_dir.to_path_buf(),
-                            holder: "another process".into(),
                         });
                     }
                     std::thread::sleep(std::time::Duration::from_millis(10));
@@ -176,19 +180,26 @@ impl Drop for RunLock {
     }
 }
 
-/// "process N (job, started T)" from the holder note, if there is one.
-fn read_holder(run_dir: &Path) -> Option<String> {
+/// The holder note, if there is one.
+fn read_holder(run_dir: &Path) -> Option<Holder> {
     let text = std::fs::read_to_string(run_dir.join(HOLDER_FILE)).ok()?;
-    let h: Holder = serde_json::from_str(&text).ok()?;
-    let whose = if h.pid == std::process::id() {
-        "this process"
-    } else {
-        "process"
-    };
-    Some(format!(
-        "{whose} {} ({}, started {})",
-        h.pid, h.job, h.started
-    ))
+    serde_json::from_str(&text).ok()
+}
+
+/// "process N (job, started T)".
+impl std::fmt::Display for Holder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let whose = if self.pid == std::process::id() {
+            "this process"
+        } else {
+            "process"
+        };
+        write!(
+            f,
+            "{whose} {} ({}, started {})",
+            self.pid, self.job, self.started
+        )
+    }
 }
 
 /// Whether a file name is one of our interrupted writes: `.tmp-*` folders (checkpoints,

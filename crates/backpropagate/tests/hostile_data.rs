@@ -348,3 +348,18 @@ fn a_user_turn_ending_with_the_next_reply_is_never_taken_for_that_reply() {
         assert_eq!(*span, p.len()..u.len(), "reply {k}");
     }
 }
+
+#[test]
+fn a_template_cannot_rebind_the_size_guard() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = model_with_template(
+        dir.path(),
+        "{% macro __backprop_bounded(v) %}{{ v }}{% endmacro %}{% set ns = namespace(x=[1]) %}{% for i in range(40) %}{% set ns.x = ns.x + ns.x %}{% endfor %}",
+    );
+    let Err(err) = Encoder::from_model_dir(&model) else {
+        panic!("a template rebinding the guard was accepted");
+    };
+    let err = err.to_string();
+    assert!(err.contains("reserved name"), "{err}");
+    assert!(err.contains("chat_template.jinja"), "{err}");
+}

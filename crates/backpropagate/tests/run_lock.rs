@@ -58,6 +58,22 @@ fn a_second_lock_in_the_same_process_is_refused_naming_the_holder() {
 }
 
 #[test]
+fn a_job_of_this_process_that_is_letting_go_is_waited_for_not_refused() {
+    // A job announces its end (the app then resumes or exports at once) just before it
+    // drops its lock; the next job of the same process waits those moments out.
+    let dir = tempfile::tempdir().unwrap();
+    let first = RunLock::acquire(dir.path(), "train").unwrap();
+    let ending = std::thread::spawn(move || {
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        drop(first);
+    });
+    let start = std::time::Instant::now();
+    RunLock::acquire(dir.path(), "resume").unwrap();
+    assert!(start.elapsed() >= std::time::Duration::from_millis(250));
+    ending.join().unwrap();
+}
+
+#[test]
 fn runs_created_with_the_same_id_get_their_own_folders() {
     let runs = tempfile::tempdir().unwrap();
     let info = RunInfo {

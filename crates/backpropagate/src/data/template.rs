@@ -288,6 +288,12 @@ impl ChatTemplate {
                 ),
             });
         }
+        // A template that defines or rebinds the guard's name could switch it off.
+        if text.contains(GUARD) {
+            return Err(TemplateError {
+                message: format!("the chat template uses the reserved name `{GUARD}`"),
+            });
+        }
         let mut env = Environment::new();
         // Hugging Face renders with jinja2's trim_blocks + lstrip_blocks.
         env.set_trim_blocks(true);

@@ -82,10 +82,11 @@ pub struct PushReport {
 /// runtime, so call it from a worker thread, not from inside async code.
 pub fn push_run(run_dir: &Path, options: &PushOptions, sink: &dyn EventSink) -> Result<PushReport> {
     validate_name(&options.name)?;
+    // A folder that is not a run gets no lock file (taking the lock cleans temp files).
+    let run = RunDir::open(run_dir)?;
     // One writer per run: the exports a push makes must not race a training or export
     // job on the same run, and the run must not change under the upload.
     let lock = RunLock::acquire(run_dir, "push")?;
-    let run = RunDir::open(run_dir)?;
     let info = run.info()?;
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
