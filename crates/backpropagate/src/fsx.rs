@@ -97,6 +97,94 @@ fn folder_and_name(path: &Path) -> (&Path, std::borrow::Cow<'_, str>) {
     (dir, name)
 }
 
+/// Opens `path` for reading only if it is a regular file: reading a device such as
+/// `/dev/zero` never ends, and opening a FIFO blocks until a writer appears. The path
+/// is checked before opening, then the opened file again, so a swap in between is
+/// caught too. The refusal is an `InvalidInput` error saying what the path is.
+pub fn open_regular(path: &Path) -> std::io::Result<File> {
+    let meta = std::fs::metadata(path)?;
+    if !meta.is_file() {
+        return Err(not_regular(&meta));
+    }
+    let mut open = std::fs::OpenOptions::new();
+    open.read(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        // Never block in open(2) on a FIFO swapped in after the check above.
+        open.custom_flags(libc::O_NONBLOCK);
+    }
+    let file = open.open(path)?;
+    let meta = file.metadata()?;
+    if !meta.is_file() {
+        return Err(not_regular(&meta));
+    }
+    Ok(file)
+}
+
+fn not_regular(meta: &std::fs::Metadata) -> std::io::Error {
+    let ft = meta.file_type();
+    let kind = if ft.is_dir() {
+        "a directory"
+    } else {
+        kind_of_special(&ft)
+    };
+    std::io::Error::new(
+        std::io::ErrorKind::InvalidInput,
+        format!("must be a regular file, but this is {kind}"),
+    )
+}
+
+#[cfg(unix)]
+fn kind_of_special(ft: &std::fs::FileType) -> &'static str {
+    use std::os::unix::fs::FileTypeExt;
+    if ft.is_fifo() {
+        "a named pipe (FIFO)"
+    } else if ft.is_char_device() {
+        "a character device"
+    } else if ft.is_block_device() {
+        "a block device"
+    } else if ft.is_socket() {
+        "a socket"
+    } else {
+        "not a regular file"
+    }
+}
+
+#[cfg(not(unix))]
+fn kind_of_special(_: &std::fs::FileType) -> &'static str {
+    "not a regular file"
+}
+
+/// The most [`read_capped`] reads of a model folder's text files: real ones are at
+/// most a few MB (the largest, tokenizer configs with every added token, ~10 MB).
+pub const MAX_MODEL_TEXT: u64 = 64 << 20;
+
+/// Reads a small text file from a model folder (config, tokenizer config, chat
+/// template, index): a regular file of at most `max` bytes, never more read into
+/// memory, so a hostile or broken folder cannot hang or exhaust a reader.
+pub fn read_capped(path: &Path, max: u64) -> Result<String> {
+    use std::io::Read;
+    let file = open_regular(path).map_err(|e| Error::io(path, e))?;
+    let mut text = String::new();
+    file.take(max + 1)
+        .read_to_string(&mut text)
+        .map_err(|e| Error::io(path, e))?;
+    if text.len() as u64 > max {
+        return Err(Error::io(
+            path,
+            std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                format!(
+                    "larger than {} MiB, far more than such a file ever holds; this is not a model file",
+                    max >> 20
+                ),
+            ),
+        ));
+    }
+    Ok(text)
+}
+
 /// Makes a rename durable. Directories cannot be opened for sync on Windows, where
 /// NTFS journals the rename itself, so failure here is not an error.
 fn sync_dir(dir: &Path) {

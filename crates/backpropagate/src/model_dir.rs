@@ -49,7 +49,7 @@ impl ModelDir {
     /// `config.json` parsed as JSON.
     pub fn config_json(&self) -> Result<serde_json::Value> {
         let path = self.require("config.json", "the model architecture")?;
-        let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
+        let text = crate::fsx::read_capped(&path, crate::fsx::MAX_MODEL_TEXT)?;
         serde_json::from_str(&text).map_err(|e| Error::model(&path, format!("not valid JSON: {e}")))
     }
 }

@@ -363,3 +363,46 @@ fn a_template_cannot_rebind_the_size_guard() {
     assert!(err.contains("reserved name"), "{err}");
     assert!(err.contains("chat_template.jinja"), "{err}");
 }
+
+#[cfg(unix)]
+#[test]
+fn model_files_that_are_devices_fifos_or_huge_are_refused_without_reading_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = model_with_template(dir.path(), "{{ messages }}");
+    let start = Instant::now();
+    // A chat template that is a FIFO would block open(2); one that is /dev/zero would
+    // be read forever; a config.json of 65 MiB is no config.
+    std::fs::remove_file(model.join("chat_template.jinja")).unwrap();
+    let fifo = std::process::Command::new("mkfifo")
+        .arg(model.join("chat_template.jinja"))
+        .status()
+        .unwrap();
+    assert!(fifo.success());
+    let Err(err) = Encoder::from_model_dir(&model) else {
+        panic!("a FIFO chat template was accepted");
+    };
+    let err = err.to_string();
+    assert!(err.contains("chat_template.jinja"), "{err}");
+    assert!(err.contains("named pipe"), "{err}");
+    std::fs::remove_file(model.join("chat_template.jinja")).unwrap();
+    std::fs::remove_file(model.join("tokenizer_config.json")).unwrap();
+    std::os::unix::fs::symlink("/dev/zero", model.join("tokenizer_config.json")).unwrap();
+    let Err(err) = Encoder::from_model_dir(&model) else {
+        panic!("/dev/zero as tokenizer_config.json was accepted");
+    };
+    assert!(err.to_string().contains("character device"), "{err}");
+    let config = model.join("config.json");
+    let mut big = std::fs::read(&config).unwrap();
+    big.resize(65 << 20, b' ');
+    std::fs::write(&config, big).unwrap();
+    let err = ModelConfig::load(&config).unwrap_err().to_string();
+    assert!(
+        err.contains("config.json") && err.contains("64 MiB"),
+        "{err}"
+    );
+    assert!(
+        start.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        start.elapsed()
+    );
+}

@@ -56,69 +56,18 @@ pub fn read_jsonl(path: &Path, options: &ReadOptions) -> Result<RawDataset, Data
 /// and opening a FIFO blocks until a writer appears. The path is checked before
 /// opening, then the opened file again, so a swap in between is caught too.
 pub(crate) fn open_regular(path: &Path) -> Result<File, DataError> {
-    let io = |source| DataError::Io {
+    crate::fsx::open_regular(path).map_err(|source| DataError::Io {
         path: path.to_path_buf(),
-        source,
-    };
-    let meta = std::fs::metadata(path).map_err(io)?;
-    if !meta.is_file() {
-        return Err(not_regular(path, &meta));
-    }
-    let mut open = std::fs::OpenOptions::new();
-    open.read(true);
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::OpenOptionsExt;
-        // Never block in open(2) on a FIFO swapped in after the check above.
-        open.custom_flags(libc::O_NONBLOCK);
-    }
-    let file = open.open(path).map_err(io)?;
-    let meta = file.metadata().map_err(io)?;
-    if !meta.is_file() {
-        return Err(not_regular(path, &meta));
-    }
-    Ok(file)
-}
-
-fn not_regular(path: &Path, meta: &std::fs::Metadata) -> DataError {
-    let ft = meta.file_type();
-    let kind = if ft.is_dir() {
-        "a directory"
-    } else {
-        kind_of_special(&ft)
-    };
-    // An I/O error of kind InvalidInput, so every face already reports it as a file
-    // it cannot read, with this message.
-    DataError::Io {
-        path: path.to_path_buf(),
-        source: std::io::Error::new(
-            std::io::ErrorKind::InvalidInput,
-            format!(
-                "the dataset must be a regular file, but this is {kind}; save the data to a .jsonl file and pass that"
-            ),
-        ),
-    }
-}
-
-#[cfg(unix)]
-fn kind_of_special(ft: &std::fs::FileType) -> &'static str {
-    use std::os::unix::fs::FileTypeExt;
-    if ft.is_fifo() {
-        "a named pipe (FIFO)"
-    } else if ft.is_char_device() {
-        "a character device"
-    } else if ft.is_block_device() {
-        "a block device"
-    } else if ft.is_socket() {
-        "a socket"
-    } else {
-        "not a regular file"
-    }
-}
-
-#[cfg(not(unix))]
-fn kind_of_special(_: &std::fs::FileType) -> &'static str {
-    "not a regular file"
+        source: if source.kind() == std::io::ErrorKind::InvalidInput {
+            // Every face reports an I/O error as a file it cannot read, with this text.
+            std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                format!("the dataset {source}; save the data to a .jsonl file and pass that"),
+            )
+        } else {
+            source
+        },
+    })
 }
 
 /// Format of the file, fixed by its first well-formed record.

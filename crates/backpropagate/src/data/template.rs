@@ -333,8 +333,7 @@ impl ChatTemplate {
     pub fn from_model_dir(dir: &Path) -> Result<Self> {
         let config_path = dir.join("tokenizer_config.json");
         let config: Json = if config_path.exists() {
-            let text =
-                std::fs::read_to_string(&config_path).map_err(|e| Error::io(&config_path, e))?;
+            let text = crate::fsx::read_capped(&config_path, crate::fsx::MAX_MODEL_TEXT)?;
             serde_json::from_str(&text)
                 .map_err(|e| Error::model(&config_path, format!("not valid JSON: {e}")))?
         } else {
@@ -347,8 +346,7 @@ impl ChatTemplate {
 
         let jinja_path = dir.join("chat_template.jinja");
         let (text, path) = if jinja_path.exists() {
-            let text =
-                std::fs::read_to_string(&jinja_path).map_err(|e| Error::io(&jinja_path, e))?;
+            let text = crate::fsx::read_capped(&jinja_path, crate::fsx::MAX_MODEL_TEXT)?;
             (Some(text), jinja_path)
         } else {
             (template_from_config(&config, &config_path)?, config_path)

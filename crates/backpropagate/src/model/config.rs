@@ -96,7 +96,7 @@ pub struct ModelConfig {
 
 impl ModelConfig {
     pub fn load(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        let text = crate::fsx::read_capped(path, crate::fsx::MAX_MODEL_TEXT)?;
         let v: Value = serde_json::from_str(&text)
             .map_err(|e| Error::model(path, format!("not valid JSON: {e}")))?;
         Self::from_json(&v, path)

@@ -188,17 +188,7 @@ pub fn safetensors_paths(dir: &Path) -> Result<Vec<PathBuf>> {
 /// index is as untrusted as any downloaded file) and to exist.
 fn shards(index: &Path, dir: &Path) -> Result<Vec<PathBuf>> {
     // Real indexes are a few hundred KB even for 400B-parameter models.
-    const MAX_INDEX: u64 = 64 << 20;
-    let size = std::fs::metadata(index)
-        .map_err(|e| Error::io(index, e))?
-        .len();
-    if size > MAX_INDEX {
-        return Err(Error::model(
-            index,
-            format!("the index is {size} bytes, more than the 64 MiB an index can plausibly need; re-download it"),
-        ));
-    }
-    let text = std::fs::read_to_string(index).map_err(|e| Error::io(index, e))?;
+    let text = crate::fsx::read_capped(index, crate::fsx::MAX_MODEL_TEXT)?;
     let v: serde_json::Value = serde_json::from_str(&text)
         .map_err(|e| Error::model(index, format!("not valid JSON: {e}")))?;
     let map = v
