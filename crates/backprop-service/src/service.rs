@@ -179,16 +179,9 @@ impl Service {
             version: env!("CARGO_PKG_VERSION").to_string(),
             runs_dir: self.runs_dir().display().to_string(),
             // Only the address: no client (and no TLS setup) for a status line.
-            ollama_host: match &self.inner.config.ollama_host {
-                Some(h) => ollama::parse_host(h).ok(),
-                None => std::env::var("OLLAMA_HOST")
-                    .ok()
-                    .filter(|v| !v.trim().is_empty())
-                    .map_or_else(
-                        || ollama::parse_host(ollama::DEFAULT_HOST).ok(),
-                        |v| ollama::parse_host(&v).ok(),
-                    ),
-            }
+            ollama_host: ollama::parse_host(&ollama::host_setting(
+                self.inner.config.ollama_host.as_deref(),
+            ))
             .unwrap_or_default(),
             // Training runs on the CPU until the CUDA path lands (#9); a GPU is named.
             device: match &self.inner.gpu {
@@ -747,13 +740,7 @@ impl Service {
     }
 
     fn ollama_client(&self) -> Result<OllamaClient> {
-        let setting = match &self.inner.config.ollama_host {
-            Some(h) => h.clone(),
-            None => std::env::var("OLLAMA_HOST")
-                .ok()
-                .filter(|v| !v.trim().is_empty())
-                .unwrap_or_else(|| ollama::DEFAULT_HOST.to_string()),
-        };
+        let setting = ollama::host_setting(self.inner.config.ollama_host.as_deref());
         let mut cached = self.inner.ollama.lock().unwrap_or_else(|e| e.into_inner());
         if let Some((built_for, client)) = cached.as_ref() {
             if *built_for == setting {

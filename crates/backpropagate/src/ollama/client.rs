@@ -115,13 +115,22 @@ pub struct ChatMessage {
     pub content: String,
 }
 
+/// The Ollama address to use: `configured` when given, else `OLLAMA_HOST`, else the
+/// local default (unparsed, as the user wrote it).
+pub fn host_setting(configured: Option<&str>) -> String {
+    match configured {
+        Some(h) => h.to_string(),
+        None => std::env::var("OLLAMA_HOST")
+            .ok()
+            .filter(|v| !v.trim().is_empty())
+            .unwrap_or_else(|| DEFAULT_HOST.to_string()),
+    }
+}
+
 impl OllamaClient {
     /// The server named by `OLLAMA_HOST`, else the local default.
     pub fn from_env() -> Result<Self, OllamaError> {
-        match std::env::var("OLLAMA_HOST") {
-            Ok(v) if !v.trim().is_empty() => Self::new(&v),
-            _ => Self::new(DEFAULT_HOST),
-        }
+        Self::new(&host_setting(None))
     }
 
     /// `host` as Ollama reads OLLAMA_HOST: `host`, `host:port`, `:port` or a URL;
