@@ -84,6 +84,25 @@ pub fn replace_dir(tmp: &Path, dest: &Path) -> Result<()> {
     Ok(())
 }
 
+/// Writes the folder `dest` whole: `fill` writes into a fresh `.tmp-<name>-<pid>`
+/// folder beside it, which then replaces `dest` ([`replace_dir`]). On any failure the
+/// temporary folder is removed and `dest` is left as it was.
+pub fn write_dir(dest: &Path, fill: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
+    let (dir, name) = folder_and_name(dest);
+    let tmp = dir.join(format!(".tmp-{name}-{}", std::process::id()));
+    if tmp.exists() {
+        std::fs::remove_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
+    }
+    let written = std::fs::create_dir_all(&tmp)
+        .map_err(|e| Error::io(&tmp, e))
+        .and_then(|()| fill(&tmp))
+        .and_then(|()| replace_dir(&tmp, dest));
+    if written.is_err() {
+        let _ = std::fs::remove_dir_all(&tmp);
+    }
+    written
+}
+
 /// The folder a temporary sibling of `path` goes in, and `path`'s own name.
 fn folder_and_name(path: &Path) -> (&Path, std::borrow::Cow<'_, str>) {
     let dir = path

@@ -359,17 +359,14 @@ fn combine(
 /// Copies an adapter folder whole (temporary folder, then rename), like the trainer
 /// writes its own.
 fn copy_adapter(from: &Path, to: &Path) -> Result<()> {
-    let parent = to.parent().unwrap_or(Path::new("."));
-    let tmp = parent.join(format!(".tmp-adapter-{}", std::process::id()));
-    if tmp.exists() {
-        std::fs::remove_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
-    }
-    std::fs::create_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
-    for name in ["adapter_model.safetensors", "adapter_config.json"] {
-        let bytes = std::fs::read(from.join(name)).map_err(|e| Error::io(from.join(name), e))?;
-        write_atomic(&tmp.join(name), &bytes)?;
-    }
-    crate::fsx::replace_dir(&tmp, to)
+    crate::fsx::write_dir(to, |tmp| {
+        for name in ["adapter_model.safetensors", "adapter_config.json"] {
+            let bytes =
+                std::fs::read(from.join(name)).map_err(|e| Error::io(from.join(name), e))?;
+            write_atomic(&tmp.join(name), &bytes)?;
+        }
+        Ok(())
+    })
 }
 
 #[cfg(test)]

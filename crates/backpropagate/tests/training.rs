@@ -185,30 +185,40 @@ fn missing_shard_is_named() {
     );
 }
 
+/// One tensor of a safetensors file, owned: name, dtype, shape, bytes.
+type OwnedTensor = (String, safetensors::Dtype, Vec<usize>, Vec<u8>);
+
+/// Rewrites the model's `model.safetensors` after `edit` changed its tensors.
+fn edit_tensors(model: &Path, edit: impl FnOnce(&mut Vec<OwnedTensor>)) {
+    let p = model.join("model.safetensors");
+    let bytes = std::fs::read(&p).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let mut owned: Vec<OwnedTensor> = st
+        .tensors()
+        .into_iter()
+        .map(|(n, v)| (n, v.dtype(), v.shape().to_vec(), v.data().to_vec()))
+        .collect();
+    edit(&mut owned);
+    let views: Vec<_> = owned
+        .iter()
+        .map(|(n, d, s, b)| {
+            (
+                n.clone(),
+                safetensors::tensor::TensorView::new(*d, s.clone(), b).unwrap(),
+            )
+        })
+        .collect();
+    std::fs::write(&p, safetensors::serialize(views, None).unwrap()).unwrap();
+}
+
 #[test]
 fn wrong_dtype_and_wrong_shape_are_named() {
     let err = broken_model(|d| {
-        let p = d.join("model.safetensors");
-        let bytes = std::fs::read(&p).unwrap();
-        let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-        let mut owned: Vec<(String, safetensors::Dtype, Vec<usize>, Vec<u8>)> = st
-            .tensors()
-            .into_iter()
-            .map(|(n, v)| (n, v.dtype(), v.shape().to_vec(), v.data().to_vec()))
-            .collect();
-        for t in owned.iter_mut().filter(|t| t.0 == "model.norm.weight") {
-            t.1 = safetensors::Dtype::I32;
-        }
-        let views: Vec<_> = owned
-            .iter()
-            .map(|(n, d, s, b)| {
-                (
-                    n.clone(),
-                    safetensors::tensor::TensorView::new(*d, s.clone(), b).unwrap(),
-                )
-            })
-            .collect();
-        std::fs::write(&p, safetensors::serialize(views, None).unwrap()).unwrap();
+        edit_tensors(d, |owned| {
+            for t in owned.iter_mut().filter(|t| t.0 == "model.norm.weight") {
+                t.1 = safetensors::Dtype::I32;
+            }
+        });
     });
     assert!(err.contains("tensor `model.norm.weight` is I32"), "{err}");
     let err = broken_model(|d| edit_config(d, |v| v["intermediate_size"] = 100.into()));
@@ -348,27 +358,11 @@ fn a_token_id_past_the_vocabulary_is_refused_before_step_1_naming_the_line() {
 fn a_nan_in_the_base_weights_is_named_instead_of_blaming_the_learning_rate() {
     const TENSOR: &str = "model.layers.1.mlp.down_proj.weight";
     let model = edited_model(|d| {
-        let p = d.join("model.safetensors");
-        let bytes = std::fs::read(&p).unwrap();
-        let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-        let mut owned: Vec<(String, safetensors::Dtype, Vec<usize>, Vec<u8>)> = st
-            .tensors()
-            .into_iter()
-            .map(|(n, v)| (n, v.dtype(), v.shape().to_vec(), v.data().to_vec()))
-            .collect();
-        let t = owned.iter_mut().find(|t| t.0 == TENSOR).expect(TENSOR);
-        assert_eq!(t.1, safetensors::Dtype::F32);
-        t.3[40..44].copy_from_slice(&f32::NAN.to_le_bytes());
-        let views: Vec<_> = owned
-            .iter()
-            .map(|(n, d, s, b)| {
-                (
-                    n.clone(),
-                    safetensors::tensor::TensorView::new(*d, s.clone(), b).unwrap(),
-                )
-            })
-            .collect();
-        std::fs::write(&p, safetensors::serialize(views, None).unwrap()).unwrap();
+        edit_tensors(d, |owned| {
+            let t = owned.iter_mut().find(|t| t.0 == TENSOR).expect(TENSOR);
+            assert_eq!(t.1, safetensors::Dtype::F32);
+            t.3[40..44].copy_from_slice(&f32::NAN.to_le_bytes());
+        });
     });
     let err = Trainer::new(model.to_str().unwrap())
         .runs_dir(model.join("runs"))

@@ -136,14 +136,9 @@ pub fn export_locked(
     let name = export_name(options);
     let exports = run.path().join("exports");
     let final_dir = exports.join(&name);
-    let tmp = exports.join(format!(".tmp-{name}-{}", std::process::id()));
-    if tmp.exists() {
-        std::fs::remove_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
-    }
-    std::fs::create_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
-    let result = match options.format {
-        ExportFormat::Adapter => copy_files(&adapter, &tmp, &ADAPTER_FILES),
-        ExportFormat::Merged => merged::write(&info.model_dir, &adapter, &tmp, options, sink),
+    crate::fsx::write_dir(&final_dir, |tmp| match options.format {
+        ExportFormat::Adapter => copy_files(&adapter, tmp, &ADAPTER_FILES),
+        ExportFormat::Merged => merged::write(&info.model_dir, &adapter, tmp, options, sink),
         ExportFormat::Gguf | ExportFormat::GgufLora | ExportFormat::GgufBase => {
             let model_name = info
                 .model_dir
@@ -182,15 +177,7 @@ pub fn export_locked(
                 }
             }
         }
-    };
-    if let Err(e) = result {
-        let _ = std::fs::remove_dir_all(&tmp);
-        return Err(e);
-    }
-    if let Err(e) = crate::fsx::replace_dir(&tmp, &final_dir) {
-        let _ = std::fs::remove_dir_all(&tmp);
-        return Err(e);
-    }
+    })?;
     sink.emit(Event::Log {
         level: LogLevel::Info,
         message: format!("exported {name} to {}", final_dir.display()),

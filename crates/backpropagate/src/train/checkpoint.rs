@@ -41,23 +41,19 @@ pub fn save(
     base_model: &str,
 ) -> Result<PathBuf> {
     let final_dir = checkpoints.join(format!("step-{}", state.step));
-    let tmp = checkpoints.join(format!(".tmp-step-{}", state.step));
-    if tmp.exists() {
-        std::fs::remove_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
-    }
-    std::fs::create_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
-    lora.save_peft(&tmp, base_model)?;
-    let mut moments = Vec::with_capacity(2 * opt.m.len());
-    for ((name, var), (m, v)) in lora.named_vars().into_iter().zip(opt.m.iter().zip(&opt.v)) {
-        let shape = var.dims().to_vec();
-        moments.push((format!("m.{name}"), shape.clone(), m.clone()));
-        moments.push((format!("v.{name}"), shape, v.clone()));
-    }
-    write_f32_safetensors(&tmp.join("optimizer.safetensors"), &moments)?;
-    let json = serde_json::to_string_pretty(state).expect("state serializes");
-    write_atomic(&tmp.join("state.json"), json.as_bytes())?;
     // Replacing covers a resumed run re-reaching a step it had saved before the kill.
-    crate::fsx::replace_dir(&tmp, &final_dir)?;
+    crate::fsx::write_dir(&final_dir, |tmp| {
+        lora.save_peft(tmp, base_model)?;
+        let mut moments = Vec::with_capacity(2 * opt.m.len());
+        for ((name, var), (m, v)) in lora.named_vars().into_iter().zip(opt.m.iter().zip(&opt.v)) {
+            let shape = var.dims().to_vec();
+            moments.push((format!("m.{name}"), shape.clone(), m.clone()));
+            moments.push((format!("v.{name}"), shape, v.clone()));
+        }
+        write_f32_safetensors(&tmp.join("optimizer.safetensors"), &moments)?;
+        let json = serde_json::to_string_pretty(state).expect("state serializes");
+        write_atomic(&tmp.join("state.json"), json.as_bytes())
+    })?;
     prune(checkpoints)?;
     Ok(final_dir)
 }

@@ -260,22 +260,7 @@ impl Trainer {
 /// renamed onto it, so a kill between its two files never leaves an adapter without
 /// its config (exports would then fail on a missing file).
 pub(crate) fn write_adapter(lora: &LoraSet, dir: &Path, base_model: &str) -> Result<()> {
-    let parent = dir.parent().unwrap_or(Path::new("."));
-    let name = dir
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let tmp = parent.join(format!(".tmp-{name}-{}", std::process::id()));
-    if tmp.exists() {
-        std::fs::remove_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
-    }
-    let written = lora
-        .save_peft(&tmp, base_model)
-        .and_then(|()| crate::fsx::replace_dir(&tmp, dir));
-    if written.is_err() {
-        let _ = std::fs::remove_dir_all(&tmp);
-    }
-    written
+    crate::fsx::write_dir(dir, |tmp| lora.save_peft(tmp, base_model))
 }
 
 /// The error for a NaN or infinite loss, blaming what is to blame: a non-finite weight
