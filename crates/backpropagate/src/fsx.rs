@@ -7,11 +7,24 @@ use std::path::Path;
 
 use crate::error::{Error, Result};
 
+/// A suffix no other temporary name of this machine uses at the same time: the
+/// process id alone is shared by the threads of one process (two pulls of one model,
+/// two jobs of `serve`), which would write into and rename each other's temp files.
+pub fn unique_suffix() -> String {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    format!(
+        "{}-{}",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
 /// Writes `bytes` to a temporary file beside `path`, fsyncs it, then renames it over
 /// `path` (atomic on the same filesystem). On failure the temporary file is removed.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     let (dir, name) = folder_and_name(path);
-    let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
+    let tmp = dir.join(format!(".{name}.tmp-{}", unique_suffix()));
     let result = (|| {
         let mut f = File::create(&tmp)?;
         f.write_all(bytes)?;
@@ -61,7 +74,7 @@ pub fn write_f32_safetensors(
 pub fn replace_dir(tmp: &Path, dest: &Path) -> Result<()> {
     let (dir, name) = folder_and_name(dest);
     sync_dir(tmp);
-    let old = dir.join(format!(".tmp-old-{name}-{}", std::process::id()));
+    let old = dir.join(format!(".tmp-old-{name}-{}", unique_suffix()));
     let moved_aside = match std::fs::rename(dest, &old) {
         Ok(()) => true,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => false,
@@ -84,12 +97,12 @@ pub fn replace_dir(tmp: &Path, dest: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Writes the folder `dest` whole: `fill` writes into a fresh `.tmp-<name>-<pid>`
+/// Writes the folder `dest` whole: `fill` writes into a fresh `.tmp-<name>-<pid>-<n>`
 /// folder beside it, which then replaces `dest` ([`replace_dir`]). On any failure the
 /// temporary folder is removed and `dest` is left as it was.
 pub fn write_dir(dest: &Path, fill: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
     let (dir, name) = folder_and_name(dest);
-    let tmp = dir.join(format!(".tmp-{name}-{}", std::process::id()));
+    let tmp = dir.join(format!(".tmp-{name}-{}", unique_suffix()));
     if tmp.exists() {
         std::fs::remove_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
     }
@@ -215,6 +228,29 @@ fn sync_dir(dir: &Path) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn threads_writing_one_file_at_once_all_succeed() {
+        // Two pulls of one model both write refs/main: with a per-process temp name
+        // one thread renamed the other's file away and failed with NotFound.
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("main");
+        let threads: Vec<_> = (0..4)
+            .map(|t| {
+                let path = path.clone();
+                std::thread::spawn(move || {
+                    for i in 0..200 {
+                        write_atomic(&path, format!("{t}-{i}").as_bytes()).unwrap();
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        let names: Vec<_> = std::fs::read_dir(dir.path()).unwrap().collect();
+        assert_eq!(names.len(), 1, "{names:?}");
+    }
 
     #[test]
     fn replaces_content_and_leaves_no_temp_file() {

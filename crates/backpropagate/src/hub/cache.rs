@@ -121,7 +121,7 @@ impl RepoCache {
             // final name, and never a copy through a link that appeared meanwhile
             // (which would truncate the blob it points to).
             let name = target.file_name().unwrap_or_default().to_string_lossy();
-            let tmp = target.with_file_name(format!(".{name}.tmp-{}", std::process::id()));
+            let tmp = target.with_file_name(format!(".{name}.tmp-{}", crate::fsx::unique_suffix()));
             let copied = std::fs::copy(&blob, &tmp)
                 .and_then(|_| std::fs::File::open(&tmp)?.sync_all())
                 .and_then(|()| std::fs::rename(&tmp, &target));
