@@ -4,10 +4,16 @@
 
 use std::path::Path;
 
+use std::sync::Arc;
+
 use candle_core::{DType, Device, Module, Result as CResult, Tensor};
+use rand::Rng;
 use rand_chacha::ChaCha8Rng;
 
 use super::config::ModelConfig;
+use super::fused::{MaskedSoftmax, RopeHeads, SwiGlu};
+use super::lm_loss::ChunkedLmLoss;
+use super::lora_op::{Dropout, LoraLinear};
 use super::ops::{
     apply_rope, cross_entropy_sum, dropout_mask, frozen_linear, rms_norm, softmax_last_dim,
 };
@@ -53,7 +59,33 @@ impl Linear {
         })
     }
 
-    fn forward(&self, x: &Tensor, rng: &mut Option<&mut ChaCha8Rng>) -> CResult<Tensor> {
+    /// `fused`: one op for base + bias + LoRA where it can run (CPU, f32, dense
+    /// weight), else the basic ops. Both draw one dropout seed per call, so they drop
+    /// the same entries.
+    fn forward(
+        &self,
+        x: &Tensor,
+        rng: &mut Option<&mut ChaCha8Rng>,
+        fused: bool,
+    ) -> CResult<Tensor> {
+        let seed = match (&self.lora, rng) {
+            (Some(_), Some(rng)) if self.dropout > 0.0 => Some(rng.gen::<u64>()),
+            _ => None,
+        };
+        if let (true, Some(l), FrozenWeight::Dense(w)) = (fused, &self.lora, &self.weight) {
+            if LoraLinear::supports(x, w) {
+                let op = LoraLinear {
+                    weight: w.clone(),
+                    bias: self.bias.clone(),
+                    scale: self.scale as f32,
+                    dropout: seed.map(|seed| Dropout {
+                        p: self.dropout,
+                        seed,
+                    }),
+                };
+                return op.forward(x, l.a.as_tensor(), l.b.as_tensor());
+            }
+        }
         let mut y = match &self.weight {
             FrozenWeight::Dense(w) => frozen_linear(x, w)?,
             FrozenWeight::Quant(q) => quant_linear(x, q)?,
@@ -62,12 +94,12 @@ impl Linear {
             y = y.broadcast_add(b)?;
         }
         if let Some(l) = &self.lora {
-            let xd = match rng {
-                Some(rng) if self.dropout > 0.0 => {
-                    let mask = dropout_mask(x.shape(), self.dropout, *rng, x.device())?;
+            let xd = match seed {
+                Some(seed) => {
+                    let mask = dropout_mask(x.shape(), self.dropout, seed, x.device())?;
                     (x * mask.to_dtype(x.dtype())?)?
                 }
-                _ => x.clone(),
+                None => x.clone(),
             };
             // Master LoRA weights are f32; in mixed precision they are cast for the
             // matmuls and their gradients cast back by the same op.
@@ -122,6 +154,9 @@ pub struct CausalLm {
     lm_head: Tensor,
     rope: RopeTables,
     device: Device,
+    /// Fused ops where they can run (the default); false keeps the basic-op decoder,
+    /// the reference the fused ops are tested against (`BACKPROP_REFERENCE_OPS=1`).
+    fused: bool,
 }
 
 /// Every tensor the checkpoint must hold for `c`, with its shape.
@@ -289,7 +324,19 @@ impl CausalLm {
             lm_head,
             rope,
             device: device.clone(),
+            fused: std::env::var_os("BACKPROP_REFERENCE_OPS")
+                .is_none_or(|v| v.is_empty() || v == "0"),
         })
+    }
+
+    /// Chooses the fused ops (true) or the basic-op reference decoder.
+    pub fn set_fused(&mut self, fused: bool) {
+        self.fused = fused;
+    }
+
+    /// Whether this pass runs the fused CPU ops: they need f32 on the CPU.
+    fn fused_for(&self, h: &Tensor) -> bool {
+        self.fused && h.device().is_cpu() && h.dtype() == DType::F32
     }
 
     pub fn device(&self) -> &Device {
@@ -319,6 +366,9 @@ impl CausalLm {
         let c = &self.config;
         let mut h = candle_nn::Embedding::new(self.embed.clone(), c.hidden_size)
             .forward(&batch.input_ids)?;
+        if self.fused_for(&h) {
+            return self.fused_layers(h, batch, rng);
+        }
         let pos = batch.position_ids.flatten_all()?;
         let cos = self
             .rope
@@ -338,9 +388,9 @@ impl CausalLm {
         for layer in &self.layers {
             let x = rms_norm(&h, &layer.input_norm, c.rms_norm_eps)?;
             let heads = |y: Tensor, n: usize| y.reshape((b, t, n, c.head_dim))?.transpose(1, 2);
-            let mut q = heads(layer.q.forward(&x, &mut rng)?, c.num_heads)?;
-            let mut k = heads(layer.k.forward(&x, &mut rng)?, c.num_kv_heads)?;
-            let v = heads(layer.v.forward(&x, &mut rng)?, c.num_kv_heads)?;
+            let mut q = heads(layer.q.forward(&x, &mut rng, false)?, c.num_heads)?;
+            let mut k = heads(layer.k.forward(&x, &mut rng, false)?, c.num_kv_heads)?;
+            let v = heads(layer.v.forward(&x, &mut rng, false)?, c.num_kv_heads)?;
             if let (Some(qn), Some(kn)) = (&layer.q_norm, &layer.k_norm) {
                 q = rms_norm(&q, qn, c.rms_norm_eps)?;
                 k = rms_norm(&k, kn, c.rms_norm_eps)?;
@@ -355,11 +405,83 @@ impl CausalLm {
                     .matmul(&v)?
                     .transpose(1, 2)?
                     .reshape((b, t, c.num_heads * c.head_dim))?;
-            h = (h + layer.o.forward(&attn, &mut rng)?)?;
+            h = (h + layer.o.forward(&attn, &mut rng, false)?)?;
             let x = rms_norm(&h, &layer.post_norm, c.rms_norm_eps)?;
-            let gated =
-                (layer.gate.forward(&x, &mut rng)?.silu()? * layer.up.forward(&x, &mut rng)?)?;
-            h = (h + layer.down.forward(&gated, &mut rng)?)?;
+            let gated = (layer.gate.forward(&x, &mut rng, false)?.silu()?
+                * layer.up.forward(&x, &mut rng, false)?)?;
+            h = (h + layer.down.forward(&gated, &mut rng, false)?)?;
+        }
+        rms_norm(&h, &self.norm, c.rms_norm_eps)
+    }
+
+    /// The decoder layers with the fused CPU ops: rope fused with the move of heads
+    /// forward (and, for q, the attention scale), grouped-query attention as one
+    /// batched product per k/v head instead of repeated k/v copies, mask + softmax in
+    /// one op, SwiGLU in one op, and every LoRA linear in one op.
+    fn fused_layers(
+        &self,
+        mut h: Tensor,
+        batch: &BatchInputs,
+        mut rng: Option<&mut ChaCha8Rng>,
+    ) -> CResult<Tensor> {
+        let c = &self.config;
+        let (b, t) = batch.input_ids.dims2()?;
+        let (d, heads, kv) = (c.head_dim, c.num_heads, c.num_kv_heads);
+        let n_rep = heads / kv;
+        let pos = batch.position_ids.flatten_all()?;
+        let table = |t: &Tensor| -> CResult<Arc<Vec<f32>>> {
+            Ok(Arc::new(
+                t.index_select(&pos, 0)?.flatten_all()?.to_vec1::<f32>()?,
+            ))
+        };
+        let (cos, sin) = (table(&self.rope.cos)?, table(&self.rope.sin)?);
+        let rope = |scale: f32| RopeHeads {
+            cos: cos.clone(),
+            sin: sin.clone(),
+            scale,
+        };
+        let mask = batch.mask.contiguous()?;
+        let scale = 1.0 / (d as f32).sqrt();
+        for layer in &self.layers {
+            let x = rms_norm(&h, &layer.input_norm, c.rms_norm_eps)?;
+            let mut q = layer
+                .q
+                .forward(&x, &mut rng, true)?
+                .reshape((b, t, heads, d))?;
+            let mut k = layer
+                .k
+                .forward(&x, &mut rng, true)?
+                .reshape((b, t, kv, d))?;
+            let v = layer
+                .v
+                .forward(&x, &mut rng, true)?
+                .reshape((b, t, kv, d))?
+                .transpose(1, 2)?
+                .contiguous()?;
+            if let (Some(qn), Some(kn)) = (&layer.q_norm, &layer.k_norm) {
+                q = rms_norm(&q, qn, c.rms_norm_eps)?;
+                k = rms_norm(&k, kn, c.rms_norm_eps)?;
+            }
+            let q = q.contiguous()?.apply_op1(rope(scale))?;
+            let k = k.contiguous()?.apply_op1(rope(1.0))?;
+            // The n_rep query heads of one k/v head are adjacent: (b, kv, n_rep·t, d).
+            let scores = q
+                .reshape((b, kv, n_rep * t, d))?
+                .matmul(&k.t()?)?
+                .reshape((b, heads, t, t))?;
+            let probs = scores.apply_op2(&mask, MaskedSoftmax)?;
+            let attn = probs
+                .reshape((b, kv, n_rep * t, t))?
+                .matmul(&v)?
+                .reshape((b, heads, t, d))?
+                .transpose(1, 2)?
+                .reshape((b, t, heads * d))?;
+            h = (h + layer.o.forward(&attn, &mut rng, true)?)?;
+            let x = rms_norm(&h, &layer.post_norm, c.rms_norm_eps)?;
+            let gate = layer.gate.forward(&x, &mut rng, true)?;
+            let up = layer.up.forward(&x, &mut rng, true)?;
+            let gated = gate.contiguous()?.apply_op2(&up.contiguous()?, SwiGlu)?;
+            h = (h + layer.down.forward(&gated, &mut rng, true)?)?;
         }
         rms_norm(&h, &self.norm, c.rms_norm_eps)
     }
@@ -374,6 +496,9 @@ impl CausalLm {
     pub fn loss_sum(&self, batch: &BatchInputs, rng: Option<&mut ChaCha8Rng>) -> CResult<Tensor> {
         let h = self.hidden_states(batch, rng)?;
         let rows = h.flatten_to(1)?.index_select(&batch.target_rows, 0)?;
+        if self.fused_for(&rows) && ChunkedLmLoss::supports(&rows, &self.lm_head) {
+            return ChunkedLmLoss::nll(&rows, &self.lm_head, &batch.targets)?.sum_all();
+        }
         // The loss is always computed in f32.
         let logits = frozen_linear(&rows, &self.lm_head)?.to_dtype(DType::F32)?;
         let weights = Tensor::ones(batch.target_count, DType::F32, &self.device)?;

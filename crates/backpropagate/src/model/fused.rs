@@ -5,7 +5,7 @@
 //!
 //! On other devices (CUDA, Metal) the basic-op versions in `ops` are used.
 
-use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
 /// Rows of a contiguous f32 tensor, and the row length.
@@ -264,5 +264,259 @@ impl CustomOp2 for CrossEntropyGrad {
             o[targets[i] as usize] -= g[i];
         });
         Ok((CpuStorage::F32(out), ll.shape().clone()))
+    }
+}
+
+/// Rotary embedding (HF's rotate-half layout) fused with the move of heads in front of
+/// positions and an optional scale: `x` (b, t, h, d) in, `scale · rope(x)` (b, h, t, d)
+/// out, with `cos`/`sin` per (batch row, position) as (b·t, d). The basic-op version
+/// keeps four copies of `x` for backward and a transposed copy; this keeps none, since
+/// the backward is the same rotation run the other way.
+pub struct RopeHeads {
+    pub cos: std::sync::Arc<Vec<f32>>,
+    pub sin: std::sync::Arc<Vec<f32>>,
+    pub scale: f32,
+}
+
+impl RopeHeads {
+    /// Forward: (b, t, h, d) in, rotated and scaled (b, h, t, d) out.
+    fn rotate(&self, x: &[f32], (b, t, h, d): (usize, usize, usize, usize)) -> Vec<f32> {
+        let half = d / 2;
+        let sc = self.scale;
+        let mut out = vec![0f32; b * h * t * d];
+        // Output chunk (batch, head) is contiguous; walk its positions.
+        out.par_chunks_mut(t * d).enumerate().for_each(|(bh, o)| {
+            let (bi, hi) = (bh / h, bh % h);
+            for ti in 0..t {
+                let bt = bi * t + ti;
+                let (c, s) = (&self.cos[bt * d..][..d], &self.sin[bt * d..][..d]);
+                let v = &x[(bt * h + hi) * d..][..d];
+                let o = &mut o[ti * d..][..d];
+                for j in 0..half {
+                    let (x1, x2) = (v[j], v[j + half]);
+                    o[j] = (x1 * c[j] - x2 * s[j]) * sc;
+                    o[j + half] = (x2 * c[j + half] + x1 * s[j + half]) * sc;
+                }
+            }
+        });
+        out
+    }
+
+    /// Backward, the transpose of [`RopeHeads::rotate`]: (b, h, t, d) gradient in,
+    /// (b, t, h, d) out.
+    fn unrotate(&self, g: &[f32], (b, t, h, d): (usize, usize, usize, usize)) -> Vec<f32> {
+        let half = d / 2;
+        let sc = self.scale;
+        let mut out = vec![0f32; b * t * h * d];
+        // Output chunk (batch, position) is contiguous: its h heads.
+        out.par_chunks_mut(h * d).enumerate().for_each(|(bt, o)| {
+            let (bi, ti) = (bt / t, bt % t);
+            let (c, s) = (&self.cos[bt * d..][..d], &self.sin[bt * d..][..d]);
+            for hi in 0..h {
+                let v = &g[((bi * h + hi) * t + ti) * d..][..d];
+                let o = &mut o[hi * d..][..d];
+                for j in 0..half {
+                    let (g1, g2) = (v[j], v[j + half]);
+                    o[j] = (g1 * c[j] + g2 * s[j + half]) * sc;
+                    o[j + half] = (g2 * c[j + half] - g1 * s[j]) * sc;
+                }
+            }
+        });
+        out
+    }
+}
+
+impl CustomOp1 for RopeHeads {
+    fn name(&self) -> &'static str {
+        "fused-rope-heads"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (x, _) = rows(s, l)?;
+        let (b, t, h, d) = l.shape().dims4()?;
+        if self.cos.len() != b * t * d || d % 2 != 0 {
+            candle_core::bail!("fused rope: tables do not match ({b}, {t}, {h}, {d})");
+        }
+        let out = self.rotate(x, (b, t, h, d));
+        Ok((CpuStorage::F32(out), Shape::from((b, h, t, d))))
+    }
+
+    fn bwd(&self, x: &Tensor, _y: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
+        let (b, t, h, d) = x.dims4()?;
+        let g = g.contiguous()?;
+        let (storage, layout) = g.storage_and_layout();
+        let candle_core::Storage::Cpu(cpu) = &*storage else {
+            candle_core::bail!("fused rope runs on the CPU only");
+        };
+        let (gv, _) = rows(cpu, layout)?;
+        let dx = self.unrotate(gv, (b, t, h, d));
+        Ok(Some(Tensor::from_vec(dx, (b, t, h, d), x.device())?))
+    }
+}
+
+/// `softmax(x + mask)` over the last dimension, `x` (b, h, t, s) and the additive
+/// `mask` (b, 1, t, s) broadcast over heads; only `x` is differentiated. One op
+/// instead of add + softmax, so the masked scores are never kept.
+pub struct MaskedSoftmax;
+
+impl CustomOp2 for MaskedSoftmax {
+    fn name(&self) -> &'static str {
+        "fused-masked-softmax"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        ms: &CpuStorage,
+        ml: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (x, s) = rows(xs, xl)?;
+        let (mask, _) = rows(ms, ml)?;
+        let (b, h, t, _) = xl.shape().dims4()?;
+        if ml.shape().dims4()? != (b, 1, t, s) {
+            candle_core::bail!(
+                "fused masked softmax: mask {:?} for scores {:?}",
+                ml.shape(),
+                xl.shape()
+            );
+        }
+        let mut out = vec![0f32; x.len()];
+        par_rows(&mut out, s, |i, o| {
+            let (bi, ti) = (i / (h * t), i % t);
+            let m = &mask[(bi * t + ti) * s..(bi * t + ti + 1) * s];
+            let row = &x[i * s..(i + 1) * s];
+            let mut max = f32::NEG_INFINITY;
+            for ((o, &v), &m) in o.iter_mut().zip(row).zip(m) {
+                *o = v + m;
+                max = max.max(*o);
+            }
+            if max == f32::NEG_INFINITY {
+                // A fully masked row (padding): no attention, no gradient.
+                o.fill(0.0);
+                return;
+            }
+            let mut sum = 0f32;
+            for o in o.iter_mut() {
+                *o = (*o - max).exp();
+                sum += *o;
+            }
+            let inv = 1.0 / sum;
+            o.iter_mut().for_each(|v| *v *= inv);
+        });
+        Ok((CpuStorage::F32(out), xl.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        _x: &Tensor,
+        _mask: &Tensor,
+        y: &Tensor,
+        g: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        Ok((
+            Some(y.apply_op2_no_bwd(&g.contiguous()?, &SoftmaxGrad)?),
+            None,
+        ))
+    }
+}
+
+/// `silu(gate) ⊙ up`, the SwiGLU activation, with both gradients computed in one pass
+/// (`d gate = g·up·σ(e)(1 + e(1 − σ(e)))`, `d up = g·silu(e)`) and nothing kept but
+/// the two inputs.
+pub struct SwiGlu;
+
+fn silu_parts(e: f32) -> (f32, f32) {
+    let sig = 1.0 / (1.0 + (-e).exp());
+    (e * sig, sig * (1.0 + e * (1.0 - sig)))
+}
+
+impl CustomOp2 for SwiGlu {
+    fn name(&self) -> &'static str {
+        "fused-swiglu"
+    }
+
+    fn cpu_fwd(
+        &self,
+        gs: &CpuStorage,
+        gl: &Layout,
+        us: &CpuStorage,
+        ul: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (gate, d) = rows(gs, gl)?;
+        let (up, _) = rows(us, ul)?;
+        if gl.shape() != ul.shape() {
+            candle_core::bail!(
+                "fused swiglu: gate {:?} and up {:?} differ",
+                gl.shape(),
+                ul.shape()
+            );
+        }
+        let mut out = vec![0f32; gate.len()];
+        par_rows(&mut out, d, |i, o| {
+            let (e, u) = (&gate[i * d..(i + 1) * d], &up[i * d..(i + 1) * d]);
+            for ((o, &e), &u) in o.iter_mut().zip(e).zip(u) {
+                *o = silu_parts(e).0 * u;
+            }
+        });
+        Ok((CpuStorage::F32(out), gl.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        gate: &Tensor,
+        up: &Tensor,
+        _y: &Tensor,
+        g: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let grads = gate.contiguous()?.apply_op3_no_bwd(
+            &up.contiguous()?,
+            &g.contiguous()?,
+            &SwiGluGrad,
+        )?;
+        Ok((Some(grads.get(0)?), Some(grads.get(1)?)))
+    }
+}
+
+/// (gate, up, output gradient) in; (2, …) = [d gate; d up] out.
+struct SwiGluGrad;
+
+impl CustomOp3 for SwiGluGrad {
+    fn name(&self) -> &'static str {
+        "fused-swiglu-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        es: &CpuStorage,
+        el: &Layout,
+        us: &CpuStorage,
+        ul: &Layout,
+        gs: &CpuStorage,
+        gl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (gate, d) = rows(es, el)?;
+        let (up, _) = rows(us, ul)?;
+        let (g, _) = rows(gs, gl)?;
+        let n = g.len();
+        let mut out = vec![0f32; 2 * n];
+        let (dgate, dup) = out.split_at_mut(n);
+        let chunk = d.max(1) * 16;
+        dgate
+            .par_chunks_mut(chunk)
+            .zip(dup.par_chunks_mut(chunk))
+            .enumerate()
+            .for_each(|(c, (dg, du))| {
+                let base = c * chunk;
+                for j in 0..dg.len() {
+                    let (e, u, g) = (gate[base + j], up[base + j], g[base + j]);
+                    let (silu, dsilu) = silu_parts(e);
+                    dg[j] = g * u * dsilu;
+                    du[j] = g * silu;
+                }
+            });
+        let mut dims = vec![2];
+        dims.extend_from_slice(el.dims());
+        Ok((CpuStorage::F32(out), Shape::from(dims)))
     }
 }

@@ -1,9 +1,12 @@
 //! Decoder-only model families in candle: config, weights, the transformer with LoRA
 //! hooks, and the differentiable ops it is built from.
 
+mod blas;
 mod config;
 mod decoder;
 mod fused;
+mod lm_loss;
+mod lora_op;
 pub mod nf4;
 pub mod ops;
 pub mod quant;

@@ -141,16 +141,24 @@ pub fn cross_entropy_sum(logits: &Tensor, targets: &Tensor, weights: &Tensor) ->
     (nll * weights)?.sum_all()
 }
 
-/// Inverted dropout mask: kept entries are scaled by 1/(1-p).
+/// Inverted dropout mask: kept entries are scaled by 1/(1-p). Drawn from `seed` with
+/// the same counter-based rule as the fused LoRA op, so both paths drop the same
+/// entries.
 pub fn dropout_mask(
     shape: &Shape,
     p: f32,
-    rng: &mut impl rand::Rng,
+    seed: u64,
     device: &candle_core::Device,
 ) -> Result<Tensor> {
     let scale = 1.0 / (1.0 - p);
-    let data: Vec<f32> = (0..shape.elem_count())
-        .map(|_| if rng.gen::<f32>() < p { 0.0 } else { scale })
+    let data: Vec<f32> = (0..shape.elem_count() as u64)
+        .map(|i| {
+            if super::lora_op::dropout_keep(seed, i, p) {
+                scale
+            } else {
+                0.0
+            }
+        })
         .collect();
     Tensor::from_vec(data, shape.clone(), device)
 }

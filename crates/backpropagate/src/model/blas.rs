@@ -1,0 +1,147 @@
+//! Row-major f32 matrix products on the CPU with accumulation into the destination,
+//! which candle's matmul does not offer: the fused ops add the LoRA term, the bias and
+//! gradient contributions into one buffer instead of allocating and adding copies.
+
+use candle_core::{bail, Result};
+
+/// A read-only matrix: its data, and its row and column strides in elements.
+#[derive(Clone, Copy)]
+pub struct Mat<'a> {
+    data: &'a [f32],
+    rows: usize,
+    cols: usize,
+    rs: isize,
+    cs: isize,
+}
+
+impl<'a> Mat<'a> {
+    /// `data` as a row-major `rows × cols` matrix.
+    pub fn rm(data: &'a [f32], rows: usize, cols: usize) -> Self {
+        Mat {
+            data,
+            rows,
+            cols,
+            rs: cols as isize,
+            cs: 1,
+        }
+    }
+
+    /// The transpose of `data` read as a row-major `rows × cols` matrix (so this one
+    /// is `cols × rows`), without copying.
+    pub fn t(data: &'a [f32], rows: usize, cols: usize) -> Self {
+        Mat {
+            data,
+            rows: cols,
+            cols: rows,
+            rs: 1,
+            cs: cols as isize,
+        }
+    }
+}
+
+/// `dst = (accumulate ? dst : 0) + beta · lhs · rhs`, `dst` row-major `lhs.rows ×
+/// rhs.cols`. Shapes and buffer lengths are checked, so a wrong call is an error,
+/// never an out-of-bounds read.
+pub fn matmul(dst: &mut [f32], accumulate: bool, beta: f32, lhs: Mat, rhs: Mat) -> Result<()> {
+    let (m, k, n) = (lhs.rows, lhs.cols, rhs.cols);
+    if rhs.rows != k {
+        bail!("gemm: ({m}×{k}) · ({}×{n}) do not chain", rhs.rows);
+    }
+    for (what, mat) in [("lhs", &lhs), ("rhs", &rhs)] {
+        if mat.rows * mat.cols > mat.data.len() {
+            bail!(
+                "gemm: {what} {}×{} is larger than its {} values",
+                mat.rows,
+                mat.cols,
+                mat.data.len()
+            );
+        }
+    }
+    if dst.len() != m * n {
+        bail!("gemm: destination holds {} values, not {m}×{n}", dst.len());
+    }
+    if m == 0 || n == 0 {
+        return Ok(());
+    }
+    if k == 0 {
+        if !accumulate {
+            dst.fill(0.0);
+        }
+        return Ok(());
+    }
+    let threads = rayon::current_num_threads();
+    let parallelism = if threads > 1 {
+        gemm::Parallelism::Rayon(threads)
+    } else {
+        gemm::Parallelism::None
+    };
+    // SAFETY: every index the kernel touches is (i·rs + j·cs) with i < rows and
+    // j < cols of a matrix whose strides describe a dense row-major buffer (or its
+    // transpose) of rows·cols ≤ len values, checked above; dst is m×n, exclusive.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            1,
+            n as isize,
+            accumulate,
+            lhs.data.as_ptr(),
+            lhs.cs,
+            lhs.rs,
+            rhs.data.as_ptr(),
+            rhs.cs,
+            rhs.rs,
+            1.0,
+            beta,
+            false,
+            false,
+            false,
+            parallelism,
+        );
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn naive(a: &[f32], b: &[f32], m: usize, k: usize, n: usize) -> Vec<f32> {
+        let mut out = vec![0.0; m * n];
+        for i in 0..m {
+            for j in 0..n {
+                out[i * n + j] = (0..k).map(|p| a[i * k + p] * b[p * n + j]).sum();
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn products_of_matrices_and_transposes_match_the_definition() {
+        let (m, k, n) = (37, 19, 23);
+        let a: Vec<f32> = (0..m * k).map(|i| ((i * 7) % 13) as f32 - 6.0).collect();
+        let b: Vec<f32> = (0..k * n).map(|i| ((i * 5) % 11) as f32 - 5.0).collect();
+        let want = naive(&a, &b, m, k, n);
+        let mut got = vec![1.0; m * n];
+        matmul(&mut got, false, 1.0, Mat::rm(&a, m, k), Mat::rm(&b, k, n)).unwrap();
+        assert_eq!(got, want);
+        // bᵀ stored row-major (n × k), read back transposed; accumulate twice ×0.5.
+        let bt: Vec<f32> = (0..n * k).map(|i| b[(i % k) * n + i / k]).collect();
+        let mut acc = vec![0.0; m * n];
+        for _ in 0..2 {
+            matmul(&mut acc, true, 0.5, Mat::rm(&a, m, k), Mat::t(&bt, n, k)).unwrap();
+        }
+        assert_eq!(acc, want);
+        assert!(matmul(&mut acc, false, 1.0, Mat::rm(&a, m, k), Mat::rm(&b, n, k)).is_err());
+        assert!(matmul(
+            &mut acc[1..],
+            false,
+            1.0,
+            Mat::rm(&a, m, k),
+            Mat::rm(&b, k, n)
+        )
+        .is_err());
+    }
+}

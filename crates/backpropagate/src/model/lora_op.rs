@@ -1,0 +1,220 @@
+//! A LoRA linear layer as one op on the CPU: `y = x Wᵀ + b + s · (D(x) Aᵀ) Bᵀ`.
+//!
+//! Built from basic ops the layer keeps four activations of the output's size alive
+//! until backward (the base product, the LoRA product, its scaled copy and the sum)
+//! and spends single-threaded passes adding them; here the bias, the base product and
+//! the LoRA term land in one buffer, and backward recomputes the small `D(x) Aᵀ`
+//! (rows × r) instead of keeping it. The dropout mask is regenerated from its seed
+//! ([`dropout_keep`]) rather than stored.
+
+use candle_core::{bail, CpuStorage, CustomOp3, DType, Layout, Result, Shape, Storage, Tensor};
+use rayon::prelude::*;
+
+use super::blas::{matmul, Mat};
+
+/// Dropout on the LoRA input: probability `p`, and the seed its mask comes from.
+#[derive(Clone, Copy, Debug)]
+pub struct Dropout {
+    pub p: f32,
+    pub seed: u64,
+}
+
+/// Whether element `i` of a dropout mask with `seed` is kept: a counter-based draw
+/// (splitmix64 of seed and index), so the mask is the same wherever and however
+/// often it is regenerated, and costs no memory between forward and backward.
+pub fn dropout_keep(seed: u64, i: u64, p: f32) -> bool {
+    let mut z = seed.wrapping_add(i.wrapping_add(1).wrapping_mul(0x9E37_79B9_7F4A_7C15));
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^= z >> 31;
+    // 24 random bits: every f32 in [0, 1) they give is exact.
+    ((z >> 40) as f32) * (1.0 / (1u64 << 24) as f32) >= p
+}
+
+/// `x` with dropout applied (kept values scaled by 1/(1−p)), or `x` itself.
+fn dropped<'a>(x: &'a [f32], dropout: Option<Dropout>, buf: &'a mut Vec<f32>) -> &'a [f32] {
+    let Some(d) = dropout else { return x };
+    let scale = 1.0 / (1.0 - d.p);
+    buf.resize(x.len(), 0.0);
+    buf.par_chunks_mut(4096)
+        .zip(x.par_chunks(4096))
+        .enumerate()
+        .for_each(|(c, (o, x))| {
+            let base = (c * 4096) as u64;
+            for (j, (o, &x)) in o.iter_mut().zip(x).enumerate() {
+                *o = if dropout_keep(d.seed, base + j as u64, d.p) {
+                    x * scale
+                } else {
+                    0.0
+                };
+            }
+        });
+    buf
+}
+
+/// The op; its inputs are `x` (rows × in), `A` (r × in) and `B` (out × r). The frozen
+/// weight (out × in) and bias (out) are f32, contiguous and not differentiated.
+pub struct LoraLinear {
+    pub weight: Tensor,
+    pub bias: Option<Tensor>,
+    pub scale: f32,
+    pub dropout: Option<Dropout>,
+}
+
+/// The contiguous f32 values of a CPU tensor, handed to `f`.
+fn with_values<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> Result<R>) -> Result<R> {
+    let t = if t.is_contiguous() {
+        t.clone()
+    } else {
+        t.contiguous()?
+    };
+    let (storage, layout) = t.storage_and_layout();
+    let Storage::Cpu(cpu) = &*storage else {
+        bail!("the fused LoRA linear runs on the CPU only");
+    };
+    values(cpu, layout).and_then(f)
+}
+
+fn values<'a>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [f32]> {
+    let Some((start, end)) = l.contiguous_offsets() else {
+        bail!("the fused LoRA linear needs contiguous inputs");
+    };
+    Ok(&s.as_slice::<f32>()?[start..end])
+}
+
+impl LoraLinear {
+    /// Whether the op can run these inputs (else the basic-op layer is used).
+    pub fn supports(x: &Tensor, weight: &Tensor) -> bool {
+        x.device().is_cpu() && x.dtype() == DType::F32 && weight.dtype() == DType::F32
+    }
+
+    /// `y` for `x` (any leading shape, features last).
+    pub fn forward(&self, x: &Tensor, a: &Tensor, b: &Tensor) -> Result<Tensor> {
+        let dims = x.dims().to_vec();
+        let k = *dims.last().unwrap_or(&0);
+        let x2 = x.reshape((x.elem_count() / k.max(1), k))?.contiguous()?;
+        let y = x2.apply_op3(a, b, self.clone_op())?;
+        let mut out = dims;
+        *out.last_mut().expect("x has a feature dimension") = self.weight.dim(0)?;
+        y.reshape(out)
+    }
+
+    fn clone_op(&self) -> LoraLinear {
+        LoraLinear {
+            weight: self.weight.clone(),
+            bias: self.bias.clone(),
+            scale: self.scale,
+            dropout: self.dropout,
+        }
+    }
+}
+
+impl CustomOp3 for LoraLinear {
+    fn name(&self) -> &'static str {
+        "fused-lora-linear"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        as_: &CpuStorage,
+        al: &Layout,
+        bs: &CpuStorage,
+        bl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (m, k) = xl.shape().dims2()?;
+        let (r, _) = al.shape().dims2()?;
+        let (n, _) = bl.shape().dims2()?;
+        let (x, a, b) = (values(xs, xl)?, values(as_, al)?, values(bs, bl)?);
+        let mut buf = Vec::new();
+        let xd = dropped(x, self.dropout, &mut buf);
+        let mut u = vec![0f32; m * r];
+        matmul(&mut u, false, 1.0, Mat::rm(xd, m, k), Mat::t(a, r, k))?;
+        let mut y = vec![0f32; m * n];
+        let has_bias = match &self.bias {
+            Some(bias) => with_values(bias, |bias| {
+                y.par_chunks_mut(n)
+                    .for_each(|row| row.copy_from_slice(bias));
+                Ok(true)
+            })?,
+            None => false,
+        };
+        with_values(&self.weight, |w| {
+            matmul(&mut y, has_bias, 1.0, Mat::rm(x, m, k), Mat::t(w, n, k))
+        })?;
+        matmul(&mut y, true, self.scale, Mat::rm(&u, m, r), Mat::t(b, n, r))?;
+        Ok((CpuStorage::F32(y), Shape::from((m, n))))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        a: &Tensor,
+        b: &Tensor,
+        _y: &Tensor,
+        g: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (m, k) = x.dims2()?;
+        let (r, _) = a.dims2()?;
+        let (n, _) = b.dims2()?;
+        let s = self.scale;
+        let (dx, da, db) = with_values(x, |x| {
+            with_values(a, |a| {
+                with_values(b, |b| {
+                    with_values(g, |g| {
+                        with_values(&self.weight, |w| {
+                            let mut buf = Vec::new();
+                            let xd = dropped(x, self.dropout, &mut buf);
+                            // g B (rows × r) feeds both dA and the LoRA part of dx.
+                            let mut gb = vec![0f32; m * r];
+                            matmul(&mut gb, false, 1.0, Mat::rm(g, m, n), Mat::rm(b, n, r))?;
+                            let mut dx = vec![0f32; m * k];
+                            matmul(&mut dx, false, 1.0, Mat::rm(g, m, n), Mat::rm(w, n, k))?;
+                            match self.dropout {
+                                None => {
+                                    matmul(&mut dx, true, s, Mat::rm(&gb, m, r), Mat::rm(a, r, k))?
+                                }
+                                Some(d) => {
+                                    // dD(x)/dx is the mask (×1/(1−p)) again.
+                                    let mut t = vec![0f32; m * k];
+                                    matmul(&mut t, false, s, Mat::rm(&gb, m, r), Mat::rm(a, r, k))?;
+                                    add_through_mask(&mut dx, &t, d);
+                                }
+                            }
+                            let mut da = vec![0f32; r * k];
+                            matmul(&mut da, false, s, Mat::t(&gb, m, r), Mat::rm(xd, m, k))?;
+                            let mut u = vec![0f32; m * r];
+                            matmul(&mut u, false, 1.0, Mat::rm(xd, m, k), Mat::t(a, r, k))?;
+                            let mut db = vec![0f32; n * r];
+                            matmul(&mut db, false, s, Mat::t(g, m, n), Mat::rm(&u, m, r))?;
+                            Ok((dx, da, db))
+                        })
+                    })
+                })
+            })
+        })?;
+        let dev = x.device();
+        Ok((
+            Some(Tensor::from_vec(dx, (m, k), dev)?),
+            Some(Tensor::from_vec(da, (r, k), dev)?),
+            Some(Tensor::from_vec(db, (n, r), dev)?),
+        ))
+    }
+}
+
+/// `dx += D(t)`: the LoRA path's input gradient through the dropout mask.
+fn add_through_mask(dx: &mut [f32], t: &[f32], d: Dropout) {
+    let scale = 1.0 / (1.0 - d.p);
+    dx.par_chunks_mut(4096)
+        .zip(t.par_chunks(4096))
+        .enumerate()
+        .for_each(|(c, (o, t))| {
+            let base = (c * 4096) as u64;
+            for (j, (o, &t)) in o.iter_mut().zip(t).enumerate() {
+                if dropout_keep(d.seed, base + j as u64, d.p) {
+                    *o += t * scale;
+                }
+            }
+        });
+}
