@@ -183,6 +183,7 @@ fn forward_events(app: AppHandle, service: &Service) {
 }
 
 pub fn run() {
+    backpropagate::threads::use_physical_cores();
     let result = tauri::Builder::default()
         .plugin(tauri_plugin_dialog::init())
         .plugin(tauri_plugin_notification::init())

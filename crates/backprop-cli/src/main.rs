@@ -153,6 +153,7 @@ fn main() -> ExitCode {
     unsafe {
         libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
+    backpropagate::threads::use_physical_cores();
     keep_freed_memory();
     let cli = Cli::parse();
     match run(cli) {

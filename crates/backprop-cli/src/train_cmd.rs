@@ -263,16 +263,18 @@ impl EventSink for Face {
             }
             Event::Log { level, message } => {
                 let line = crate::log_line(level, message);
+                // A hidden bar (stderr not a terminal) drops what it is asked to print.
                 match bar.as_ref() {
-                    Some(b) => b.println(line),
-                    None => eprintln!("{line}"),
+                    Some(b) if !b.is_hidden() => b.println(line),
+                    _ => eprintln!("{line}"),
                 }
             }
             Event::Eval { step, loss } => {
                 let line = format!("step {step}: validation loss {loss:.4}");
+                // A hidden bar (stderr not a terminal) drops what it is asked to print.
                 match bar.as_ref() {
-                    Some(b) => b.println(line),
-                    None => eprintln!("{line}"),
+                    Some(b) if !b.is_hidden() => b.println(line),
+                    _ => eprintln!("{line}"),
                 }
             }
             Event::Failed { error, hint } => {

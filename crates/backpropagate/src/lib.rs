@@ -29,6 +29,7 @@ pub mod ollama;
 pub mod run;
 mod safe_path;
 pub mod slao;
+pub mod threads;
 pub mod train;
 
 pub use config::{BaseQuant, Precision, TrainConfig};

@@ -75,32 +75,34 @@ pub fn matmul(dst: &mut [f32], accumulate: bool, beta: f32, lhs: Mat, rhs: Mat) 
     } else {
         gemm::Parallelism::None
     };
-    // SAFETY: every index the kernel touches is (i·rs + j·cs) with i < rows and
-    // j < cols of a matrix whose strides describe a dense row-major buffer (or its
-    // transpose) of rows·cols ≤ len values, checked above; dst is m×n, exclusive.
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            dst.as_mut_ptr(),
-            1,
-            n as isize,
-            accumulate,
-            lhs.data.as_ptr(),
-            lhs.cs,
-            lhs.rs,
-            rhs.data.as_ptr(),
-            rhs.cs,
-            rhs.rs,
-            1.0,
-            beta,
-            false,
-            false,
-            false,
-            parallelism,
-        );
-    }
+    super::profile::timed(super::profile::Part::Gemm, || {
+        // SAFETY: every index the kernel touches is (i·rs + j·cs) with i < rows and
+        // j < cols of a matrix whose strides describe a dense row-major buffer (or its
+        // transpose) of rows·cols ≤ len values, checked above; dst is m×n, exclusive.
+        unsafe {
+            gemm::gemm(
+                m,
+                n,
+                k,
+                dst.as_mut_ptr(),
+                1,
+                n as isize,
+                accumulate,
+                lhs.data.as_ptr(),
+                lhs.cs,
+                lhs.rs,
+                rhs.data.as_ptr(),
+                rhs.cs,
+                rhs.rs,
+                1.0,
+                beta,
+                false,
+                false,
+                false,
+                parallelism,
+            );
+        }
+    });
     Ok(())
 }
 

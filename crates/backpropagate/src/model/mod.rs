@@ -1,7 +1,7 @@
 //! Decoder-only model families in candle: config, weights, the transformer with LoRA
 //! hooks, and the differentiable ops it is built from.
 
-mod blas;
+pub mod blas;
 mod config;
 mod decoder;
 mod fused;
@@ -9,6 +9,7 @@ mod lm_loss;
 mod lora_op;
 pub mod nf4;
 pub mod ops;
+pub mod profile;
 pub mod quant;
 mod rope;
 mod weights;

@@ -39,6 +39,7 @@ use crate::data::{pack, prepare, split, EncodeOptions, PrepareOptions};
 use crate::error::{Error, Result};
 use crate::event::{Event, EventSink, LogLevel, Silent};
 use crate::lora::LoraSet;
+use crate::model::profile::{self, Part};
 use crate::model::{CausalLm, ModelConfig};
 use crate::run::{self, MetricLine, RunDir, RunInfo, RunSink, RunStatus};
 
@@ -759,12 +760,21 @@ impl Session {
                     diagnose::non_finite_weight(&info.model_dir, &lora),
                 ));
             }
-            let grad_norm = clip_grad_norm(&mut grads, c.optimizer.max_grad_norm);
-            opt.step(&mut params, &grads, lr);
-            for (p, var) in params.iter().zip(&vars) {
-                var.set(&Tensor::from_slice(p, var.shape(), &self.device)?)?;
-            }
+            let grad_norm = profile::timed(Part::Optimizer, || -> Result<f64> {
+                let grad_norm = clip_grad_norm(&mut grads, c.optimizer.max_grad_norm);
+                opt.step(&mut params, &grads, lr);
+                for (p, var) in params.iter().zip(&vars) {
+                    var.set(&Tensor::from_slice(p, var.shape(), &self.device)?)?;
+                }
+                Ok(grad_norm)
+            })?;
             state.step += 1;
+            if profile::enabled() {
+                sink.emit(Event::Log {
+                    level: LogLevel::Info,
+                    message: profile::take_line(state.step),
+                });
+            }
             state.tokens_seen += tokens;
             last_loss = Some(loss);
             let step_s = t0.elapsed().as_secs_f64();
@@ -874,9 +884,12 @@ impl Session {
             if batch.target_count == 0 {
                 continue;
             }
-            let loss = model.loss_sum(&batch, dropout.then_some(&mut *rng))?;
+            let loss = profile::timed(Part::Forward, || {
+                model.loss_sum(&batch, dropout.then_some(&mut *rng))
+            })?;
             loss_sum += loss.to_scalar::<f32>()? as f64;
-            let store = (loss / total_targets as f64)?.backward()?;
+            let store =
+                profile::timed(Part::Backward, || (loss / total_targets as f64)?.backward())?;
             for (g, var) in grads.iter_mut().zip(vars) {
                 if let Some(t) = store.get(var.as_tensor()) {
                     let values = t.flatten_all()?.to_vec1::<f32>()?;
