@@ -123,3 +123,100 @@ fn fused_ops_match_the_reference_decoder_for_every_family() {
         }
     }
 }
+
+/// Copies the model folder `src` to `dst`, its f32 tensors rewritten by `f` (which
+/// gets the values and returns the dtype and bytes to store).
+fn rewrite_weights(
+    src: &std::path::Path,
+    dst: &std::path::Path,
+    f: impl Fn(&[f32]) -> (safetensors::Dtype, Vec<u8>),
+) {
+    std::fs::create_dir_all(dst).unwrap();
+    for entry in std::fs::read_dir(src).unwrap() {
+        let path = entry.unwrap().path();
+        std::fs::copy(&path, dst.join(path.file_name().unwrap())).unwrap();
+    }
+    let bytes = std::fs::read(src.join("model.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let mut tensors = Vec::new();
+    for (name, view) in st.tensors() {
+        assert_eq!(view.dtype(), safetensors::Dtype::F32, "{name}");
+        let values: Vec<f32> = view
+            .data()
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect();
+        let (dtype, data) = f(&values);
+        tensors.push((name, dtype, view.shape().to_vec(), data));
+    }
+    let views: Vec<(String, safetensors::tensor::TensorView)> = tensors
+        .iter()
+        .map(|(n, d, s, b)| {
+            (
+                n.clone(),
+                safetensors::tensor::TensorView::new(*d, s.clone(), b).unwrap(),
+            )
+        })
+        .collect();
+    let out = safetensors::serialize(views, None).unwrap();
+    std::fs::write(dst.join("model.safetensors"), out).unwrap();
+}
+
+#[test]
+fn a_bf16_checkpoint_keeps_its_linears_in_bf16_with_the_same_results_as_widened_f32() {
+    let work = tempfile::tempdir().unwrap();
+    let src = work.path().join("f32");
+    write_fixture_model(&src, &FixtureSpec::new(Family::Qwen2)).unwrap();
+    let half = work.path().join("bf16");
+    rewrite_weights(&src, &half, |v| {
+        let b = v
+            .iter()
+            .flat_map(|x| half::bf16::from_f32(*x).to_le_bytes())
+            .collect();
+        (safetensors::Dtype::BF16, b)
+    });
+    // The same values, rounded to bf16, stored as f32.
+    let wide = work.path().join("wide");
+    rewrite_weights(&src, &wide, |v| {
+        let b = v
+            .iter()
+            .flat_map(|x| half::bf16::from_f32(*x).to_f32().to_le_bytes())
+            .collect();
+        (safetensors::Dtype::F32, b)
+    });
+    let config = ModelConfig::load(&src.join("config.json")).unwrap();
+    let lora_config = LoraConfig {
+        r: 4,
+        dropout: 0.1,
+        ..LoraConfig::default()
+    };
+    let mut rng = ChaCha8Rng::seed_from_u64(3);
+    let lora = LoraSet::init(&config, &lora_config, &mut rng, &Device::Cpu).unwrap();
+    for l in &lora.layers {
+        let shape = l.b.as_tensor().shape().clone();
+        let values: Vec<f32> = (0..shape.elem_count())
+            .map(|_| rng.gen_range(-0.5..0.5))
+            .collect();
+        l.b.set(&Tensor::from_vec(values, shape, &Device::Cpu).unwrap())
+            .unwrap();
+    }
+    let rows = rows(config.vocab_size as u32, &mut rng);
+    let load = |dir: &std::path::Path| {
+        CausalLm::load(dir, config.clone(), Some(&lora), 64, &Device::Cpu).unwrap()
+    };
+    let (mut m_half, m_wide) = (load(&half), load(&wide));
+    assert_eq!(m_half.linear_bytes() * 2, m_wide.linear_bytes());
+    let (a, b) = (
+        pass(&m_half, &lora, &rows, true),
+        pass(&m_wide, &lora, &rows, true),
+    );
+    assert_eq!(a.loss, b.loss, "fused: bf16-held weights change the loss");
+    assert_eq!(
+        a.grads, b.grads,
+        "fused: bf16-held weights change the gradients"
+    );
+    // The reference decoder widens them too.
+    m_half.set_fused(false);
+    let r = pass(&m_half, &lora, &rows, true);
+    assert!((r.loss - a.loss).abs() <= 1e-5 * a.loss.abs());
+}

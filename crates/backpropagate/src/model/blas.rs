@@ -39,16 +39,72 @@ impl<'a> Mat<'a> {
     }
 }
 
+impl<'a> Mat<'a> {
+    /// A `rows × cols` matrix inside `data` whose rows are `rs` apart (columns
+    /// adjacent): one head's slice of a (positions, heads, dim) tensor.
+    pub fn rows_apart(data: &'a [f32], rows: usize, cols: usize, rs: usize) -> Self {
+        Mat {
+            data,
+            rows,
+            cols,
+            rs: rs as isize,
+            cs: 1,
+        }
+    }
+
+    /// The transpose of [`Mat::rows_apart`].
+    pub fn t_rows_apart(data: &'a [f32], rows: usize, cols: usize, rs: usize) -> Self {
+        Mat {
+            data,
+            rows: cols,
+            cols: rows,
+            rs: 1,
+            cs: rs as isize,
+        }
+    }
+
+    /// One past the largest index the matrix reads.
+    fn extent(&self) -> usize {
+        if self.rows == 0 || self.cols == 0 {
+            return 0;
+        }
+        (self.rows - 1) * self.rs as usize + (self.cols - 1) * self.cs as usize + 1
+    }
+}
+
 /// `dst = (accumulate ? dst : 0) + beta · lhs · rhs`, `dst` row-major `lhs.rows ×
-/// rhs.cols`. Shapes and buffer lengths are checked, so a wrong call is an error,
-/// never an out-of-bounds read.
+/// rhs.cols`, multi-threaded. Shapes and buffer lengths are checked, so a wrong call
+/// is an error, never an out-of-bounds read.
 pub fn matmul(dst: &mut [f32], accumulate: bool, beta: f32, lhs: Mat, rhs: Mat) -> Result<()> {
+    product(dst, accumulate, beta, lhs, rhs, true)
+}
+
+/// [`matmul`] on the calling thread only: for many small products already run in
+/// parallel (one per attention head).
+pub fn matmul_serial(
+    dst: &mut [f32],
+    accumulate: bool,
+    beta: f32,
+    lhs: Mat,
+    rhs: Mat,
+) -> Result<()> {
+    product(dst, accumulate, beta, lhs, rhs, false)
+}
+
+fn product(
+    dst: &mut [f32],
+    accumulate: bool,
+    beta: f32,
+    lhs: Mat,
+    rhs: Mat,
+    threaded: bool,
+) -> Result<()> {
     let (m, k, n) = (lhs.rows, lhs.cols, rhs.cols);
     if rhs.rows != k {
         bail!("gemm: ({m}×{k}) · ({}×{n}) do not chain", rhs.rows);
     }
     for (what, mat) in [("lhs", &lhs), ("rhs", &rhs)] {
-        if mat.rows * mat.cols > mat.data.len() {
+        if mat.extent() > mat.data.len() {
             bail!(
                 "gemm: {what} {}×{} is larger than its {} values",
                 mat.rows,
@@ -70,15 +126,15 @@ pub fn matmul(dst: &mut [f32], accumulate: bool, beta: f32, lhs: Mat, rhs: Mat) 
         return Ok(());
     }
     let threads = rayon::current_num_threads();
-    let parallelism = if threads > 1 {
+    let parallelism = if threaded && threads > 1 {
         gemm::Parallelism::Rayon(threads)
     } else {
         gemm::Parallelism::None
     };
-    super::profile::timed(super::profile::Part::Gemm, || {
+    let mut run = || {
         // SAFETY: every index the kernel touches is (i·rs + j·cs) with i < rows and
-        // j < cols of a matrix whose strides describe a dense row-major buffer (or its
-        // transpose) of rows·cols ≤ len values, checked above; dst is m×n, exclusive.
+        // j < cols, all below the matrix's extent, checked above to be within its
+        // slice; dst is m×n row-major and exclusively borrowed.
         unsafe {
             gemm::gemm(
                 m,
@@ -102,7 +158,14 @@ pub fn matmul(dst: &mut [f32], accumulate: bool, beta: f32, lhs: Mat, rhs: Mat) 
                 parallelism,
             );
         }
-    });
+    };
+    // Serial products run on several threads at once: their times would add up to
+    // more than the wall time, so only the threaded ones are profiled.
+    if threaded {
+        super::profile::timed(super::profile::Part::Gemm, run);
+    } else {
+        run();
+    }
     Ok(())
 }
 

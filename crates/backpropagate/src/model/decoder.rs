@@ -10,8 +10,9 @@ use candle_core::{DType, Device, Module, Result as CResult, Tensor};
 use rand::Rng;
 use rand_chacha::ChaCha8Rng;
 
+use super::attention_op::Attention;
 use super::config::ModelConfig;
-use super::fused::{MaskedSoftmax, RopeHeads, SwiGlu};
+use super::fused::{RopeHeads, SwiGlu};
 use super::lm_loss::ChunkedLmLoss;
 use super::lora_op::{Dropout, LoraLinear};
 use super::ops::{
@@ -415,9 +416,9 @@ impl CausalLm {
     }
 
     /// The decoder layers with the fused CPU ops: rope fused with the move of heads
-    /// forward (and, for q, the attention scale), grouped-query attention as one
-    /// batched product per k/v head instead of repeated k/v copies, mask + softmax in
-    /// one op, SwiGLU in one op, and every LoRA linear in one op.
+    /// forward (and, for q, the attention scale), attention as one op (grouped-query,
+    /// masked, recomputing its probabilities in backward), SwiGLU in one op, and every
+    /// LoRA linear in one op.
     fn fused_layers(
         &self,
         mut h: Tensor,
@@ -455,27 +456,14 @@ impl CausalLm {
             let v = layer
                 .v
                 .forward(&x, &mut rng, true)?
-                .reshape((b, t, kv, d))?
-                .transpose(1, 2)?
-                .contiguous()?;
+                .reshape((b, t, kv, d))?;
             if let (Some(qn), Some(kn)) = (&layer.q_norm, &layer.k_norm) {
                 q = rms_norm(&q, qn, c.rms_norm_eps)?;
                 k = rms_norm(&k, kn, c.rms_norm_eps)?;
             }
             let q = q.contiguous()?.apply_op1(rope(scale))?;
             let k = k.contiguous()?.apply_op1(rope(1.0))?;
-            // The n_rep query heads of one k/v head are adjacent: (b, kv, n_rep·t, d).
-            let scores = q
-                .reshape((b, kv, n_rep * t, d))?
-                .matmul(&k.t()?)?
-                .reshape((b, heads, t, t))?;
-            let probs = scores.apply_op2(&mask, MaskedSoftmax)?;
-            let attn = probs
-                .reshape((b, kv, n_rep * t, t))?
-                .matmul(&v)?
-                .reshape((b, heads, t, d))?
-                .transpose(1, 2)?
-                .reshape((b, t, heads * d))?;
+            let attn = q.apply_op3(&k, &v.contiguous()?, Attention::new(&mask, n_rep)?)?;
             h = (h + layer.o.forward(&attn, &mut rng, true)?)?;
             let x = rms_norm(&h, &layer.post_norm, c.rms_norm_eps)?;
             let gate = layer.gate.forward(&x, &mut rng, true)?;

@@ -75,6 +75,34 @@ fn with_values<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> Result<R>) -> Result<R> 
     values(cpu, layout).and_then(f)
 }
 
+/// The frozen weight as f32 values, handed to `f`: borrowed when it is f32, widened
+/// into a transient buffer when it is kept in bf16/f16 (exact either way).
+fn with_weight<R>(w: &Tensor, f: impl FnOnce(&[f32]) -> Result<R>) -> Result<R> {
+    if w.dtype() == DType::F32 {
+        return with_values(w, f);
+    }
+    let (storage, layout) = w.storage_and_layout();
+    let Storage::Cpu(cpu) = &*storage else {
+        bail!("the fused LoRA linear runs on the CPU only");
+    };
+    let Some((start, end)) = layout.contiguous_offsets() else {
+        bail!("the fused LoRA linear needs a contiguous weight");
+    };
+    let mut wide = vec![0f32; end - start];
+    match cpu {
+        CpuStorage::BF16(v) => widen(&v[start..end], &mut wide, |x| x.to_f32()),
+        CpuStorage::F16(v) => widen(&v[start..end], &mut wide, |x| x.to_f32()),
+        _ => bail!("the fused LoRA linear takes f32, bf16 or f16 weights"),
+    }
+    f(&wide)
+}
+
+fn widen<T: Copy + Sync>(src: &[T], dst: &mut [f32], f: impl Fn(T) -> f32 + Sync) {
+    dst.par_chunks_mut(1 << 14)
+        .zip(src.par_chunks(1 << 14))
+        .for_each(|(d, s)| d.iter_mut().zip(s).for_each(|(d, &s)| *d = f(s)));
+}
+
 fn values<'a>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [f32]> {
     let Some((start, end)) = l.contiguous_offsets() else {
         bail!("the fused LoRA linear needs contiguous inputs");
@@ -85,7 +113,9 @@ fn values<'a>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [f32]> {
 impl LoraLinear {
     /// Whether the op can run these inputs (else the basic-op layer is used).
     pub fn supports(x: &Tensor, weight: &Tensor) -> bool {
-        x.device().is_cpu() && x.dtype() == DType::F32 && weight.dtype() == DType::F32
+        x.device().is_cpu()
+            && x.dtype() == DType::F32
+            && matches!(weight.dtype(), DType::F32 | DType::BF16 | DType::F16)
     }
 
     /// `y` for `x` (any leading shape, features last).
@@ -140,7 +170,7 @@ impl CustomOp3 for LoraLinear {
             })?,
             None => false,
         };
-        with_values(&self.weight, |w| {
+        with_weight(&self.weight, |w| {
             matmul(&mut y, has_bias, 1.0, Mat::rm(x, m, k), Mat::t(w, n, k))
         })?;
         matmul(&mut y, true, self.scale, Mat::rm(&u, m, r), Mat::t(b, n, r))?;
@@ -163,7 +193,7 @@ impl CustomOp3 for LoraLinear {
             with_values(a, |a| {
                 with_values(b, |b| {
                     with_values(g, |g| {
-                        with_values(&self.weight, |w| {
+                        with_weight(&self.weight, |w| {
                             let mut buf = Vec::new();
                             let xd = dropped(x, self.dropout, &mut buf);
                             // g B (rows × r) feeds both dA and the LoRA part of dx.

@@ -59,6 +59,15 @@ impl CustomOp2 for FrozenMatmul {
 
 /// `x @ w^T` over the last dimension of `x` (any leading shape), `w` frozen.
 pub fn frozen_linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    // A 16-bit weight kept for the fused ops (f32 CPU training) is widened here, per
+    // call: exact, and only the paths that cannot use the fused op pay for it.
+    let widened;
+    let w = if w.dtype() != x.dtype() {
+        widened = w.to_dtype(x.dtype())?;
+        &widened
+    } else {
+        w
+    };
     let dims = x.dims();
     let k = dims[dims.len() - 1];
     let m = x.elem_count() / k;

@@ -69,7 +69,7 @@ impl FrozenWeight {
     /// The f32 values (dequantized when quantized), for reference checks.
     pub fn to_dense(&self) -> Result<Tensor> {
         match self {
-            FrozenWeight::Dense(t) => Ok(t.clone()),
+            FrozenWeight::Dense(t) => Ok(t.to_dtype(DType::F32)?),
             FrozenWeight::Quant(q) => q.dequantize(&q.device()),
         }
     }

@@ -93,6 +93,12 @@ impl Weights {
         }
     }
 
+    /// Whether 16-bit frozen linears are kept as stored: f32 compute on the CPU, where
+    /// the fused ops widen them per call (elsewhere the compute dtype is used as is).
+    fn keeps_half(&self) -> bool {
+        self.dtype == DType::F32 && self.device.is_cpu()
+    }
+
     /// Whether any linear is stored in bitsandbytes 4-bit.
     pub fn has_nf4(&self) -> bool {
         !self.nf4.is_empty()
@@ -114,6 +120,20 @@ impl Weights {
 
     /// A frozen linear weight (out, in), held as `quant` asks (QLoRA).
     pub fn frozen(&self, name: &str, shape: &[usize], quant: BaseQuant) -> Result<FrozenWeight> {
+        if quant == BaseQuant::Auto && !self.nf4.contains_key(name) && self.keeps_half() {
+            // f32 training on the CPU: a bf16/f16 checkpoint's linears stay in their
+            // 16 bits and are widened block by block inside the fused op (exactly:
+            // every bf16/f16 value is an f32), half the memory of an f32 copy.
+            self.check(name, shape)?;
+            let t = self
+                .files
+                .load(name, &self.device)
+                .map_err(|e| Error::model(&self.dir, format!("cannot load `{name}`: {e}")))?;
+            return Ok(FrozenWeight::Dense(match t.dtype() {
+                DType::BF16 | DType::F16 => t,
+                _ => t.to_dtype(self.dtype)?,
+            }));
+        }
         if quant == BaseQuant::F32 || (quant == BaseQuant::Auto && !self.nf4.contains_key(name)) {
             return Ok(FrozenWeight::Dense(self.get(name, shape)?));
         }
