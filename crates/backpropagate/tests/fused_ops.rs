@@ -99,11 +99,24 @@ fn fused_ops_match_the_reference_decoder_for_every_family() {
             let mut model =
                 CausalLm::load(dir.path(), config.clone(), Some(&lora), 64, &Device::Cpu).unwrap();
             let rows = rows(config.vocab_size as u32, &mut rng);
+            let refs: Vec<&Row> = rows.iter().collect();
+            let batch = build(&refs, 0, &Device::Cpu).unwrap();
             model.set_fused(false);
             let want = pass(&model, &lora, &rows, dropout > 0.0);
+            let want_logits = model.logits(&batch).unwrap();
             model.set_fused(true);
             let got = pass(&model, &lora, &rows, dropout > 0.0);
             let what = format!("{family:?} rslora={rslora} dropout={dropout}");
+            // The padded layout (previews) too, padding positions included.
+            let logits_diff = (model.logits(&batch).unwrap() - &want_logits)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            assert!(logits_diff < 1e-4, "{what}: logits differ by {logits_diff}");
             assert!(
                 (got.loss - want.loss).abs() <= 1e-5 * want.loss.abs(),
                 "{what}: loss {} vs reference {}",

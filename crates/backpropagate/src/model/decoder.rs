@@ -63,11 +63,14 @@ impl Linear {
     /// `fused`: one op for base + bias + LoRA where it can run (CPU, f32, dense
     /// weight), else the basic ops. Both draw one dropout seed per call, so they drop
     /// the same entries.
+    /// `row_keys`: in a padding-free batch, each row's index in the padded one, so
+    /// dropout drops the same entries either way.
     fn forward(
         &self,
         x: &Tensor,
         rng: &mut Option<&mut ChaCha8Rng>,
         fused: bool,
+        row_keys: Option<&Arc<Vec<u32>>>,
     ) -> CResult<Tensor> {
         let seed = match (&self.lora, rng) {
             (Some(_), Some(rng)) if self.dropout > 0.0 => Some(rng.gen::<u64>()),
@@ -82,6 +85,7 @@ impl Linear {
                     dropout: seed.map(|seed| Dropout {
                         p: self.dropout,
                         seed,
+                        row_keys: row_keys.cloned(),
                     }),
                 };
                 return op.forward(x, l.a.as_tensor(), l.b.as_tensor());
@@ -145,6 +149,39 @@ pub struct BatchInputs {
     pub target_rows: Tensor,
     pub targets: Tensor,
     pub target_count: usize,
+    /// The same batch without padding, for the fused CPU path.
+    pub flat: FlatBatch,
+}
+
+/// A batch's real tokens as one sequence (padding dropped): what the fused CPU path
+/// computes on, so no product runs on padding.
+#[derive(Debug, Clone, Default)]
+pub struct FlatBatch {
+    /// Indices (into b·t) of the real tokens, row by row.
+    pub tokens: Vec<u32>,
+    /// (start, len) of each sample in `tokens` order (a packed row holds several); a
+    /// token attends to the earlier tokens of its own sample.
+    pub segments: Vec<(usize, usize)>,
+    /// Indices (into `tokens`) of the positions whose next token is a target, in the
+    /// order of `BatchInputs::targets`.
+    pub target_rows: Vec<u32>,
+}
+
+impl FlatBatch {
+    /// Segments over all b·t padded positions: the samples' own, plus each padding
+    /// position alone (it attends to itself, as the dense mask has it).
+    fn padded_segments(&self, positions: usize) -> Vec<(usize, usize)> {
+        let mut out = Vec::new();
+        let mut next = 0;
+        for &(start, len) in &self.segments {
+            let at = self.tokens[start] as usize;
+            out.extend((next..at).map(|p| (p, 1)));
+            out.push((at, len));
+            next = at + len;
+        }
+        out.extend((next..positions).map(|p| (p, 1)));
+        out
+    }
 }
 
 pub struct CausalLm {
@@ -368,7 +405,12 @@ impl CausalLm {
         let mut h = candle_nn::Embedding::new(self.embed.clone(), c.hidden_size)
             .forward(&batch.input_ids)?;
         if self.fused_for(&h) {
-            return self.fused_layers(h, batch, rng);
+            let segments = batch.flat.padded_segments(b * t);
+            let h = h.reshape((1, b * t, c.hidden_size))?;
+            let pos = batch.position_ids.flatten_all()?;
+            return self
+                .fused_layers(h, &pos, segments, None, rng)?
+                .reshape((b, t, c.hidden_size));
         }
         let pos = batch.position_ids.flatten_all()?;
         let cos = self
@@ -389,9 +431,9 @@ impl CausalLm {
         for layer in &self.layers {
             let x = rms_norm(&h, &layer.input_norm, c.rms_norm_eps)?;
             let heads = |y: Tensor, n: usize| y.reshape((b, t, n, c.head_dim))?.transpose(1, 2);
-            let mut q = heads(layer.q.forward(&x, &mut rng, false)?, c.num_heads)?;
-            let mut k = heads(layer.k.forward(&x, &mut rng, false)?, c.num_kv_heads)?;
-            let v = heads(layer.v.forward(&x, &mut rng, false)?, c.num_kv_heads)?;
+            let mut q = heads(layer.q.forward(&x, &mut rng, false, None)?, c.num_heads)?;
+            let mut k = heads(layer.k.forward(&x, &mut rng, false, None)?, c.num_kv_heads)?;
+            let v = heads(layer.v.forward(&x, &mut rng, false, None)?, c.num_kv_heads)?;
             if let (Some(qn), Some(kn)) = (&layer.q_norm, &layer.k_norm) {
                 q = rms_norm(&q, qn, c.rms_norm_eps)?;
                 k = rms_norm(&k, kn, c.rms_norm_eps)?;
@@ -406,11 +448,11 @@ impl CausalLm {
                     .matmul(&v)?
                     .transpose(1, 2)?
                     .reshape((b, t, c.num_heads * c.head_dim))?;
-            h = (h + layer.o.forward(&attn, &mut rng, false)?)?;
+            h = (h + layer.o.forward(&attn, &mut rng, false, None)?)?;
             let x = rms_norm(&h, &layer.post_norm, c.rms_norm_eps)?;
-            let gated = (layer.gate.forward(&x, &mut rng, false)?.silu()?
-                * layer.up.forward(&x, &mut rng, false)?)?;
-            h = (h + layer.down.forward(&gated, &mut rng, false)?)?;
+            let gated = (layer.gate.forward(&x, &mut rng, false, None)?.silu()?
+                * layer.up.forward(&x, &mut rng, false, None)?)?;
+            h = (h + layer.down.forward(&gated, &mut rng, false, None)?)?;
         }
         rms_norm(&h, &self.norm, c.rms_norm_eps)
     }
@@ -419,20 +461,26 @@ impl CausalLm {
     /// forward (and, for q, the attention scale), attention as one op (grouped-query,
     /// masked, recomputing its probabilities in backward), SwiGLU in one op, and every
     /// LoRA linear in one op.
+    ///
+    /// `h` is (1, t, hidden): one sequence cut into `segments`, with `pos` (t,) the
+    /// position of each token within its sample.
     fn fused_layers(
         &self,
         mut h: Tensor,
-        batch: &BatchInputs,
+        pos: &Tensor,
+        segments: Vec<(usize, usize)>,
+        row_keys: Option<Arc<Vec<u32>>>,
         mut rng: Option<&mut ChaCha8Rng>,
     ) -> CResult<Tensor> {
+        let keys = row_keys.as_ref();
         let c = &self.config;
-        let (b, t) = batch.input_ids.dims2()?;
+        let (b, t, _) = h.dims3()?;
         let (d, heads, kv) = (c.head_dim, c.num_heads, c.num_kv_heads);
         let n_rep = heads / kv;
-        let pos = batch.position_ids.flatten_all()?;
+        let attention = Arc::new(segments);
         let table = |t: &Tensor| -> CResult<Arc<Vec<f32>>> {
             Ok(Arc::new(
-                t.index_select(&pos, 0)?.flatten_all()?.to_vec1::<f32>()?,
+                t.index_select(pos, 0)?.flatten_all()?.to_vec1::<f32>()?,
             ))
         };
         let (cos, sin) = (table(&self.rope.cos)?, table(&self.rope.sin)?);
@@ -441,21 +489,20 @@ impl CausalLm {
             sin: sin.clone(),
             scale,
         };
-        let mask = batch.mask.contiguous()?;
         let scale = 1.0 / (d as f32).sqrt();
         for layer in &self.layers {
             let x = rms_norm(&h, &layer.input_norm, c.rms_norm_eps)?;
             let mut q = layer
                 .q
-                .forward(&x, &mut rng, true)?
+                .forward(&x, &mut rng, true, keys)?
                 .reshape((b, t, heads, d))?;
             let mut k = layer
                 .k
-                .forward(&x, &mut rng, true)?
+                .forward(&x, &mut rng, true, keys)?
                 .reshape((b, t, kv, d))?;
             let v = layer
                 .v
-                .forward(&x, &mut rng, true)?
+                .forward(&x, &mut rng, true, keys)?
                 .reshape((b, t, kv, d))?;
             if let (Some(qn), Some(kn)) = (&layer.q_norm, &layer.k_norm) {
                 q = rms_norm(&q, qn, c.rms_norm_eps)?;
@@ -463,13 +510,14 @@ impl CausalLm {
             }
             let q = q.contiguous()?.apply_op1(rope(scale))?;
             let k = k.contiguous()?.apply_op1(rope(1.0))?;
-            let attn = q.apply_op3(&k, &v.contiguous()?, Attention::new(&mask, n_rep)?)?;
-            h = (h + layer.o.forward(&attn, &mut rng, true)?)?;
+            let op = Attention::new(attention.as_ref().clone(), n_rep);
+            let attn = q.apply_op3(&k, &v.contiguous()?, op)?;
+            h = (h + layer.o.forward(&attn, &mut rng, true, keys)?)?;
             let x = rms_norm(&h, &layer.post_norm, c.rms_norm_eps)?;
-            let gate = layer.gate.forward(&x, &mut rng, true)?;
-            let up = layer.up.forward(&x, &mut rng, true)?;
+            let gate = layer.gate.forward(&x, &mut rng, true, keys)?;
+            let up = layer.up.forward(&x, &mut rng, true, keys)?;
             let gated = gate.contiguous()?.apply_op2(&up.contiguous()?, SwiGlu)?;
-            h = (h + layer.down.forward(&gated, &mut rng, true)?)?;
+            h = (h + layer.down.forward(&gated, &mut rng, true, keys)?)?;
         }
         rms_norm(&h, &self.norm, c.rms_norm_eps)
     }
@@ -482,11 +530,28 @@ impl CausalLm {
 
     /// Summed cross-entropy over the batch's targets (only those rows reach the LM head).
     pub fn loss_sum(&self, batch: &BatchInputs, rng: Option<&mut ChaCha8Rng>) -> CResult<Tensor> {
+        if self.fused && self.device.is_cpu() && self.embed.dtype() == DType::F32 {
+            // Padding-free: only the batch's real tokens go through the layers.
+            let f = &batch.flat;
+            let n = f.tokens.len();
+            let tokens = Tensor::from_slice(&f.tokens, n, &self.device)?;
+            let ids = batch.input_ids.flatten_all()?.index_select(&tokens, 0)?;
+            let pos = batch.position_ids.flatten_all()?.index_select(&tokens, 0)?;
+            let h = candle_nn::Embedding::new(self.embed.clone(), self.config.hidden_size)
+                .forward(&ids.reshape((1, n))?)?;
+            let keys = Arc::new(f.tokens.clone());
+            let h = self.fused_layers(h, &pos, f.segments.clone(), Some(keys), rng)?;
+            let rows = Tensor::from_slice(&f.target_rows, f.target_rows.len(), &self.device)?;
+            let rows = h.squeeze(0)?.index_select(&rows, 0)?;
+            if ChunkedLmLoss::supports(&rows, &self.lm_head) {
+                return ChunkedLmLoss::nll(&rows, &self.lm_head, &batch.targets)?.sum_all();
+            }
+            let logits = frozen_linear(&rows, &self.lm_head)?;
+            let weights = Tensor::ones(batch.target_count, DType::F32, &self.device)?;
+            return cross_entropy_sum(&logits, &batch.targets, &weights);
+        }
         let h = self.hidden_states(batch, rng)?;
         let rows = h.flatten_to(1)?.index_select(&batch.target_rows, 0)?;
-        if self.fused_for(&rows) && ChunkedLmLoss::supports(&rows, &self.lm_head) {
-            return ChunkedLmLoss::nll(&rows, &self.lm_head, &batch.targets)?.sum_all();
-        }
         // The loss is always computed in f32.
         let logits = frozen_linear(&rows, &self.lm_head)?.to_dtype(DType::F32)?;
         let weights = Tensor::ones(batch.target_count, DType::F32, &self.device)?;

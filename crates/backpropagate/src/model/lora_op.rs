@@ -13,10 +13,13 @@ use rayon::prelude::*;
 use super::blas::{matmul, Mat};
 
 /// Dropout on the LoRA input: probability `p`, and the seed its mask comes from.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub struct Dropout {
     pub p: f32,
     pub seed: u64,
+    /// Each input row's index in the padded batch, when the rows are a padding-free
+    /// selection of it (see [`mask_base`]).
+    pub row_keys: Option<std::sync::Arc<Vec<u32>>>,
 }
 
 /// Whether element `i` of a dropout mask with `seed` is kept: a counter-based draw
@@ -31,16 +34,29 @@ pub fn dropout_keep(seed: u64, i: u64, p: f32) -> bool {
     ((z >> 40) as f32) * (1.0 / (1u64 << 24) as f32) >= p
 }
 
-/// `x` with dropout applied (kept values scaled by 1/(1−p)), or `x` itself.
-fn dropped<'a>(x: &'a [f32], dropout: Option<Dropout>, buf: &'a mut Vec<f32>) -> &'a [f32] {
+/// Where row `m`'s mask entries start in the mask's index space: the row's place in
+/// the padded batch (`keys`), so a padding-free batch drops exactly the entries the
+/// padded one does; without keys, the row itself.
+fn mask_base(keys: Option<&[u32]>, m: usize, cols: usize) -> u64 {
+    keys.map_or(m, |k| k[m] as usize) as u64 * cols as u64
+}
+
+/// `x` (rows × cols) with dropout applied (kept values scaled by 1/(1−p)), or `x`.
+fn dropped<'a>(
+    x: &'a [f32],
+    cols: usize,
+    dropout: Option<&Dropout>,
+    buf: &'a mut Vec<f32>,
+) -> &'a [f32] {
     let Some(d) = dropout else { return x };
     let scale = 1.0 / (1.0 - d.p);
     buf.resize(x.len(), 0.0);
-    buf.par_chunks_mut(4096)
-        .zip(x.par_chunks(4096))
+    let keys = d.row_keys.as_deref().map(Vec::as_slice);
+    buf.par_chunks_mut(cols)
+        .zip(x.par_chunks(cols))
         .enumerate()
-        .for_each(|(c, (o, x))| {
-            let base = (c * 4096) as u64;
+        .for_each(|(m, (o, x))| {
+            let base = mask_base(keys, m, cols);
             for (j, (o, &x)) in o.iter_mut().zip(x).enumerate() {
                 *o = if dropout_keep(d.seed, base + j as u64, d.p) {
                     x * scale
@@ -134,7 +150,7 @@ impl LoraLinear {
             weight: self.weight.clone(),
             bias: self.bias.clone(),
             scale: self.scale,
-            dropout: self.dropout,
+            dropout: self.dropout.clone(),
         }
     }
 }
@@ -158,7 +174,7 @@ impl CustomOp3 for LoraLinear {
         let (n, _) = bl.shape().dims2()?;
         let (x, a, b) = (values(xs, xl)?, values(as_, al)?, values(bs, bl)?);
         let mut buf = Vec::new();
-        let xd = dropped(x, self.dropout, &mut buf);
+        let xd = dropped(x, k, self.dropout.as_ref(), &mut buf);
         let mut u = vec![0f32; m * r];
         matmul(&mut u, false, 1.0, Mat::rm(xd, m, k), Mat::t(a, r, k))?;
         let mut y = vec![0f32; m * n];
@@ -195,13 +211,13 @@ impl CustomOp3 for LoraLinear {
                     with_values(g, |g| {
                         with_weight(&self.weight, |w| {
                             let mut buf = Vec::new();
-                            let xd = dropped(x, self.dropout, &mut buf);
+                            let xd = dropped(x, k, self.dropout.as_ref(), &mut buf);
                             // g B (rows × r) feeds both dA and the LoRA part of dx.
                             let mut gb = vec![0f32; m * r];
                             matmul(&mut gb, false, 1.0, Mat::rm(g, m, n), Mat::rm(b, n, r))?;
                             let mut dx = vec![0f32; m * k];
                             matmul(&mut dx, false, 1.0, Mat::rm(g, m, n), Mat::rm(w, n, k))?;
-                            match self.dropout {
+                            match &self.dropout {
                                 None => {
                                     matmul(&mut dx, true, s, Mat::rm(&gb, m, r), Mat::rm(a, r, k))?
                                 }
@@ -209,7 +225,7 @@ impl CustomOp3 for LoraLinear {
                                     // dD(x)/dx is the mask (×1/(1−p)) again.
                                     let mut t = vec![0f32; m * k];
                                     matmul(&mut t, false, s, Mat::rm(&gb, m, r), Mat::rm(a, r, k))?;
-                                    add_through_mask(&mut dx, &t, d);
+                                    add_through_mask(&mut dx, &t, k, d);
                                 }
                             }
                             let mut da = vec![0f32; r * k];
@@ -234,13 +250,14 @@ impl CustomOp3 for LoraLinear {
 }
 
 /// `dx += D(t)`: the LoRA path's input gradient through the dropout mask.
-fn add_through_mask(dx: &mut [f32], t: &[f32], d: Dropout) {
+fn add_through_mask(dx: &mut [f32], t: &[f32], cols: usize, d: &Dropout) {
     let scale = 1.0 / (1.0 - d.p);
-    dx.par_chunks_mut(4096)
-        .zip(t.par_chunks(4096))
+    let keys = d.row_keys.as_deref().map(Vec::as_slice);
+    dx.par_chunks_mut(cols)
+        .zip(t.par_chunks(cols))
         .enumerate()
-        .for_each(|(c, (o, t))| {
-            let base = (c * 4096) as u64;
+        .for_each(|(m, (o, t))| {
+            let base = mask_base(keys, m, cols);
             for (j, (o, &t)) in o.iter_mut().zip(t).enumerate() {
                 if dropout_keep(d.seed, base + j as u64, d.p) {
                     *o += t * scale;

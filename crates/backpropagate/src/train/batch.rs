@@ -10,7 +10,7 @@ use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
 use crate::data::{Encoded, PackedRow, IGNORE_INDEX};
-use crate::model::BatchInputs;
+use crate::model::{BatchInputs, FlatBatch};
 
 /// One training row: a sample, or several packed samples.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -95,8 +95,19 @@ pub fn build(rows: &[&Row], pad_id: u32, device: &Device) -> Result<BatchInputs>
     let mut mask = vec![f32::NEG_INFINITY; b * t * t];
     let mut target_rows = Vec::new();
     let mut targets = Vec::new();
+    let mut flat = FlatBatch::default();
     for (r, row) in rows.iter().enumerate() {
         let len = row.input_ids.len();
+        let base = flat.tokens.len();
+        flat.tokens.extend((0..len).map(|i| (r * t + i) as u32));
+        let mut starts: Vec<usize> = row.starts.iter().copied().filter(|&s| s < len).collect();
+        if starts.first() != Some(&0) {
+            starts.insert(0, 0);
+        }
+        for (j, &s) in starts.iter().enumerate() {
+            let end = starts.get(j + 1).copied().unwrap_or(len);
+            flat.segments.push((base + s, end - s));
+        }
         ids[r * t..r * t + len].copy_from_slice(&row.input_ids);
         pos[r * t..r * t + len].copy_from_slice(&row.position_ids);
         let segment_start = |i: usize| {
@@ -120,6 +131,7 @@ pub fn build(rows: &[&Row], pad_id: u32, device: &Device) -> Result<BatchInputs>
             let label = row.labels[i + 1];
             if label != IGNORE_INDEX {
                 target_rows.push((r * t + i) as u32);
+                flat.target_rows.push((base + i) as u32);
                 targets.push(label as u32);
             }
         }
@@ -132,6 +144,7 @@ pub fn build(rows: &[&Row], pad_id: u32, device: &Device) -> Result<BatchInputs>
         target_rows: Tensor::from_vec(target_rows, target_count, device)?,
         targets: Tensor::from_vec(targets, target_count, device)?,
         target_count,
+        flat,
     })
 }
 
