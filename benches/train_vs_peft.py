@@ -445,6 +445,13 @@ def render(args, results, info, version, expected_tokens):
         f"medians of {args.repeats} runs per side, alternating. "
         f"Same batches on both sides: {'yes' if same_batches else 'NO (our data order was not reproduced)'}.",
         "",
+        "Legitimate differences in how the two sides compute the same step: ours runs the "
+        "layers on the batch's real tokens only (padding-free; the peer computes the padded "
+        "batch, as `Trainer` does without packing), and the LM head and loss only on rows that "
+        "carry a target (the peer computes logits for every position); ours keeps the "
+        "checkpoint's bf16 linears in bf16 and widens them per product (exact). Both are f32 "
+        "arithmetic on the CPU with the same optimizer and schedule.",
+        "",
         "| | tokens/s | peak RSS (MiB) | loss step 1 | loss step "
         f"{args.steps} | cores busy | step 1 (s) | process wall (s) |",
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
