@@ -7,11 +7,12 @@ export class WebDriver {
     this.session = null;
   }
 
-  async call(method, path, body) {
+  async call(method, path, body, timeoutMs = 120_000) {
     const res = await fetch(`${this.base}${path}`, {
       method,
       headers: { 'content-type': 'application/json' },
       body: body === undefined ? undefined : JSON.stringify(body),
+      signal: AbortSignal.timeout(timeoutMs),
     });
     const json = await res.json().catch(() => ({}));
     if (!res.ok) {
@@ -21,10 +22,23 @@ export class WebDriver {
     return json.value;
   }
 
+  /** Opens a session (launches the app). WebKitWebDriver on a loaded 2-core CI machine
+   * has been seen to never answer a session request (once in many runs, the app never
+   * started); such a request is abandoned after 90 s and made again, up to 3 times. */
   async start(application, env) {
     const caps = { 'tauri:options': { application, ...(env ? { env } : {}) }, browserName: 'wry' };
-    const v = await this.call('POST', '/session', { capabilities: { alwaysMatch: caps } });
-    this.session = v.sessionId;
+    let last;
+    for (let attempt = 1; attempt <= 3; attempt++) {
+      try {
+        const v = await this.call('POST', '/session', { capabilities: { alwaysMatch: caps } }, 90_000);
+        this.session = v.sessionId;
+        return;
+      } catch (e) {
+        last = e;
+        console.error(`desktop: session request ${attempt} failed (${e.message}); retrying`);
+      }
+    }
+    throw new Error(`no WebDriver session after 3 attempts: ${last.message}`);
   }
 
   s(path) {
