@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 use backpropagate::config::{BaseQuant, BatchSize};
 use backpropagate::event::Event;
 use backpropagate::fixture::{write_bnb_4bit, write_fixture_model, Family, FixtureSpec};
-use backpropagate::gpu::memory::{estimate, weight_bits, Shape};
+use backpropagate::gpu::memory::{estimate_fused, weight_bits, Shape};
 use backpropagate::model::quant::FrozenWeight;
 use backpropagate::model::{CausalLm, ModelConfig};
 use backpropagate::run::{RunDir, RunStatus};
@@ -62,17 +62,11 @@ fn packed_trainer(runs: &Path, micro: u32, acc: u32, steps: u64) -> Trainer {
     t
 }
 
-/// What the trainer estimates for the fixture at 64 tokens, f32.
+/// What the trainer estimates for the fixture at 64 tokens: f32 on the CPU, the fused
+/// path's plan.
 fn fixture_estimate() -> backpropagate::gpu::memory::Estimate {
     let config = ModelConfig::load(&fixture(Family::Qwen2).join("config.json")).unwrap();
-    estimate(
-        &Shape::of(&config),
-        64,
-        16,
-        weight_bits(BaseQuant::F32),
-        4,
-        false,
-    )
+    estimate_fused(&Shape::of(&config), 64, 16, weight_bits(BaseQuant::F32))
 }
 
 #[test]

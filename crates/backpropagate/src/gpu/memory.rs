@@ -39,6 +39,8 @@ pub struct Shape {
     pub intermediate: u64,
     pub layers: u64,
     pub heads: u64,
+    /// heads × head_dim (the hidden size in most models, not in Qwen3).
+    pub q_dim: u64,
     pub kv_dim: u64,
     pub vocab: u64,
     pub params: u64,
@@ -54,6 +56,7 @@ impl Shape {
             intermediate: c.intermediate_size as u64,
             layers: c.num_layers as u64,
             heads: c.num_heads as u64,
+            q_dim: (c.num_heads * c.head_dim) as u64,
             kv_dim: (c.num_kv_heads * c.head_dim) as u64,
             vocab: c.vocab_size as u64,
             params: c.parameter_count() as u64,
@@ -175,6 +178,36 @@ fn parse_meminfo(text: &str) -> Option<u64> {
     Some(kb * 1024)
 }
 
+/// The estimate for the fused CPU path (f32 compute, `model/lora_op.rs` and friends),
+/// from the tensors it really keeps for backward, per token and layer: the layer input,
+/// both norm outputs, the mid-layer residual and the three projection outputs into the
+/// residual stream (6·h), q before and after rotation plus the attention output (3·q),
+/// k before and after rotation and v (3·kv), gate, up and their product (3·i), and one
+/// log-sum-exp per head. Padding takes nothing (only real tokens are computed), no
+/// attention scores are kept, and the LM head holds one 16 MiB chunk of logits plus two
+/// hidden-size rows per token; backward adds about one layer's worth at a time.
+/// `linear_bits` is 16 for a bf16/f16 checkpoint, whose linears stay in 16 bits.
+pub fn estimate_fused(shape: &Shape, seq: u64, lora_r: u64, linear_bits: f64) -> Estimate {
+    let s = shape;
+    let saved = 6 * s.hidden + 3 * s.q_dim + 3 * s.kv_dim + 3 * s.intermediate + s.heads;
+    let per_token = 4 * ((s.layers + 1) * saved + 4 * s.hidden);
+    Estimate {
+        fixed_bytes: ((s.params - s.dense_params) as f64 * linear_bits / 8.0).ceil() as u64
+            + s.dense_params * 4
+            + s.lora_params(lora_r) * 16
+            + LM_HEAD_CHUNK
+            + CPU_WORKSPACE,
+        per_sample_bytes: seq * per_token,
+    }
+}
+
+/// The fused LM head's logits chunk and its softmax, in bytes.
+const LM_HEAD_CHUNK: u64 = 2 * (16 << 20);
+
+/// The process itself on the CPU path: binary, tokenizer, data, allocator slack
+/// (measured 70–100 MiB; no GPU kernels or cuBLAS workspace).
+const CPU_WORKSPACE: u64 = 96 << 20;
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -184,6 +217,7 @@ mod tests {
         intermediate: 128,
         layers: 2,
         heads: 4,
+        q_dim: 64,
         kv_dim: 32,
         vocab: 1000,
         params: 200_000,
@@ -215,6 +249,15 @@ mod tests {
             estimate(&SHAPE, 32, 8, weight_bits(BaseQuant::Q4K), 4, false).fixed_bytes,
             112_500 + 262_144 + (256 << 20)
         );
+    }
+
+    #[test]
+    fn the_fused_estimate_gives_the_hand_computed_numbers() {
+        // saved = 6·64 + 3·64 + 3·32 + 3·128 + 4 = 1060; per token 4 × (3 × 1060 + 256).
+        let e = estimate_fused(&SHAPE, 32, 8, 16.0);
+        assert_eq!(e.per_sample_bytes, 32 * 4 * (3 * 1060 + 256));
+        // 200k 16-bit weights + 16 384 × 16 + the logits chunk + 96 MiB.
+        assert_eq!(e.fixed_bytes, 400_000 + 262_144 + (32 << 20) + (96 << 20));
     }
 
     #[test]
@@ -259,6 +302,7 @@ mod tests {
             intermediate: 4864,
             layers: 24,
             heads: 14,
+            q_dim: 896,
             kv_dim: 128,
             vocab: 151_936,
             params: 494_032_768,
@@ -294,6 +338,7 @@ mod tests {
             intermediate: 18_944,
             layers: 28,
             heads: 28,
+            q_dim: 3584,
             kv_dim: 512,
             vocab: 152_064,
             params: 7_615_616_512,

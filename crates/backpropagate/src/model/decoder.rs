@@ -197,6 +197,12 @@ pub struct CausalLm {
     fused: bool,
 }
 
+/// Whether models use the fused CPU ops by default: yes, unless
+/// `BACKPROP_REFERENCE_OPS` is set (to anything but empty or 0).
+pub fn fused_ops_enabled() -> bool {
+    std::env::var_os("BACKPROP_REFERENCE_OPS").is_none_or(|v| v.is_empty() || v == "0")
+}
+
 /// Every tensor the checkpoint must hold for `c`, with its shape.
 pub fn expected_tensors(c: &ModelConfig) -> Vec<(String, Vec<usize>)> {
     let (h, i, v) = (c.hidden_size, c.intermediate_size, c.vocab_size);
@@ -362,8 +368,7 @@ impl CausalLm {
             lm_head,
             rope,
             device: device.clone(),
-            fused: std::env::var_os("BACKPROP_REFERENCE_OPS")
-                .is_none_or(|v| v.is_empty() || v == "0"),
+            fused: fused_ops_enabled(),
         })
     }
 

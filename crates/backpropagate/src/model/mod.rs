@@ -16,6 +16,6 @@ mod rope;
 mod weights;
 
 pub use config::{Arch, ModelConfig, RopeScaling, SUPPORTED};
-pub use decoder::{expected_tensors, BatchInputs, CausalLm, FlatBatch};
+pub use decoder::{expected_tensors, fused_ops_enabled, BatchInputs, CausalLm, FlatBatch};
 pub use rope::inv_freq;
 pub use weights::{safetensors_paths, Weights};

@@ -120,7 +120,8 @@ impl Weights {
 
     /// A frozen linear weight (out, in), held as `quant` asks (QLoRA).
     pub fn frozen(&self, name: &str, shape: &[usize], quant: BaseQuant) -> Result<FrozenWeight> {
-        if quant == BaseQuant::Auto && !self.nf4.contains_key(name) && self.keeps_half() {
+        let dense = matches!(quant, BaseQuant::Auto | BaseQuant::F32);
+        if dense && !self.nf4.contains_key(name) && self.keeps_half() {
             // f32 training on the CPU: a bf16/f16 checkpoint's linears stay in their
             // 16 bits and are widened block by block inside the fused op (exactly:
             // every bf16/f16 value is an f32), half the memory of an f32 copy.

@@ -438,14 +438,32 @@ impl Session {
             .map(|r| r.input_ids.len())
             .max()
             .unwrap_or(1);
-        let estimate = memory::estimate(
-            &memory::Shape::of(&model_config),
-            seq as u64,
-            config.lora.r as u64,
-            weight_bits,
-            activation_bytes,
-            false,
-        );
+        let fused = picked.device.is_cpu()
+            && dtype == DType::F32
+            && base_quant == BaseQuant::F32
+            && crate::model::fused_ops_enabled();
+        let estimate = if fused {
+            // A bf16/f16 checkpoint's linears stay in 16 bits on this path.
+            let half = matches!(
+                model_config.torch_dtype.as_deref(),
+                Some("bfloat16" | "float16")
+            );
+            memory::estimate_fused(
+                &memory::Shape::of(&model_config),
+                seq as u64,
+                config.lora.r as u64,
+                if half { 16.0 } else { weight_bits },
+            )
+        } else {
+            memory::estimate(
+                &memory::Shape::of(&model_config),
+                seq as u64,
+                config.lora.r as u64,
+                weight_bits,
+                activation_bytes,
+                false,
+            )
+        };
         let (micro_batch, accumulation) = plan_micro_batch(
             config,
             &train_rows,
@@ -461,6 +479,16 @@ impl Session {
                 val_rows.len(),
                 micro_batch,
                 accumulation
+            ),
+        });
+        let mib = |b: u64| b as f64 / (1u64 << 20) as f64;
+        sink.emit(Event::Log {
+            level: LogLevel::Info,
+            message: format!(
+                "memory plan: about {:.0} MiB at micro-batch {micro_batch} ({:.0} MiB fixed + {:.1} MiB per row of up to {seq} tokens)",
+                mib(estimate.fixed_bytes + micro_batch as u64 * estimate.per_sample_bytes),
+                mib(estimate.fixed_bytes),
+                mib(estimate.per_sample_bytes),
             ),
         });
         Ok(Session {

@@ -1,0 +1,47 @@
+"""The trainer's memory plan (crates/backpropagate/src/gpu/memory.rs, `estimate_fused`)
+against the peak RSS it really reaches on the CPU, for the `small` fixture and for the
+real SmolLM2-135M when installed: within ±20 %. Every row of the data is the same
+sample, so every micro-batch is as long as the plan assumes."""
+
+import os
+import pathlib
+import re
+import subprocess
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+REAL = pathlib.Path(os.environ.get("BACKPROP_REAL_MODEL", "/nonexistent"))
+
+
+def plan_and_peak(model, tmp_path):
+    line = (ROOT / "assets" / "samples" / "messages.jsonl").read_text().splitlines()[0]
+    data = tmp_path / "same.jsonl"
+    data.write_text((line + "\n") * 16)
+    out = tmp_path / "out.jsonl"
+    cmd = [os.environ["BACKPROP_BIN"], "train", "--model", str(model), "--data", str(data),
+           "--steps", "2", "--batch-size", "4", "--grad-accum", "1", "--checkpoint-every", "0",
+           "--runs-dir", str(tmp_path / "runs"), "--json"]
+    with open(out, "w") as f:
+        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.PIPE)
+        _, status, usage = os.wait4(proc.pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0, proc.stderr.read().decode()
+    m = re.search(r"memory plan: about (\d+) MiB at micro-batch 4", out.read_text())
+    assert m, "the trainer logs no memory plan"
+    return int(m.group(1)), usage.ru_maxrss / 1024
+
+
+def check(model, tmp_path):
+    planned, peak = plan_and_peak(model, tmp_path)
+    assert 0.8 <= peak / planned <= 1.2, f"planned {planned} MiB, peak RSS {peak:.0f} MiB"
+
+
+def test_the_plan_matches_the_peak_on_the_small_fixture(backprop, tmp_path):
+    backprop("fixture", tmp_path / "model", "--size", "small")
+    check(tmp_path / "model", tmp_path)
+
+
+@pytest.mark.skipif(not (REAL / "model.safetensors").is_file(),
+                    reason="the real model is not installed (bash scripts/real-model.sh)")
+def test_the_plan_matches_the_peak_on_smollm2(backprop, tmp_path):
+    check(REAL, tmp_path)
