@@ -41,6 +41,18 @@ fn rows(vocab: u32, rng: &mut ChaCha8Rng) -> Vec<Row> {
     out
 }
 
+/// B starts at zero, which would leave A's gradient zero: gives every B values.
+fn give_b_values(lora: &LoraSet, rng: &mut ChaCha8Rng) {
+    for l in &lora.layers {
+        let shape = l.b.as_tensor().shape().clone();
+        let values: Vec<f32> = (0..shape.elem_count())
+            .map(|_| rng.gen_range(-0.5..0.5))
+            .collect();
+        l.b.set(&Tensor::from_vec(values, shape, &Device::Cpu).unwrap())
+            .unwrap();
+    }
+}
+
 struct Pass {
     loss: f32,
     grads: Vec<Vec<f32>>,
@@ -87,15 +99,7 @@ fn fused_ops_match_the_reference_decoder_for_every_family() {
                 ..LoraConfig::default()
             };
             let lora = LoraSet::init(&config, &lora_config, &mut rng, &Device::Cpu).unwrap();
-            // B starts at zero, which would leave A's gradient zero: give it values.
-            for l in &lora.layers {
-                let shape = l.b.as_tensor().shape().clone();
-                let values: Vec<f32> = (0..shape.elem_count())
-                    .map(|_| rng.gen_range(-0.5..0.5))
-                    .collect();
-                l.b.set(&Tensor::from_vec(values, shape, &Device::Cpu).unwrap())
-                    .unwrap();
-            }
+            give_b_values(&lora, &mut rng);
             let mut model =
                 CausalLm::load(dir.path(), config.clone(), Some(&lora), 64, &Device::Cpu).unwrap();
             let rows = rows(config.vocab_size as u32, &mut rng);
@@ -205,14 +209,7 @@ fn a_bf16_checkpoint_keeps_its_linears_in_bf16_with_the_same_results_as_widened_
     };
     let mut rng = ChaCha8Rng::seed_from_u64(3);
     let lora = LoraSet::init(&config, &lora_config, &mut rng, &Device::Cpu).unwrap();
-    for l in &lora.layers {
-        let shape = l.b.as_tensor().shape().clone();
-        let values: Vec<f32> = (0..shape.elem_count())
-            .map(|_| rng.gen_range(-0.5..0.5))
-            .collect();
-        l.b.set(&Tensor::from_vec(values, shape, &Device::Cpu).unwrap())
-            .unwrap();
-    }
+    give_b_values(&lora, &mut rng);
     let rows = rows(config.vocab_size as u32, &mut rng);
     let load = |dir: &std::path::Path| {
         CausalLm::load(dir, config.clone(), Some(&lora), 64, &Device::Cpu).unwrap()

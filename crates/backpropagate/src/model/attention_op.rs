@@ -11,40 +11,22 @@
 //! score row is kept, and backward recomputes the probabilities. Sums run in a fixed
 //! order per task, so results do not depend on thread timing.
 
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
-use candle_core::{bail, CpuStorage, CustomOp3, Layout, Result, Shape, Storage, Tensor};
+use candle_core::{bail, CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
 use super::blas::{matmul_serial, Mat};
+use super::cpu_values::{values, with_values};
+use super::fused::exp_shifted_in_place;
 
 pub struct Attention {
-    /// (start, len) of each segment; together they cover the t positions.
-    segments: Vec<(usize, usize)>,
+    /// (start, len) of each segment; together they cover the t positions. Shared by
+    /// the ops of all layers of one forward.
+    segments: Arc<Vec<(usize, usize)>>,
     n_rep: usize,
     /// (heads, t) log-sum-exp of each score row, from the forward.
     lse: Mutex<Option<Vec<f32>>>,
-}
-
-/// A CPU tensor's contiguous f32 values, handed to `f`.
-fn with_values<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> Result<R>) -> Result<R> {
-    let t = if t.is_contiguous() {
-        t.clone()
-    } else {
-        t.contiguous()?
-    };
-    let (storage, layout) = t.storage_and_layout();
-    let Storage::Cpu(cpu) = &*storage else {
-        bail!("the fused attention runs on the CPU only");
-    };
-    values(cpu, layout).and_then(f)
-}
-
-fn values<'a>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [f32]> {
-    let Some((start, end)) = l.contiguous_offsets() else {
-        bail!("the fused attention needs contiguous inputs");
-    };
-    Ok(&s.as_slice::<f32>()?[start..end])
 }
 
 /// The sizes of one call: query heads, k/v heads, positions, head dim.
@@ -57,7 +39,7 @@ struct Dims {
 }
 
 impl Attention {
-    pub fn new(segments: Vec<(usize, usize)>, n_rep: usize) -> Self {
+    pub fn new(segments: Arc<Vec<(usize, usize)>>, n_rep: usize) -> Self {
         Attention {
             segments,
             n_rep,
@@ -83,7 +65,7 @@ impl Attention {
             );
         }
         let mut next = 0;
-        for &(start, len) in &self.segments {
+        for &(start, len) in self.segments.iter() {
             if start != next || len == 0 {
                 bail!("fused attention: segments must tile the {t} positions in order");
             }
@@ -282,12 +264,7 @@ impl CustomOp3 for Attention {
 fn causal_softmax(row: &mut [f32], i: usize) -> f32 {
     let (live, future) = row.split_at_mut(i + 1);
     future.fill(0.0);
-    let max = live.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let mut sum = 0f32;
-    for v in live.iter_mut() {
-        *v = (*v - max).exp();
-        sum += *v;
-    }
+    let (max, sum) = exp_shifted_in_place(live);
     let inv = 1.0 / sum;
     live.iter_mut().for_each(|v| *v *= inv);
     max + sum.ln()

@@ -515,7 +515,7 @@ impl CausalLm {
             }
             let q = q.contiguous()?.apply_op1(rope(scale))?;
             let k = k.contiguous()?.apply_op1(rope(1.0))?;
-            let op = Attention::new(attention.as_ref().clone(), n_rep);
+            let op = Attention::new(attention.clone(), n_rep);
             let attn = q.apply_op3(&k, &v.contiguous()?, op)?;
             h = (h + layer.o.forward(&attn, &mut rng, true, keys)?)?;
             let x = rms_norm(&h, &layer.post_norm, c.rms_norm_eps)?;

@@ -8,14 +8,12 @@
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
+use super::cpu_values::{values, with_values};
+
 /// Rows of a contiguous f32 tensor, and the row length.
 fn rows<'a>(s: &'a CpuStorage, l: &Layout) -> Result<(&'a [f32], usize)> {
-    let data = s.as_slice::<f32>()?;
-    let Some((start, end)) = l.contiguous_offsets() else {
-        candle_core::bail!("fused op needs a contiguous input");
-    };
     let d = l.dims().last().copied().unwrap_or(1).max(1);
-    Ok((&data[start..end], d))
+    Ok((values(s, l)?, d))
 }
 
 /// Below this many elements a single thread beats rayon's scheduling.
@@ -34,6 +32,18 @@ where
 
 fn row_max(row: &[f32]) -> f32 {
     row.iter().copied().fold(f32::NEG_INFINITY, f32::max)
+}
+
+/// Replaces a row by `exp(x − max x)` and returns (max, sum): the numerically safe
+/// numerator and denominator of a softmax, in place.
+pub fn exp_shifted_in_place(row: &mut [f32]) -> (f32, f32) {
+    let max = row_max(row);
+    let mut sum = 0f32;
+    for v in row.iter_mut() {
+        *v = (*v - max).exp();
+        sum += *v;
+    }
+    (max, sum)
 }
 
 /// Writes `exp(x − max x)` of a row into `out` and returns its sum: the numerically
@@ -343,13 +353,7 @@ impl CustomOp1 for RopeHeads {
 
     fn bwd(&self, x: &Tensor, _y: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
         let (b, t, h, d) = x.dims4()?;
-        let g = g.contiguous()?;
-        let (storage, layout) = g.storage_and_layout();
-        let candle_core::Storage::Cpu(cpu) = &*storage else {
-            candle_core::bail!("fused rope runs on the CPU only");
-        };
-        let (gv, _) = rows(cpu, layout)?;
-        let dx = self.unrotate(gv, (b, t, h, d));
+        let dx = with_values(g, |g| Ok(self.unrotate(g, (b, t, h, d))))?;
         Ok(Some(Tensor::from_vec(dx, (b, t, h, d), x.device())?))
     }
 }

@@ -6,10 +6,12 @@
 
 use std::sync::Mutex;
 
-use candle_core::{bail, CpuStorage, CustomOp1, DType, Layout, Result, Shape, Storage, Tensor};
+use candle_core::{bail, CpuStorage, CustomOp1, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
 use super::blas::{matmul, Mat};
+use super::cpu_values::{values, with_values};
+use super::fused::exp_shifted_in_place;
 
 /// Logits held at once: 4 Mi values (16 MiB), whatever the vocabulary.
 const CHUNK_VALUES: usize = 1 << 22;
@@ -41,35 +43,12 @@ impl ChunkedLmLoss {
     }
 }
 
-impl CustomOp1 for ChunkedLmLoss {
-    fn name(&self) -> &'static str {
-        "chunked-lm-head-loss"
-    }
-
-    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        let (n, hidden) = l.shape().dims2()?;
-        let Some((start, end)) = l.contiguous_offsets() else {
-            bail!("lm head loss: hidden rows must be contiguous");
-        };
-        let h = &s.as_slice::<f32>()?[start..end];
-        let (w_storage, w_layout) = self.weight.storage_and_layout();
-        let Storage::Cpu(w_cpu) = &*w_storage else {
-            bail!("lm head loss runs on the CPU only");
-        };
-        let Some((ws, we)) = w_layout.contiguous_offsets() else {
-            bail!("lm head loss: the head must be contiguous");
-        };
-        let w = &w_cpu.as_slice::<f32>()?[ws..we];
-        let (vocab, wh) = w_layout.shape().dims2()?;
-        if wh != hidden || self.targets.len() != n {
-            bail!(
-                "lm head loss: {n}×{hidden} rows, {} targets, head {vocab}×{wh}",
-                self.targets.len()
-            );
-        }
-        if let Some(&t) = self.targets.iter().find(|&&t| t as usize >= vocab) {
-            bail!("lm head loss: target {t} is past the vocabulary ({vocab})");
-        }
+impl ChunkedLmLoss {
+    /// Per-row losses and (with `with_grad`) gradient rows for hidden rows `h` and the
+    /// head `w` (vocab × hidden), a chunk of rows at a time.
+    fn chunks(&self, h: &[f32], w: &[f32], vocab: usize) -> Result<(Vec<f32>, Vec<f32>)> {
+        let n = self.targets.len();
+        let hidden = w.len() / vocab.max(1);
         let chunk = (CHUNK_VALUES / vocab.max(1)).clamp(1, n.max(1));
         let mut nll = vec![0f32; n];
         let mut grad = if self.with_grad {
@@ -94,14 +73,9 @@ impl CustomOp1 for ChunkedLmLoss {
                 .zip(nll[first..first + rows].par_iter_mut())
                 .zip(targets.par_iter())
                 .for_each(|((row, nll), &t)| {
-                    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                    let picked = row[t as usize] - max;
-                    let mut sum = 0f32;
-                    for v in row.iter_mut() {
-                        *v = (*v - max).exp();
-                        sum += *v;
-                    }
-                    *nll = sum.ln() - picked;
+                    let logit = row[t as usize];
+                    let (max, sum) = exp_shifted_in_place(row);
+                    *nll = sum.ln() - (logit - max);
                     // softmax − onehot, the logits' gradient for an upstream 1.
                     let inv = 1.0 / sum;
                     row.iter_mut().for_each(|v| *v *= inv);
@@ -118,6 +92,29 @@ impl CustomOp1 for ChunkedLmLoss {
                 )?;
             }
         }
+        Ok((nll, grad))
+    }
+}
+
+impl CustomOp1 for ChunkedLmLoss {
+    fn name(&self) -> &'static str {
+        "chunked-lm-head-loss"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (n, hidden) = l.shape().dims2()?;
+        let h = values(s, l)?;
+        let (vocab, wh) = self.weight.dims2()?;
+        if wh != hidden || self.targets.len() != n {
+            bail!(
+                "lm head loss: {n}×{hidden} rows, {} targets, head {vocab}×{wh}",
+                self.targets.len()
+            );
+        }
+        if let Some(&t) = self.targets.iter().find(|&&t| t as usize >= vocab) {
+            bail!("lm head loss: target {t} is past the vocabulary ({vocab})");
+        }
+        let (nll, grad) = with_values(&self.weight, |w| self.chunks(h, w, vocab))?;
         if self.with_grad {
             *self.grad_rows.lock().expect("lm loss lock") = Some(grad);
         }

@@ -7,10 +7,11 @@
 //! (rows × r) instead of keeping it. The dropout mask is regenerated from its seed
 //! ([`dropout_keep`]) rather than stored.
 
-use candle_core::{bail, CpuStorage, CustomOp3, DType, Layout, Result, Shape, Storage, Tensor};
+use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
 use super::blas::{matmul, Mat};
+use super::cpu_values::{values, with_f32, with_values};
 
 /// Dropout on the LoRA input: probability `p`, and the seed its mask comes from.
 #[derive(Clone, Debug)]
@@ -41,6 +42,28 @@ fn mask_base(keys: Option<&[u32]>, m: usize, cols: usize) -> u64 {
     keys.map_or(m, |k| k[m] as usize) as u64 * cols as u64
 }
 
+/// Runs `f(out, value, kept)` over `out` and `src` (rows × cols) with each entry's
+/// place in the mask `d`: the one walk both the forward (applying the mask) and the
+/// backward (the gradient through it) make.
+fn zip_with_mask(
+    out: &mut [f32],
+    src: &[f32],
+    cols: usize,
+    d: &Dropout,
+    f: impl Fn(&mut f32, f32, bool) + Sync,
+) {
+    let keys = d.row_keys.as_deref().map(Vec::as_slice);
+    out.par_chunks_mut(cols)
+        .zip(src.par_chunks(cols))
+        .enumerate()
+        .for_each(|(m, (o, x))| {
+            let base = mask_base(keys, m, cols);
+            for (j, (o, &x)) in o.iter_mut().zip(x).enumerate() {
+                f(o, x, dropout_keep(d.seed, base + j as u64, d.p));
+            }
+        });
+}
+
 /// `x` (rows × cols) with dropout applied (kept values scaled by 1/(1−p)), or `x`.
 fn dropped<'a>(
     x: &'a [f32],
@@ -51,79 +74,21 @@ fn dropped<'a>(
     let Some(d) = dropout else { return x };
     let scale = 1.0 / (1.0 - d.p);
     buf.resize(x.len(), 0.0);
-    let keys = d.row_keys.as_deref().map(Vec::as_slice);
-    buf.par_chunks_mut(cols)
-        .zip(x.par_chunks(cols))
-        .enumerate()
-        .for_each(|(m, (o, x))| {
-            let base = mask_base(keys, m, cols);
-            for (j, (o, &x)) in o.iter_mut().zip(x).enumerate() {
-                *o = if dropout_keep(d.seed, base + j as u64, d.p) {
-                    x * scale
-                } else {
-                    0.0
-                };
-            }
-        });
+    zip_with_mask(buf, x, cols, d, |o, x, kept| {
+        *o = if kept { x * scale } else { 0.0 }
+    });
     buf
 }
 
 /// The op; its inputs are `x` (rows × in), `A` (r × in) and `B` (out × r). The frozen
-/// weight (out × in) and bias (out) are f32, contiguous and not differentiated.
+/// weight (out × in; f32, or bf16/f16 widened per call) and bias (out, f32) are
+/// contiguous and not differentiated.
+#[derive(Clone)]
 pub struct LoraLinear {
     pub weight: Tensor,
     pub bias: Option<Tensor>,
     pub scale: f32,
     pub dropout: Option<Dropout>,
-}
-
-/// The contiguous f32 values of a CPU tensor, handed to `f`.
-fn with_values<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> Result<R>) -> Result<R> {
-    let t = if t.is_contiguous() {
-        t.clone()
-    } else {
-        t.contiguous()?
-    };
-    let (storage, layout) = t.storage_and_layout();
-    let Storage::Cpu(cpu) = &*storage else {
-        bail!("the fused LoRA linear runs on the CPU only");
-    };
-    values(cpu, layout).and_then(f)
-}
-
-/// The frozen weight as f32 values, handed to `f`: borrowed when it is f32, widened
-/// into a transient buffer when it is kept in bf16/f16 (exact either way).
-fn with_weight<R>(w: &Tensor, f: impl FnOnce(&[f32]) -> Result<R>) -> Result<R> {
-    if w.dtype() == DType::F32 {
-        return with_values(w, f);
-    }
-    let (storage, layout) = w.storage_and_layout();
-    let Storage::Cpu(cpu) = &*storage else {
-        bail!("the fused LoRA linear runs on the CPU only");
-    };
-    let Some((start, end)) = layout.contiguous_offsets() else {
-        bail!("the fused LoRA linear needs a contiguous weight");
-    };
-    let mut wide = vec![0f32; end - start];
-    match cpu {
-        CpuStorage::BF16(v) => widen(&v[start..end], &mut wide, |x| x.to_f32()),
-        CpuStorage::F16(v) => widen(&v[start..end], &mut wide, |x| x.to_f32()),
-        _ => bail!("the fused LoRA linear takes f32, bf16 or f16 weights"),
-    }
-    f(&wide)
-}
-
-fn widen<T: Copy + Sync>(src: &[T], dst: &mut [f32], f: impl Fn(T) -> f32 + Sync) {
-    dst.par_chunks_mut(1 << 14)
-        .zip(src.par_chunks(1 << 14))
-        .for_each(|(d, s)| d.iter_mut().zip(s).for_each(|(d, &s)| *d = f(s)));
-}
-
-fn values<'a>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [f32]> {
-    let Some((start, end)) = l.contiguous_offsets() else {
-        bail!("the fused LoRA linear needs contiguous inputs");
-    };
-    Ok(&s.as_slice::<f32>()?[start..end])
 }
 
 impl LoraLinear {
@@ -139,19 +104,10 @@ impl LoraLinear {
         let dims = x.dims().to_vec();
         let k = *dims.last().unwrap_or(&0);
         let x2 = x.reshape((x.elem_count() / k.max(1), k))?.contiguous()?;
-        let y = x2.apply_op3(a, b, self.clone_op())?;
+        let y = x2.apply_op3(a, b, self.clone())?;
         let mut out = dims;
         *out.last_mut().expect("x has a feature dimension") = self.weight.dim(0)?;
         y.reshape(out)
-    }
-
-    fn clone_op(&self) -> LoraLinear {
-        LoraLinear {
-            weight: self.weight.clone(),
-            bias: self.bias.clone(),
-            scale: self.scale,
-            dropout: self.dropout.clone(),
-        }
     }
 }
 
@@ -186,7 +142,7 @@ impl CustomOp3 for LoraLinear {
             })?,
             None => false,
         };
-        with_weight(&self.weight, |w| {
+        with_f32(&self.weight, |w| {
             matmul(&mut y, has_bias, 1.0, Mat::rm(x, m, k), Mat::t(w, n, k))
         })?;
         matmul(&mut y, true, self.scale, Mat::rm(&u, m, r), Mat::t(b, n, r))?;
@@ -209,7 +165,7 @@ impl CustomOp3 for LoraLinear {
             with_values(a, |a| {
                 with_values(b, |b| {
                     with_values(g, |g| {
-                        with_weight(&self.weight, |w| {
+                        with_f32(&self.weight, |w| {
                             let mut buf = Vec::new();
                             let xd = dropped(x, k, self.dropout.as_ref(), &mut buf);
                             // g B (rows × r) feeds both dA and the LoRA part of dx.
@@ -252,16 +208,9 @@ impl CustomOp3 for LoraLinear {
 /// `dx += D(t)`: the LoRA path's input gradient through the dropout mask.
 fn add_through_mask(dx: &mut [f32], t: &[f32], cols: usize, d: &Dropout) {
     let scale = 1.0 / (1.0 - d.p);
-    let keys = d.row_keys.as_deref().map(Vec::as_slice);
-    dx.par_chunks_mut(cols)
-        .zip(t.par_chunks(cols))
-        .enumerate()
-        .for_each(|(m, (o, t))| {
-            let base = mask_base(keys, m, cols);
-            for (j, (o, &t)) in o.iter_mut().zip(t).enumerate() {
-                if dropout_keep(d.seed, base + j as u64, d.p) {
-                    *o += t * scale;
-                }
-            }
-        });
+    zip_with_mask(dx, t, cols, d, |o, t, kept| {
+        if kept {
+            *o += t * scale;
+        }
+    });
 }

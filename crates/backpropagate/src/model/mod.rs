@@ -4,6 +4,7 @@
 mod attention_op;
 pub mod blas;
 mod config;
+mod cpu_values;
 mod decoder;
 mod fused;
 mod lm_loss;
