@@ -451,7 +451,7 @@ pub fn write_two_tasks(
 /// rest in bf16, and `quantization_config` in config.json. Tests load it as users load
 /// `*-bnb-4bit` models from the Hub.
 pub fn write_bnb_4bit(src: &Path, dst: &Path, double_quant: bool) -> Result<()> {
-    use crate::model::nf4::{le_floats, quantize, NF4};
+    use crate::quant::nf4::{le_floats, quantize, NF4};
     use safetensors::Dtype;
 
     std::fs::create_dir_all(dst).map_err(|e| Error::io(dst, e))?;

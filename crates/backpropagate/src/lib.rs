@@ -26,6 +26,7 @@ pub mod lora;
 pub mod model;
 pub mod model_dir;
 pub mod ollama;
+pub mod quant;
 pub mod run;
 mod safe_path;
 pub mod slao;

@@ -11,7 +11,7 @@ use backpropagate::config::{BaseQuant, BatchSize};
 use backpropagate::event::Event;
 use backpropagate::fixture::{write_bnb_4bit, write_fixture_model, Family, FixtureSpec};
 use backpropagate::gpu::memory::{estimate_fused, weight_bits, Shape};
-use backpropagate::model::quant::FrozenWeight;
+use backpropagate::model::qlinear::FrozenWeight;
 use backpropagate::model::{CausalLm, ModelConfig};
 use backpropagate::run::{RunDir, RunStatus};
 use backpropagate::train::probe::probe_with;

@@ -13,8 +13,8 @@ use serde_json::Value;
 
 use crate::error::{Error, Result};
 use crate::lora::LoraLayer;
-use crate::model::nf4::{dequantize_weight, le_floats, weight_of_state, QuantState};
 use crate::model::safetensors_paths;
+use crate::quant::nf4::{dequantize_weight, le_floats, weight_of_state, QuantState};
 
 struct Entry {
     file: usize,

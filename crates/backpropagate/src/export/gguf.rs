@@ -10,12 +10,12 @@ use serde_json::Value as Json;
 
 use super::base_reader::{add_lora, permute_rows, BaseReader};
 use super::gguf_file::{GgmlType, GgufWriter, TensorInfo, Value};
-use super::quant::encode;
 use crate::data::ChatTemplate;
 use crate::error::{Error, Result};
 use crate::event::{Event, EventSink};
 use crate::lora::LoraSet;
 use crate::model::{expected_tensors, inv_freq, Arch, ModelConfig, RopeScaling};
+use crate::quant::encode;
 
 /// GGUF weight types we write.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -7,45 +7,9 @@ use std::io::{BufWriter, Seek, Write};
 use std::path::{Path, PathBuf};
 
 use crate::error::{Error, Result};
+pub use crate::quant::GgmlType;
 
 pub const ALIGNMENT: u64 = 32;
-
-/// ggml tensor types we write (ids from ggml.h).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum GgmlType {
-    F32 = 0,
-    F16 = 1,
-    Q4_0 = 2,
-    Q5_0 = 6,
-    Q5_1 = 7,
-    Q8_0 = 8,
-    Q4K = 12,
-    Q5K = 13,
-    Q6K = 14,
-    Bf16 = 30,
-}
-
-impl GgmlType {
-    /// (elements per block, bytes per block)
-    pub fn block(self) -> (usize, usize) {
-        match self {
-            GgmlType::F32 => (1, 4),
-            GgmlType::F16 | GgmlType::Bf16 => (1, 2),
-            GgmlType::Q4_0 => (32, 18),
-            GgmlType::Q5_0 => (32, 22),
-            GgmlType::Q5_1 => (32, 24),
-            GgmlType::Q8_0 => (32, 34),
-            GgmlType::Q4K => (256, 144),
-            GgmlType::Q5K => (256, 176),
-            GgmlType::Q6K => (256, 210),
-        }
-    }
-
-    pub fn bytes_for(self, elements: usize) -> usize {
-        let (n, b) = self.block();
-        elements / n * b
-    }
-}
 
 /// A metadata value.
 #[derive(Debug, Clone, PartialEq)]

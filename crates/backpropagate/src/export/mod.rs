@@ -8,9 +8,7 @@
 mod base_reader;
 mod gguf;
 pub(crate) mod gguf_file;
-mod kquants;
 mod merged;
-pub(crate) mod quant;
 
 pub use gguf::GgufQuant;
 

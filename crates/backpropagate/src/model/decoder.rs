@@ -18,7 +18,7 @@ use super::lora_op::{Dropout, LoraLinear};
 use super::ops::{
     apply_rope, cross_entropy_sum, dropout_mask, frozen_linear, rms_norm, softmax_last_dim,
 };
-use super::quant::{quant_linear, FrozenWeight};
+use super::qlinear::{quant_linear, FrozenWeight};
 use super::rope::RopeTables;
 use super::weights::Weights;
 use crate::config::BaseQuant;

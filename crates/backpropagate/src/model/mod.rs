@@ -9,10 +9,9 @@ mod decoder;
 mod fused;
 mod lm_loss;
 mod lora_op;
-pub mod nf4;
 pub mod ops;
 pub mod profile;
-pub mod quant;
+pub mod qlinear;
 mod rope;
 mod weights;
 

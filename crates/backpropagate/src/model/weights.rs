@@ -11,10 +11,10 @@ use candle_core::{DType, Device, Tensor};
 use std::borrow::Cow;
 use std::collections::HashMap;
 
-use super::nf4::{dequantize_weight, le_floats, weight_of_state, QuantState};
-use super::quant::FrozenWeight;
+use super::qlinear::FrozenWeight;
 use crate::config::BaseQuant;
 use crate::error::{Error, Result};
+use crate::quant::nf4::{dequantize_weight, le_floats, weight_of_state, QuantState};
 
 pub struct Weights {
     files: MmapedSafetensors,

@@ -11,8 +11,7 @@ use candle_core::quantized::{GgmlDType, QStorage, QTensor};
 use candle_core::{CpuStorage, CustomOp1, DType, Device, Layout, Result, Shape, Storage, Tensor};
 
 use crate::config::BaseQuant;
-use crate::export::gguf_file::GgmlType;
-use crate::export::quant::encode;
+use crate::quant::{encode, GgmlType};
 
 /// A frozen weight of shape (out, in): dense, or quantized in blocks along `in`.
 #[derive(Clone)]
