@@ -230,3 +230,59 @@ fn a_bf16_checkpoint_keeps_its_linears_in_bf16_with_the_same_results_as_widened_
     let r = pass(&m_half, &lora, &rows, true);
     assert!((r.loss - a.loss).abs() <= 1e-5 * a.loss.abs());
 }
+
+/// QLoRA bases through the fused ops (a band of rows decoded at a time) against the
+/// reference decoder (the whole weight dequantized for each product), with LoRA on two
+/// projections only so the other linears take the frozen-only op; and a bf16 base
+/// likewise, both on padded and packed rows.
+#[test]
+fn quantized_and_frozen_only_linears_match_the_reference_decoder() {
+    use backpropagate::config::BaseQuant;
+    use candle_core::DType;
+    let dir = tempfile::tempdir().unwrap();
+    write_fixture_model(dir.path(), &FixtureSpec::new(Family::Llama)).unwrap();
+    let config = ModelConfig::load(&dir.path().join("config.json")).unwrap();
+    for quant in [BaseQuant::Q8_0, BaseQuant::Q4K, BaseQuant::F32] {
+        let mut rng = ChaCha8Rng::seed_from_u64(9);
+        let lora_config = LoraConfig {
+            r: 4,
+            dropout: 0.1,
+            target_modules: vec!["q_proj".into(), "v_proj".into()],
+            ..LoraConfig::default()
+        };
+        let lora = LoraSet::init(&config, &lora_config, &mut rng, &Device::Cpu).unwrap();
+        give_b_values(&lora, &mut rng);
+        let mut model = CausalLm::load_with(
+            dir.path(),
+            config.clone(),
+            Some(&lora),
+            64,
+            &Device::Cpu,
+            quant,
+            DType::F32,
+        )
+        .unwrap();
+        let rows = rows(config.vocab_size as u32, &mut rng);
+        model.set_fused(false);
+        let want = pass(&model, &lora, &rows, true);
+        model.set_fused(true);
+        let got = pass(&model, &lora, &rows, true);
+        assert!(
+            (got.loss - want.loss).abs() <= 1e-5 * want.loss.abs(),
+            "{quant:?}: loss {} vs reference {}",
+            got.loss,
+            want.loss
+        );
+        assert_eq!(got.grads.len(), 2 * 2 * config.num_layers);
+        for (i, (g, w)) in got.grads.iter().zip(&want.grads).enumerate() {
+            let scale = w.iter().fold(0f32, |m, v| m.max(v.abs()));
+            let diff = g.iter().zip(w).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+            assert!(scale > 0.0, "{quant:?}: gradient {i} is zero");
+            assert!(
+                diff <= 1e-4 * scale,
+                "{quant:?}: gradient {} differs by {diff} (largest value {scale})",
+                lora.named_vars()[i].0
+            );
+        }
+    }
+}

@@ -76,7 +76,21 @@ impl<'a> Mat<'a> {
 /// rhs.cols`, multi-threaded. Shapes and buffer lengths are checked, so a wrong call
 /// is an error, never an out-of-bounds read.
 pub fn matmul(dst: &mut [f32], accumulate: bool, beta: f32, lhs: Mat, rhs: Mat) -> Result<()> {
-    product(dst, accumulate, beta, lhs, rhs, true)
+    let n = rhs.cols;
+    product(dst, n, accumulate, beta, lhs, rhs, true)
+}
+
+/// [`matmul`] into a destination whose rows are `dst_rs` apart: a band of columns of
+/// a wider row-major matrix (`dst` starts at the band's first column).
+pub fn matmul_into_columns(
+    dst: &mut [f32],
+    dst_rs: usize,
+    accumulate: bool,
+    beta: f32,
+    lhs: Mat,
+    rhs: Mat,
+) -> Result<()> {
+    product(dst, dst_rs, accumulate, beta, lhs, rhs, true)
 }
 
 /// [`matmul`] on the calling thread only: for many small products already run in
@@ -88,11 +102,13 @@ pub fn matmul_serial(
     lhs: Mat,
     rhs: Mat,
 ) -> Result<()> {
-    product(dst, accumulate, beta, lhs, rhs, false)
+    let n = rhs.cols;
+    product(dst, n, accumulate, beta, lhs, rhs, false)
 }
 
 fn product(
     dst: &mut [f32],
+    dst_rs: usize,
     accumulate: bool,
     beta: f32,
     lhs: Mat,
@@ -113,15 +129,25 @@ fn product(
             );
         }
     }
-    if dst.len() != m * n {
-        bail!("gemm: destination holds {} values, not {m}×{n}", dst.len());
+    let fits = if dst_rs == n {
+        dst.len() == m * n
+    } else {
+        dst_rs > n && (m == 0 || dst.len() >= (m - 1) * dst_rs + n)
+    };
+    if !fits {
+        bail!(
+            "gemm: destination of {} values does not hold {m}×{n} with rows {dst_rs} apart",
+            dst.len()
+        );
     }
     if m == 0 || n == 0 {
         return Ok(());
     }
     if k == 0 {
         if !accumulate {
-            dst.fill(0.0);
+            for row in 0..m {
+                dst[row * dst_rs..row * dst_rs + n].fill(0.0);
+            }
         }
         return Ok(());
     }
@@ -134,7 +160,7 @@ fn product(
     let mut run = || {
         // SAFETY: every index the kernel touches is (i·rs + j·cs) with i < rows and
         // j < cols, all below the matrix's extent, checked above to be within its
-        // slice; dst is m×n row-major and exclusively borrowed.
+        // slice; dst's (i·dst_rs + j) likewise, and it is exclusively borrowed.
         unsafe {
             gemm::gemm(
                 m,
@@ -142,7 +168,7 @@ fn product(
                 k,
                 dst.as_mut_ptr(),
                 1,
-                n as isize,
+                dst_rs as isize,
                 accumulate,
                 lhs.data.as_ptr(),
                 lhs.cs,
@@ -199,6 +225,28 @@ mod tests {
             matmul(&mut acc, true, 0.5, Mat::rm(&a, m, k), Mat::t(&bt, n, k)).unwrap();
         }
         assert_eq!(acc, want);
+        // Two bands of columns written into a wider matrix give the whole product.
+        let split = 9;
+        let mut wide = vec![0.0; m * n];
+        matmul_into_columns(
+            &mut wide[split..],
+            n,
+            false,
+            1.0,
+            Mat::rm(&a, m, k),
+            Mat::t(&bt[split * k..], n - split, k),
+        )
+        .unwrap();
+        matmul_into_columns(
+            &mut wide,
+            n,
+            true,
+            1.0,
+            Mat::rm(&a, m, k),
+            Mat::t(&bt[..split * k], split, k),
+        )
+        .unwrap();
+        assert_eq!(wide, want);
         assert!(matmul(&mut acc, false, 1.0, Mat::rm(&a, m, k), Mat::rm(&b, n, k)).is_err());
         assert!(matmul(
             &mut acc[1..],

@@ -12,6 +12,7 @@ use rand_chacha::ChaCha8Rng;
 
 use super::attention_op::Attention;
 use super::config::ModelConfig;
+use super::frozen_linear::FrozenLinear;
 use super::fused::{RopeHeads, SwiGlu};
 use super::lm_loss::ChunkedLmLoss;
 use super::lora_op::{Dropout, LoraLinear};
@@ -60,8 +61,8 @@ impl Linear {
         })
     }
 
-    /// `fused`: one op for base + bias + LoRA where it can run (CPU, f32, dense
-    /// weight), else the basic ops. Both draw one dropout seed per call, so they drop
+    /// `fused`: one op for base + bias + LoRA where it can run (CPU, f32), else the
+    /// basic ops. Both draw one dropout seed per call, so they drop
     /// the same entries.
     /// `row_keys`: in a padding-free batch, each row's index in the padded one, so
     /// dropout drops the same entries either way.
@@ -76,19 +77,28 @@ impl Linear {
             (Some(_), Some(rng)) if self.dropout > 0.0 => Some(rng.gen::<u64>()),
             _ => None,
         };
-        if let (true, Some(l), FrozenWeight::Dense(w)) = (fused, &self.lora, &self.weight) {
-            if LoraLinear::supports(x, w) {
-                let op = LoraLinear {
-                    weight: w.clone(),
-                    bias: self.bias.clone(),
-                    scale: self.scale as f32,
-                    dropout: seed.map(|seed| Dropout {
-                        p: self.dropout,
-                        seed,
-                        row_keys: row_keys.cloned(),
-                    }),
-                };
-                return op.forward(x, l.a.as_tensor(), l.b.as_tensor());
+        if fused && LoraLinear::supports(x, &self.weight) {
+            match &self.lora {
+                Some(l) => {
+                    let op = LoraLinear {
+                        weight: self.weight.clone(),
+                        bias: self.bias.clone(),
+                        scale: self.scale as f32,
+                        dropout: seed.map(|seed| Dropout {
+                            p: self.dropout,
+                            seed,
+                            row_keys: row_keys.cloned(),
+                        }),
+                    };
+                    return op.forward(x, l.a.as_tensor(), l.b.as_tensor());
+                }
+                None => {
+                    let op = FrozenLinear {
+                        weight: self.weight.clone(),
+                        bias: self.bias.clone(),
+                    };
+                    return op.forward(x);
+                }
             }
         }
         let mut y = match &self.weight {

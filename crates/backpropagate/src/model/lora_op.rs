@@ -11,7 +11,9 @@ use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
 use super::blas::{matmul, Mat};
-use super::cpu_values::{values, with_f32, with_values};
+use super::cpu_values::{values, with_values};
+use super::frozen_linear::{self, g_w, init_with_bias, with_frozen, x_wt};
+use super::qlinear::FrozenWeight;
 
 /// Dropout on the LoRA input: probability `p`, and the seed its mask comes from.
 #[derive(Clone, Debug)]
@@ -81,11 +83,11 @@ fn dropped<'a>(
 }
 
 /// The op; its inputs are `x` (rows × in), `A` (r × in) and `B` (out × r). The frozen
-/// weight (out × in; f32, or bf16/f16 widened per call) and bias (out, f32) are
-/// contiguous and not differentiated.
+/// weight (out × in; f32, bf16/f16 or ggml blocks, converted a band at a time) and
+/// bias (out, f32) are not differentiated.
 #[derive(Clone)]
 pub struct LoraLinear {
-    pub weight: Tensor,
+    pub weight: FrozenWeight,
     pub bias: Option<Tensor>,
     pub scale: f32,
     pub dropout: Option<Dropout>,
@@ -93,10 +95,8 @@ pub struct LoraLinear {
 
 impl LoraLinear {
     /// Whether the op can run these inputs (else the basic-op layer is used).
-    pub fn supports(x: &Tensor, weight: &Tensor) -> bool {
-        x.device().is_cpu()
-            && x.dtype() == DType::F32
-            && matches!(weight.dtype(), DType::F32 | DType::BF16 | DType::F16)
+    pub fn supports(x: &Tensor, weight: &FrozenWeight) -> bool {
+        x.device().is_cpu() && x.dtype() == DType::F32 && frozen_linear::supports(weight)
     }
 
     /// `y` for `x` (any leading shape, features last).
@@ -106,7 +106,7 @@ impl LoraLinear {
         let x2 = x.reshape((x.elem_count() / k.max(1), k))?.contiguous()?;
         let y = x2.apply_op3(a, b, self.clone())?;
         let mut out = dims;
-        *out.last_mut().expect("x has a feature dimension") = self.weight.dim(0)?;
+        *out.last_mut().expect("x has a feature dimension") = self.weight.rows()?;
         y.reshape(out)
     }
 }
@@ -134,17 +134,8 @@ impl CustomOp3 for LoraLinear {
         let mut u = vec![0f32; m * r];
         matmul(&mut u, false, 1.0, Mat::rm(xd, m, k), Mat::t(a, r, k))?;
         let mut y = vec![0f32; m * n];
-        let has_bias = match &self.bias {
-            Some(bias) => with_values(bias, |bias| {
-                y.par_chunks_mut(n)
-                    .for_each(|row| row.copy_from_slice(bias));
-                Ok(true)
-            })?,
-            None => false,
-        };
-        with_f32(&self.weight, |w| {
-            matmul(&mut y, has_bias, 1.0, Mat::rm(x, m, k), Mat::t(w, n, k))
-        })?;
+        let has_bias = init_with_bias(&mut y, n, self.bias.as_ref())?;
+        with_frozen(&self.weight, |w| x_wt(&mut y, has_bias, x, m, w))?;
         matmul(&mut y, true, self.scale, Mat::rm(&u, m, r), Mat::t(b, n, r))?;
         Ok((CpuStorage::F32(y), Shape::from((m, n))))
     }
@@ -165,14 +156,14 @@ impl CustomOp3 for LoraLinear {
             with_values(a, |a| {
                 with_values(b, |b| {
                     with_values(g, |g| {
-                        with_f32(&self.weight, |w| {
+                        with_frozen(&self.weight, |w| {
                             let mut buf = Vec::new();
                             let xd = dropped(x, k, self.dropout.as_ref(), &mut buf);
                             // g B (rows × r) feeds both dA and the LoRA part of dx.
                             let mut gb = vec![0f32; m * r];
                             matmul(&mut gb, false, 1.0, Mat::rm(g, m, n), Mat::rm(b, n, r))?;
                             let mut dx = vec![0f32; m * k];
-                            matmul(&mut dx, false, 1.0, Mat::rm(g, m, n), Mat::rm(w, n, k))?;
+                            g_w(&mut dx, false, g, m, w)?;
                             match &self.dropout {
                                 None => {
                                     matmul(&mut dx, true, s, Mat::rm(&gb, m, r), Mat::rm(a, r, k))?

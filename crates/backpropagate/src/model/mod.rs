@@ -6,6 +6,7 @@ pub mod blas;
 mod config;
 mod cpu_values;
 mod decoder;
+mod frozen_linear;
 mod fused;
 mod lm_loss;
 mod lora_op;

@@ -57,6 +57,14 @@ impl FrozenWeight {
         }
     }
 
+    /// Output features (the weight's rows).
+    pub fn rows(&self) -> Result<usize> {
+        match self {
+            FrozenWeight::Dense(t) => t.dim(0),
+            FrozenWeight::Quant(q) => Ok(q.shape().dims2()?.0),
+        }
+    }
+
     /// Bytes this weight occupies (for logs and the memory estimate).
     pub fn bytes(&self) -> usize {
         match self {

@@ -7,8 +7,11 @@
 use half::{bf16, f16};
 use rayon::prelude::*;
 
+mod decode;
 pub mod kquants;
 pub mod nf4;
+
+pub use decode::decode;
 
 /// ggml tensor types we write (ids from ggml.h).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
