@@ -7,9 +7,13 @@
 //! layout the output projection reads. Built from basic ops this is a product over
 //! padded rows, a dense mask, a softmax, a product and two transposed copies, keeping
 //! the scores and probabilities (2·heads·t values per token) for backward; here each
-//! (segment, k/v head) is one task over its query heads, only the log-sum-exp of each
-//! score row is kept, and backward recomputes the probabilities. Sums run in a fixed
-//! order per task, so results do not depend on thread timing.
+//! (segment, k/v head, block of 64 query rows) is one task over its query heads that
+//! sees only the keys its rows may attend to, only the log-sum-exp of each score row
+//! is kept, and backward recomputes the probabilities. A task's scores are 64 × (its
+//! causal prefix) values whatever the segment's length, and sums run in a fixed order,
+//! so results do not depend on thread timing. (Keys are not tiled with an online
+//! softmax as FlashAttention does on GPUs: a 64-row block of a 32k-token segment is
+//! 8 MiB, and a whole prefix per row keeps the softmax exact and simple.)
 
 use std::sync::{Arc, Mutex};
 
@@ -77,18 +81,51 @@ impl Attention {
         Ok(Dims { h, kv, t, d })
     }
 
-    /// (segment index, k/v head) pairs: the independent tasks.
-    fn tasks(&self, kv: usize) -> Vec<(usize, usize)> {
-        (0..self.segments.len())
-            .flat_map(|s| (0..kv).map(move |g| (s, g)))
-            .collect()
+    /// The independent tasks: (segment, k/v head, block of query rows).
+    fn tasks(&self, kv: usize) -> Vec<Task> {
+        let mut tasks = Vec::new();
+        for &(s0, n) in self.segments.iter() {
+            for g in 0..kv {
+                for i0 in (0..n).step_by(BLOCK_ROWS) {
+                    tasks.push(Task {
+                        s0,
+                        g,
+                        i0,
+                        i1: (i0 + BLOCK_ROWS).min(n),
+                    });
+                }
+            }
+        }
+        tasks
     }
 }
 
-/// Causal scores of one head on one segment: `s = q kᵀ` (n × n), rows then
-/// softmaxed over their first i + 1 entries by the caller.
-fn scores(q: Mat, k: Mat, n: usize, s: &mut [f32]) -> Result<()> {
-    matmul_serial(&mut s[..n * n], false, 1.0, q, k)
+/// Query rows per task. A block's rows attend to keys `0..i1` of their segment only
+/// (the causal prefix), so long segments skip the upper triangle of the score matrix
+/// and a task's scores are `BLOCK_ROWS × i1` values, not the segment's n × n.
+const BLOCK_ROWS: usize = 64;
+
+/// Query rows `i0..i1` of the segment starting at `s0`, against k/v head `g`.
+#[derive(Clone, Copy)]
+struct Task {
+    s0: usize,
+    g: usize,
+    i0: usize,
+    i1: usize,
+}
+
+impl Task {
+    fn rows(&self) -> usize {
+        self.i1 - self.i0
+    }
+}
+
+/// Probabilities of one head's block of query rows: `s` (m × i1) holds `q kᵀ` on
+/// entry, then each row's causal softmax; returns the rows' log-sum-exps in `lse`.
+fn block_softmax(s: &mut [f32], i0: usize, i1: usize, lse: &mut [f32]) {
+    for (ii, (row, l)) in s.chunks_mut(i1).zip(lse).enumerate() {
+        *l = causal_softmax(row, i0 + ii);
+    }
 }
 
 impl CustomOp3 for Attention {
@@ -111,44 +148,35 @@ impl CustomOp3 for Attention {
         let tasks = self.tasks(kv);
         let per_task: Vec<(Vec<f32>, Vec<f32>)> = tasks
             .par_iter()
-            .map(|&(si, g)| -> Result<(Vec<f32>, Vec<f32>)> {
-                let (s0, n) = self.segments[si];
-                let vg = Mat::rows_apart(&v[(s0 * kv + g) * d..], n, d, kv * d);
-                let mut out = vec![0f32; n_rep * n * d];
-                let mut lse = vec![0f32; n_rep * n];
-                let mut s = vec![0f32; n * n];
+            .map(|task| -> Result<(Vec<f32>, Vec<f32>)> {
+                let Task { s0, g, i0, i1, .. } = *task;
+                let m = task.rows();
+                let vg = Mat::rows_apart(&v[(s0 * kv + g) * d..], i1, d, kv * d);
+                let kt = Mat::t(&k[(g * t + s0) * d..][..i1 * d], i1, d);
+                let mut out = vec![0f32; n_rep * m * d];
+                let mut lse = vec![0f32; n_rep * m];
+                let mut s = vec![0f32; m * i1];
                 for r in 0..n_rep {
                     let hi = g * n_rep + r;
-                    let qh = Mat::rm(&q[(hi * t + s0) * d..][..n * d], n, d);
-                    scores(qh, Mat::t(&k[(g * t + s0) * d..][..n * d], n, d), n, &mut s)?;
-                    for (i, (row, l)) in s
-                        .chunks_mut(n)
-                        .zip(&mut lse[r * n..(r + 1) * n])
-                        .enumerate()
-                    {
-                        *l = causal_softmax(row, i);
-                    }
-                    matmul_serial(
-                        &mut out[r * n * d..(r + 1) * n * d],
-                        false,
-                        1.0,
-                        Mat::rm(&s, n, n),
-                        vg,
-                    )?;
+                    let qh = Mat::rm(&q[(hi * t + s0 + i0) * d..][..m * d], m, d);
+                    matmul_serial(&mut s, false, 1.0, qh, kt)?;
+                    block_softmax(&mut s, i0, i1, &mut lse[r * m..(r + 1) * m]);
+                    let o = &mut out[r * m * d..(r + 1) * m * d];
+                    matmul_serial(o, false, 1.0, Mat::rm(&s, m, i1), vg)?;
                 }
                 Ok((out, lse))
             })
             .collect::<Result<_>>()?;
         let mut out = vec![0f32; t * h * d];
         let mut lse = vec![0f32; h * t];
-        for (&(si, g), (go, gl)) in tasks.iter().zip(&per_task) {
-            let (s0, n) = self.segments[si];
+        for (task, (go, gl)) in tasks.iter().zip(&per_task) {
+            let (m, first) = (task.rows(), task.s0 + task.i0);
             for r in 0..n_rep {
-                let hi = g * n_rep + r;
-                lse[hi * t + s0..][..n].copy_from_slice(&gl[r * n..(r + 1) * n]);
-                for i in 0..n {
-                    out[((s0 + i) * h + hi) * d..][..d]
-                        .copy_from_slice(&go[(r * n + i) * d..][..d]);
+                let hi = task.g * n_rep + r;
+                lse[hi * t + first..][..m].copy_from_slice(&gl[r * m..(r + 1) * m]);
+                for i in 0..m {
+                    out[((first + i) * h + hi) * d..][..d]
+                        .copy_from_slice(&go[(r * m + i) * d..][..d]);
                 }
             }
         }
@@ -170,7 +198,9 @@ impl CustomOp3 for Attention {
             bail!("fused attention: backward ran twice");
         };
         let tasks = self.tasks(kv);
-        // Per task: dq of its n_rep heads, and its dk, dv rows.
+        // Per task: dq of its rows for its n_rep heads, and its share of dk, dv over
+        // the keys its rows see (0..i1); shares are added in task order below, so the
+        // sums do not depend on thread timing.
         type Grads = (Vec<f32>, Vec<f32>, Vec<f32>);
         let per_task: Vec<Grads> = with_values(q, |q| {
             with_values(k, |k| {
@@ -178,58 +208,8 @@ impl CustomOp3 for Attention {
                     with_values(grad, |go| {
                         tasks
                             .par_iter()
-                            .map(|&(si, g)| -> Result<Grads> {
-                                let (s0, n) = self.segments[si];
-                                let kd = &k[(g * t + s0) * d..][..n * d];
-                                let vg = &v[(s0 * kv + g) * d..];
-                                let mut dq = vec![0f32; n_rep * n * d];
-                                let mut dk = vec![0f32; n * d];
-                                let mut dv = vec![0f32; n * d];
-                                let mut p = vec![0f32; n * n];
-                                let mut dp = vec![0f32; n * n];
-                                for r in 0..n_rep {
-                                    let hi = g * n_rep + r;
-                                    let qd = &q[(hi * t + s0) * d..][..n * d];
-                                    // This head's output gradient: n rows, h·d apart.
-                                    let gm = Mat::rows_apart(&go[(s0 * h + hi) * d..], n, d, h * d);
-                                    scores(Mat::rm(qd, n, d), Mat::t(kd, n, d), n, &mut p)?;
-                                    let l = &lse[hi * t + s0..][..n];
-                                    for (i, (row, &l)) in p.chunks_mut(n).zip(l).enumerate() {
-                                        for (j, s) in row.iter_mut().enumerate() {
-                                            *s = if j <= i && l != f32::NEG_INFINITY {
-                                                (*s - l).exp()
-                                            } else {
-                                                0.0
-                                            };
-                                        }
-                                    }
-                                    // dP = dO vᵀ; dS = P ⊙ (dP − rowsum(P ⊙ dP)).
-                                    let vt = Mat::t_rows_apart(vg, n, d, kv * d);
-                                    matmul_serial(&mut dp, false, 1.0, gm, vt)?;
-                                    for (pr, dr) in p.chunks(n).zip(dp.chunks_mut(n)) {
-                                        let dot: f32 =
-                                            pr.iter().zip(dr.iter()).map(|(a, b)| a * b).sum();
-                                        for (ds, &pv) in dr.iter_mut().zip(pr) {
-                                            *ds = pv * (*ds - dot);
-                                        }
-                                    }
-                                    matmul_serial(&mut dv, true, 1.0, Mat::t(&p, n, n), gm)?;
-                                    matmul_serial(
-                                        &mut dq[r * n * d..(r + 1) * n * d],
-                                        false,
-                                        1.0,
-                                        Mat::rm(&dp, n, n),
-                                        Mat::rm(kd, n, d),
-                                    )?;
-                                    matmul_serial(
-                                        &mut dk,
-                                        true,
-                                        1.0,
-                                        Mat::t(&dp, n, n),
-                                        Mat::rm(qd, n, d),
-                                    )?;
-                                }
-                                Ok((dq, dk, dv))
+                            .map(|task| {
+                                block_backward(task, n_rep, (h, kv, t, d), (q, k, v, go), &lse)
                             })
                             .collect()
                     })
@@ -239,15 +219,20 @@ impl CustomOp3 for Attention {
         let mut dq = vec![0f32; h * t * d];
         let mut dk = vec![0f32; kv * t * d];
         let mut dv = vec![0f32; t * kv * d];
-        for (&(si, g), (gq, gk, gv)) in tasks.iter().zip(&per_task) {
-            let (s0, n) = self.segments[si];
+        for (task, (gq, gk, gv)) in tasks.iter().zip(&per_task) {
+            let Task { s0, g, i0, i1, .. } = *task;
+            let m = task.rows();
             for r in 0..n_rep {
                 let hi = g * n_rep + r;
-                dq[(hi * t + s0) * d..][..n * d].copy_from_slice(&gq[r * n * d..][..n * d]);
+                dq[(hi * t + s0 + i0) * d..][..m * d].copy_from_slice(&gq[r * m * d..][..m * d]);
             }
-            dk[(g * t + s0) * d..][..n * d].copy_from_slice(gk);
-            for i in 0..n {
-                dv[((s0 + i) * kv + g) * d..][..d].copy_from_slice(&gv[i * d..][..d]);
+            let dkg = &mut dk[(g * t + s0) * d..][..i1 * d];
+            dkg.iter_mut().zip(gk).for_each(|(a, b)| *a += b);
+            for j in 0..i1 {
+                let row = &mut dv[((s0 + j) * kv + g) * d..][..d];
+                row.iter_mut()
+                    .zip(&gv[j * d..][..d])
+                    .for_each(|(a, b)| *a += b);
             }
         }
         let dev = q.device();
@@ -257,6 +242,58 @@ impl CustomOp3 for Attention {
             Some(Tensor::from_vec(dv, (1, t, kv, d), dev)?),
         ))
     }
+}
+
+/// One task's backward: the probabilities recomputed from the scores and the saved
+/// log-sum-exps, then dq for its rows and its shares of dk and dv (keys 0..i1).
+fn block_backward(
+    task: &Task,
+    n_rep: usize,
+    (h, kv, t, d): (usize, usize, usize, usize),
+    (q, k, v, go): (&[f32], &[f32], &[f32], &[f32]),
+    lse: &[f32],
+) -> Result<(Vec<f32>, Vec<f32>, Vec<f32>)> {
+    let Task { s0, g, i0, i1, .. } = *task;
+    let m = task.rows();
+    let kd = &k[(g * t + s0) * d..][..i1 * d];
+    let vg = &v[(s0 * kv + g) * d..];
+    let mut dq = vec![0f32; n_rep * m * d];
+    let mut dk = vec![0f32; i1 * d];
+    let mut dv = vec![0f32; i1 * d];
+    let mut p = vec![0f32; m * i1];
+    let mut dp = vec![0f32; m * i1];
+    for r in 0..n_rep {
+        let hi = g * n_rep + r;
+        let qd = &q[(hi * t + s0 + i0) * d..][..m * d];
+        // This head's output gradient for the block: m rows, h·d apart.
+        let gm = Mat::rows_apart(&go[((s0 + i0) * h + hi) * d..], m, d, h * d);
+        matmul_serial(&mut p, false, 1.0, Mat::rm(qd, m, d), Mat::t(kd, i1, d))?;
+        let l = &lse[hi * t + s0 + i0..][..m];
+        for (ii, (row, &l)) in p.chunks_mut(i1).zip(l).enumerate() {
+            let i = i0 + ii;
+            for (j, s) in row.iter_mut().enumerate() {
+                *s = if j <= i && l != f32::NEG_INFINITY {
+                    (*s - l).exp()
+                } else {
+                    0.0
+                };
+            }
+        }
+        // dP = dO vᵀ; dS = P ⊙ (dP − rowsum(P ⊙ dP)).
+        let vt = Mat::t_rows_apart(vg, i1, d, kv * d);
+        matmul_serial(&mut dp, false, 1.0, gm, vt)?;
+        for (pr, dr) in p.chunks(i1).zip(dp.chunks_mut(i1)) {
+            let dot: f32 = pr.iter().zip(dr.iter()).map(|(a, b)| a * b).sum();
+            for (ds, &pv) in dr.iter_mut().zip(pr) {
+                *ds = pv * (*ds - dot);
+            }
+        }
+        matmul_serial(&mut dv, true, 1.0, Mat::t(&p, m, i1), gm)?;
+        let dqr = &mut dq[r * m * d..(r + 1) * m * d];
+        matmul_serial(dqr, false, 1.0, Mat::rm(&dp, m, i1), Mat::rm(kd, i1, d))?;
+        matmul_serial(&mut dk, true, 1.0, Mat::t(&dp, m, i1), Mat::rm(qd, m, d))?;
+    }
+    Ok((dq, dk, dv))
 }
 
 /// Softmax of score row `i` over its first i + 1 entries (the causal prefix), in
