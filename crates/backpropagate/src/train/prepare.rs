@@ -1,0 +1,261 @@
+//! Everything decided before a run writes anything: the model's architecture, the
+//! device and precision, the tokenized rows and the memory plan. A bad model, data
+//! set or option fails here, so no run folder is left behind for it.
+
+use candle_core::{DType, Device};
+
+use super::batch::Row;
+use super::plan::plan_micro_batch;
+use crate::config::{BaseQuant, Precision, TrainConfig};
+use crate::data::{pack, prepare, split, EncodeOptions, Encoded, PrepareOptions};
+use crate::error::{Error, Result};
+use crate::event::{Event, EventSink, LogLevel};
+use crate::gpu::memory::{self, Estimate};
+use crate::model::{CausalLm, ModelConfig};
+use crate::run::RunInfo;
+
+/// Everything prepared for training, before any file is written.
+pub(super) struct Session {
+    pub(super) config: TrainConfig,
+    pub(super) model_config: ModelConfig,
+    pub(super) train_rows: Vec<Row>,
+    pub(super) val_rows: Vec<Row>,
+    pub(super) micro_batch: usize,
+    pub(super) pad_id: u32,
+    pub(super) device: Device,
+    pub(super) base_quant: BaseQuant,
+    pub(super) dtype: DType,
+    pub(super) estimate: Estimate,
+    pub(super) memory_limit: Option<u64>,
+}
+
+impl Session {
+    pub(super) fn prepare(
+        config: &TrainConfig,
+        info: &RunInfo,
+        sink: &dyn EventSink,
+        memory_limit: Option<u64>,
+    ) -> Result<Self> {
+        let model_config = ModelConfig::load(
+            &crate::model_dir::ModelDir::open(&info.model_dir)?
+                .require("config.json", "the model architecture")?,
+        )?;
+        CausalLm::validate(&info.model_dir, &model_config)?;
+        let picked = crate::gpu::pick(&config.device)?;
+        match &picked.notice {
+            Some(notice) => sink.emit(Event::Log {
+                level: LogLevel::Warn,
+                message: notice.clone(),
+            }),
+            None => sink.emit(Event::Log {
+                level: LogLevel::Info,
+                message: format!("training on {}", picked.label),
+            }),
+        }
+        let base_quant = base_quant(config, info, sink)?;
+        let dtype = dtype(config, &picked.device, sink)?;
+        let (train_rows, val_rows) = rows(config, info, sink)?;
+        let seq = train_rows
+            .iter()
+            .chain(&val_rows)
+            .map(|r| r.input_ids.len())
+            .max()
+            .unwrap_or(1);
+        let estimate = estimate(
+            config,
+            &model_config,
+            &picked.device,
+            base_quant,
+            dtype,
+            seq,
+        );
+        let (micro_batch, accumulation) = plan_micro_batch(
+            config,
+            &train_rows,
+            &estimate,
+            memory::available_bytes(&picked),
+            sink,
+        );
+        sink.emit(Event::Log {
+            level: LogLevel::Info,
+            message: format!(
+                "{} training rows, {} validation rows, micro-batch {} × accumulation {}",
+                train_rows.len(),
+                val_rows.len(),
+                micro_batch,
+                accumulation
+            ),
+        });
+        let mib = |b: u64| b as f64 / (1u64 << 20) as f64;
+        sink.emit(Event::Log {
+            level: LogLevel::Info,
+            message: format!(
+                "memory plan: about {:.0} MiB at micro-batch {micro_batch} ({:.0} MiB fixed + {:.1} MiB per row of up to {seq} tokens)",
+                mib(estimate.fixed_bytes + micro_batch as u64 * estimate.per_sample_bytes),
+                mib(estimate.fixed_bytes),
+                mib(estimate.per_sample_bytes),
+            ),
+        });
+        Ok(Session {
+            config: config.clone(),
+            model_config,
+            train_rows,
+            val_rows,
+            micro_batch,
+            pad_id: 0,
+            device: picked.device,
+            base_quant,
+            dtype,
+            estimate,
+            memory_limit,
+        })
+    }
+}
+
+/// `auto` holds a bitsandbytes 4-bit checkpoint as q4_k, since its linears exist
+/// only quantized; anything else as f32.
+fn base_quant(config: &TrainConfig, info: &RunInfo, sink: &dyn EventSink) -> Result<BaseQuant> {
+    Ok(match config.base_quant {
+        BaseQuant::Auto
+            if crate::model::Weights::open(&info.model_dir, DType::F32, &Device::Cpu)?
+                .has_nf4() =>
+        {
+            sink.emit(Event::Log {
+                level: LogLevel::Info,
+                message: "bitsandbytes 4-bit checkpoint: its linears are dequantized and held as q4_k (QLoRA)".into(),
+            });
+            BaseQuant::Q4K
+        }
+        BaseQuant::Auto => BaseQuant::F32,
+        q => q,
+    })
+}
+
+fn dtype(config: &TrainConfig, device: &Device, sink: &dyn EventSink) -> Result<DType> {
+    let dtype = match config.precision {
+        Precision::F32 => DType::F32,
+        Precision::Bf16 => DType::BF16,
+        Precision::Auto if device.is_cpu() => DType::F32,
+        Precision::Auto => DType::BF16,
+    };
+    if dtype == DType::BF16 && device.is_cpu() {
+        return Err(Error::InvalidOption(
+            "precision = \"bf16\" needs a GPU: candle's CPU matmul has no bf16 kernel; use precision = \"f32\" (or \"auto\") on the CPU".into(),
+        ));
+    }
+    if dtype == DType::BF16 {
+        sink.emit(Event::Log {
+            level: LogLevel::Info,
+            message: "mixed precision: bf16 activations and frozen weights, f32 LoRA weights and optimizer".into(),
+        });
+    }
+    Ok(dtype)
+}
+
+/// The training and validation rows, from the samples that have a token to train on.
+fn rows(
+    config: &TrainConfig,
+    info: &RunInfo,
+    sink: &dyn EventSink,
+) -> Result<(Vec<Row>, Vec<Row>)> {
+    let options = PrepareOptions {
+        encode: EncodeOptions {
+            max_seq_len: config.max_seq_len,
+            train_on: config.train_on,
+        },
+        ..PrepareOptions::default()
+    };
+    sink.emit(Event::Progress {
+        stage: "tokenize".into(),
+        done: 0,
+        total: 1,
+    });
+    let prepared = prepare(&info.data, &info.model_dir, &options)?;
+    sink.emit(Event::Progress {
+        stage: "tokenize".into(),
+        done: 1,
+        total: 1,
+    });
+    for w in &prepared.warnings {
+        sink.emit(Event::Log {
+            level: LogLevel::Warn,
+            message: w.to_string(),
+        });
+    }
+    let usable: Vec<_> = prepared
+        .encoded
+        .iter()
+        .filter(|e| {
+            e.labels
+                .iter()
+                .skip(1)
+                .any(|&l| l != crate::data::IGNORE_INDEX)
+        })
+        .cloned()
+        .collect();
+    if usable.is_empty() {
+        return Err(Error::Run {
+            path: info.data.clone(),
+            message: "no sample has a token to train on (raise max_seq_len, or check the data)"
+                .into(),
+        });
+    }
+    let parts = split(usable.len(), config.val_ratio, config.seed).map_err(Error::InvalidOption)?;
+    let pick = |idx: &[usize]| idx.iter().map(|&i| usable[i].clone()).collect::<Vec<_>>();
+    let (train, val) = (pick(&parts.train), pick(&parts.val));
+    let to_rows = |samples: Vec<Encoded>| -> Vec<Row> {
+        if config.packing {
+            pack(&samples, config.max_seq_len)
+                .into_iter()
+                .map(Row::from)
+                .filter(|r| r.target_count() > 0)
+                .collect()
+        } else {
+            samples.iter().map(Row::from).collect()
+        }
+    };
+    Ok((to_rows(train), to_rows(val)))
+}
+
+/// The memory a run needs for rows of up to `seq` tokens. The fused CPU path keeps
+/// other tensors for backward than candle's autograd does, so it has its own estimate.
+fn estimate(
+    config: &TrainConfig,
+    model_config: &ModelConfig,
+    device: &Device,
+    base_quant: BaseQuant,
+    dtype: DType,
+    seq: usize,
+) -> Estimate {
+    let (weight_bits, activation_bytes) = match (base_quant, dtype) {
+        (BaseQuant::F32, DType::BF16) => (16.0, 2),
+        (q, DType::BF16) => (memory::weight_bits(q), 2),
+        (q, _) => (memory::weight_bits(q), 4),
+    };
+    let fused = device.is_cpu()
+        && dtype == DType::F32
+        && base_quant == BaseQuant::F32
+        && crate::model::fused_ops_enabled();
+    if fused {
+        // A bf16/f16 checkpoint's linears stay in 16 bits on this path.
+        let half = matches!(
+            model_config.torch_dtype.as_deref(),
+            Some("bfloat16" | "float16")
+        );
+        memory::estimate_fused(
+            &memory::Shape::of(model_config),
+            seq as u64,
+            config.lora.r as u64,
+            if half { 16.0 } else { weight_bits },
+        )
+    } else {
+        memory::estimate(
+            &memory::Shape::of(model_config),
+            seq as u64,
+            config.lora.r as u64,
+            weight_bits,
+            activation_bytes,
+            false,
+        )
+    }
+}
