@@ -13,6 +13,7 @@
 //! # Ok::<(), backpropagate::Error>(())
 //! ```
 
+pub mod cancel;
 pub mod config;
 pub mod data;
 pub mod error;

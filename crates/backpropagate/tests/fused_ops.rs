@@ -286,3 +286,45 @@ fn quantized_and_frozen_only_linears_match_the_reference_decoder() {
         }
     }
 }
+
+/// Segments longer than one block of query rows (64): the blocked attention, its
+/// causal prefixes and its summed dk/dv shares against the reference decoder.
+#[test]
+fn long_segments_over_several_attention_blocks_match_the_reference_decoder() {
+    let dir = tempfile::tempdir().unwrap();
+    write_fixture_model(dir.path(), &FixtureSpec::new(Family::Qwen2)).unwrap();
+    let config = ModelConfig::load(&dir.path().join("config.json")).unwrap();
+    let mut rng = ChaCha8Rng::seed_from_u64(21);
+    let lora = LoraSet::init(&config, &LoraConfig::default(), &mut rng, &Device::Cpu).unwrap();
+    give_b_values(&lora, &mut rng);
+    let mut model =
+        CausalLm::load(dir.path(), config.clone(), Some(&lora), 256, &Device::Cpu).unwrap();
+    let vocab = config.vocab_size as u32;
+    let rows: Vec<Row> = [150usize, 70, 129]
+        .into_iter()
+        .map(|len| {
+            let ids: Vec<u32> = (0..len).map(|_| rng.gen_range(3..vocab)).collect();
+            let labels = ids.iter().map(|&t| t as i32).collect();
+            Row::single(ids, labels)
+        })
+        .collect();
+    model.set_fused(false);
+    let want = pass(&model, &lora, &rows, false);
+    model.set_fused(true);
+    let got = pass(&model, &lora, &rows, false);
+    assert!(
+        (got.loss - want.loss).abs() <= 1e-5 * want.loss.abs(),
+        "loss {} vs reference {}",
+        got.loss,
+        want.loss
+    );
+    for (i, (g, w)) in got.grads.iter().zip(&want.grads).enumerate() {
+        let scale = w.iter().fold(0f32, |m, v| m.max(v.abs()));
+        let diff = g.iter().zip(w).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+        assert!(
+            scale > 0.0 && diff <= 1e-4 * scale,
+            "gradient {} differs by {diff} (largest value {scale})",
+            lora.named_vars()[i].0
+        );
+    }
+}

@@ -285,3 +285,10 @@ fn copy_files(from: &Path, to: &Path, names: &[&str]) -> Result<()> {
     }
     Ok(())
 }
+
+impl crate::train::RunSummary {
+    /// Exports this run, e.g. `summary.export("gguf", "q4_k_m")`; see [`export_as`].
+    pub fn export(&self, format: &str, quantization: &str) -> Result<PathBuf> {
+        export_as(&self.run_dir, format, quantization)
+    }
+}

@@ -11,12 +11,12 @@ use serde_json::Value;
 use super::{
     ollama_template, validate_name, CreateRequest, OllamaClient, OllamaError, TemplateFamily,
 };
+use crate::cancel::CancelToken;
 use crate::data::ChatTemplate;
 use crate::error::{Error, Result};
 use crate::event::{Event, EventSink, LogLevel};
 use crate::export::{self, ExportFormat, ExportOptions, GgufQuant};
 use crate::run::{RunDir, RunLock};
-use crate::train::CancelToken;
 
 #[derive(Debug, Clone)]
 pub struct PushOptions {
@@ -481,6 +481,19 @@ fn verify(
         });
     }
     Ok(())
+}
+
+impl crate::train::RunSummary {
+    /// Sends this run to Ollama (`OLLAMA_HOST`) as `name`, as a q4_k_m GGUF with the
+    /// model's chat template and stop tokens, e.g. `summary.push_to_ollama("my-model")`.
+    /// Blocking; see [`push_run`] for the options.
+    pub fn push_to_ollama(&self, name: &str) -> crate::error::Result<PushReport> {
+        push_run(
+            &self.run_dir,
+            &PushOptions::new(name),
+            &crate::event::Silent,
+        )
+    }
 }
 
 #[cfg(test)]

@@ -12,7 +12,6 @@
 
 pub mod batch;
 mod builder;
-mod cancel;
 mod checkpoint;
 mod diagnose;
 pub mod optim;
@@ -25,7 +24,7 @@ pub mod schedule;
 mod step;
 mod summary;
 
+pub use crate::cancel::CancelToken;
 pub use builder::Trainer;
-pub use cancel::CancelToken;
 pub(crate) use run_loop::write_adapter;
 pub use summary::RunSummary;

@@ -232,16 +232,14 @@ fn estimate(
         (q, DType::BF16) => (memory::weight_bits(q), 2),
         (q, _) => (memory::weight_bits(q), 4),
     };
-    let fused = device.is_cpu()
-        && dtype == DType::F32
-        && base_quant == BaseQuant::F32
-        && crate::model::fused_ops_enabled();
+    let fused = device.is_cpu() && dtype == DType::F32 && crate::model::fused_ops_enabled();
     if fused {
-        // A bf16/f16 checkpoint's linears stay in 16 bits on this path.
-        let half = matches!(
-            model_config.torch_dtype.as_deref(),
-            Some("bfloat16" | "float16")
-        );
+        // A bf16/f16 checkpoint's dense linears stay in 16 bits on this path.
+        let half = base_quant == BaseQuant::F32
+            && matches!(
+                model_config.torch_dtype.as_deref(),
+                Some("bfloat16" | "float16")
+            );
         memory::estimate_fused(
             &memory::Shape::of(model_config),
             seq as u64,
