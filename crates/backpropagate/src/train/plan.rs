@@ -7,8 +7,23 @@ use crate::event::{Event, EventSink, LogLevel};
 use crate::gpu::memory::{self, Estimate};
 
 /// Whether a candle error is the device (or the simulated limit) running out of memory.
+/// Backtraces are left out of the search: with `RUST_BACKTRACE` set candle appends
+/// one to the message, and a frame's function name could read as out of memory.
 pub(super) fn is_out_of_memory(e: &candle_core::Error) -> bool {
-    let text = e.to_string().to_ascii_lowercase();
+    use candle_core::Error as E;
+    let text = match e {
+        E::WithBacktrace { inner, .. } => return is_out_of_memory(inner),
+        E::Context { inner, context } => {
+            return is_out_of_memory(inner) || mentions_oom(&context.to_string())
+        }
+        E::WithPath { inner, .. } => return is_out_of_memory(inner),
+        other => other.to_string(),
+    };
+    mentions_oom(&text)
+}
+
+fn mentions_oom(text: &str) -> bool {
+    let text = text.to_ascii_lowercase();
     ["out of memory", "out_of_memory", "failed to allocate"]
         .iter()
         .any(|m| text.contains(m))
@@ -153,6 +168,18 @@ mod tests {
         for text in ["shape mismatch in matmul", "memory map failed"] {
             assert!(!is_out_of_memory(&error(text)), "{text}");
         }
+    }
+
+    #[test]
+    fn a_backtrace_naming_out_of_memory_does_not_make_an_error_one() {
+        // What RUST_BACKTRACE=1 gives: the backtrace is part of the error's text.
+        std::env::set_var("RUST_BACKTRACE", "1");
+        let e = error("shape mismatch").bt();
+        // This test's own frame is in the backtrace, and its name says out_of_memory.
+        assert!(e.to_string().contains("out_of_memory"), "{e}");
+        assert!(!is_out_of_memory(&e));
+        let wrapped = error("CUDA_ERROR_OUT_OF_MEMORY").bt().context("step 3");
+        assert!(is_out_of_memory(&wrapped));
     }
 
     #[test]
