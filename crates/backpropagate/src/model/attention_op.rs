@@ -23,6 +23,7 @@ use rayon::prelude::*;
 use super::blas::{matmul_serial, Mat};
 use super::cpu_values::{values, with_values};
 use super::fused::exp_shifted_in_place;
+use super::profile::{self, Part};
 
 pub struct Attention {
     /// (start, len) of each segment; together they cover the t positions. Shared by
@@ -142,6 +143,7 @@ impl CustomOp3 for Attention {
         vs: &CpuStorage,
         vl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
+        let _span = profile::span(Part::Attention);
         let Dims { h, kv, t, d } = self.dims(ql, kl, vl)?;
         let (q, k, v) = (values(qs, ql)?, values(ks, kl)?, values(vs, vl)?);
         let n_rep = self.n_rep;
@@ -192,6 +194,7 @@ impl CustomOp3 for Attention {
         _out: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let _span = profile::span(Part::Attention);
         let Dims { h, kv, t, d } = self.dims(q.layout(), k.layout(), v.layout())?;
         let n_rep = self.n_rep;
         let Some(lse) = self.lse.lock().expect("attention lock").take() else {

@@ -9,6 +9,7 @@ use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Result, S
 use rayon::prelude::*;
 
 use super::cpu_values::{values, with_values};
+use super::profile::{self, Part};
 
 /// Rows of a contiguous f32 tensor, and the row length.
 fn rows<'a>(s: &'a CpuStorage, l: &Layout) -> Result<(&'a [f32], usize)> {
@@ -66,6 +67,7 @@ impl CustomOp1 for Softmax {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let _span = profile::span(Part::Elementwise);
         let (x, d) = rows(s, l)?;
         let mut out = vec![0f32; x.len()];
         par_rows(&mut out, d, |i, o| {
@@ -95,6 +97,7 @@ impl CustomOp2 for SoftmaxGrad {
         gs: &CpuStorage,
         gl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
+        let _span = profile::span(Part::Elementwise);
         let (y, d) = rows(ys, yl)?;
         let (g, _) = rows(gs, gl)?;
         let mut out = vec![0f32; y.len()];
@@ -126,6 +129,7 @@ impl CustomOp2 for RmsNorm {
         ws: &CpuStorage,
         wl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
+        let _span = profile::span(Part::Elementwise);
         let (x, d) = rows(xs, xl)?;
         let (w, _) = rows(ws, wl)?;
         let mut out = vec![0f32; x.len()];
@@ -177,6 +181,7 @@ impl CustomOp2 for RmsNormGrad {
         gs: &CpuStorage,
         gl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
+        let _span = profile::span(Part::Elementwise);
         let (x, d) = rows(xs, xl)?;
         let (g, _) = rows(gs, gl)?;
         let w = self.w.flatten_all()?.to_vec1::<f32>()?;
@@ -212,6 +217,7 @@ impl CustomOp2 for CrossEntropy {
         ts: &CpuStorage,
         tl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
+        let _span = profile::span(Part::Elementwise);
         let (logits, v) = rows(ls, ll)?;
         let targets = targets(ts, tl)?;
         let n = logits.len() / v;
@@ -264,6 +270,7 @@ impl CustomOp2 for CrossEntropyGrad {
         ts: &CpuStorage,
         tl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
+        let _span = profile::span(Part::Elementwise);
         let (logits, v) = rows(ls, ll)?;
         let targets = targets(ts, tl)?;
         let g = self.g.flatten_all()?.to_vec1::<f32>()?;
@@ -342,6 +349,7 @@ impl CustomOp1 for RopeHeads {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let _span = profile::span(Part::Elementwise);
         let (x, _) = rows(s, l)?;
         let (b, t, h, d) = l.shape().dims4()?;
         if self.cos.len() != b * t * d || d % 2 != 0 {
@@ -352,6 +360,7 @@ impl CustomOp1 for RopeHeads {
     }
 
     fn bwd(&self, x: &Tensor, _y: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
+        let _span = profile::span(Part::Elementwise);
         let (b, t, h, d) = x.dims4()?;
         let dx = with_values(g, |g| Ok(self.unrotate(g, (b, t, h, d))))?;
         Ok(Some(Tensor::from_vec(dx, (b, t, h, d), x.device())?))
@@ -380,6 +389,7 @@ impl CustomOp2 for SwiGlu {
         us: &CpuStorage,
         ul: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
+        let _span = profile::span(Part::Elementwise);
         let (gate, d) = rows(gs, gl)?;
         let (up, _) = rows(us, ul)?;
         if gl.shape() != ul.shape() {
@@ -432,6 +442,7 @@ impl CustomOp3 for SwiGluGrad {
         gs: &CpuStorage,
         gl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
+        let _span = profile::span(Part::Elementwise);
         let (gate, d) = rows(es, el)?;
         let (up, _) = rows(us, ul)?;
         let (g, _) = rows(gs, gl)?;

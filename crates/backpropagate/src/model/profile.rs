@@ -1,5 +1,6 @@
 //! `BACKPROP_PROFILE=1`: where a training step's time goes (forward, backward, the
-//! fused ops' matrix products within them, the optimizer), logged after every step.
+//! fused ops' matrix products, attention and element-wise work within them, the
+//! optimizer), logged after every step.
 //! Off by default; then each probe is one relaxed load.
 
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -13,9 +14,29 @@ pub enum Part {
     /// The GEMMs inside the fused CPU ops (counted within forward and backward).
     Gemm = 2,
     Optimizer = 3,
+    /// The fused attention op (its per-head products included).
+    Attention = 4,
+    /// The fused element-wise ops: RMSNorm, rope, SwiGLU, softmax (and their grads).
+    Elementwise = 5,
 }
 
-static NANOS: [AtomicU64; 4] = [const { AtomicU64::new(0) }; 4];
+static NANOS: [AtomicU64; 6] = [const { AtomicU64::new(0) }; 6];
+
+/// Adds the time until it is dropped to a part, when profiling: for op bodies with
+/// early returns, where [`timed`]'s closure would not fit.
+pub struct Span(Option<(Part, Instant)>);
+
+pub fn span(part: Part) -> Span {
+    Span(enabled().then(|| (part, Instant::now())))
+}
+
+impl Drop for Span {
+    fn drop(&mut self) {
+        if let Some((part, t)) = self.0 {
+            NANOS[part as usize].fetch_add(t.elapsed().as_nanos() as u64, Ordering::Relaxed);
+        }
+    }
+}
 
 pub fn enabled() -> bool {
     static ON: OnceLock<bool> = OnceLock::new();
@@ -38,14 +59,16 @@ pub fn timed<R>(part: Part, f: impl FnOnce() -> R) -> R {
 /// The times gathered since the last call, as one log line, and resets them.
 pub fn take_line(step: u64) -> String {
     let s = |p: Part| NANOS[p as usize].swap(0, Ordering::Relaxed) as f64 / 1e9;
-    let (fwd, bwd, gemm, opt) = (
+    let (fwd, bwd, gemm, opt, attn, elem) = (
         s(Part::Forward),
         s(Part::Backward),
         s(Part::Gemm),
         s(Part::Optimizer),
+        s(Part::Attention),
+        s(Part::Elementwise),
     );
     format!(
-        "profile step {step}: forward {fwd:.3} s, backward {bwd:.3} s, of which fused-op GEMMs {gemm:.3} s and other ops {:.3} s; optimizer {opt:.3} s",
-        (fwd + bwd - gemm).max(0.0)
+        "profile step {step}: forward {fwd:.3} s, backward {bwd:.3} s, of which fused-op GEMMs {gemm:.3} s, attention {attn:.3} s, fused element-wise {elem:.3} s and other ops {:.3} s; optimizer {opt:.3} s",
+        (fwd + bwd - gemm - attn - elem).max(0.0)
     )
 }
