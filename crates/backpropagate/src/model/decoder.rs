@@ -20,6 +20,7 @@ use super::ops::{
     apply_rope, cross_entropy_sum, dropout_mask, frozen_linear, rms_norm, softmax_last_dim,
 };
 use super::qlinear::{quant_linear, FrozenWeight};
+use super::recompute::{self, GradSink};
 use super::rope::RopeTables;
 use super::weights::Weights;
 use crate::config::BaseQuant;
@@ -27,6 +28,7 @@ use crate::error::{Error, Result};
 use crate::lora::{LoraLayer, LoraSet};
 
 /// A frozen linear layer, optionally adapted by LoRA.
+#[derive(Clone)]
 struct Linear {
     weight: FrozenWeight,
     bias: Option<Tensor>,
@@ -61,25 +63,35 @@ impl Linear {
         })
     }
 
+    /// Whether a pass through this linear draws a dropout seed.
+    fn draws_seed(&self) -> bool {
+        self.lora.is_some() && self.dropout > 0.0
+    }
+
     /// `fused`: one op for base + bias + LoRA where it can run (CPU, f32), else the
-    /// basic ops. Both draw one dropout seed per call, so they drop
-    /// the same entries.
+    /// basic ops; both drop the same entries for the same `seed`.
     /// `row_keys`: in a padding-free batch, each row's index in the padded one, so
     /// dropout drops the same entries either way.
+    /// `track`: false runs the LoRA weights detached (a pass that builds no graph).
     fn forward(
         &self,
         x: &Tensor,
-        rng: &mut Option<&mut ChaCha8Rng>,
+        seed: Option<u64>,
         fused: bool,
         row_keys: Option<&Arc<Vec<u32>>>,
+        track: bool,
     ) -> CResult<Tensor> {
-        let seed = match (&self.lora, rng) {
-            (Some(_), Some(rng)) if self.dropout > 0.0 => Some(rng.gen::<u64>()),
-            _ => None,
-        };
+        let lora = self.lora.as_ref().map(|l| {
+            let (a, b) = (l.a.as_tensor(), l.b.as_tensor());
+            if track {
+                (a.clone(), b.clone())
+            } else {
+                (a.detach(), b.detach())
+            }
+        });
         if fused && LoraLinear::supports(x, &self.weight) {
-            match &self.lora {
-                Some(l) => {
+            match &lora {
+                Some((a, b)) => {
                     let op = LoraLinear {
                         weight: self.weight.clone(),
                         bias: self.bias.clone(),
@@ -90,7 +102,7 @@ impl Linear {
                             row_keys: row_keys.cloned(),
                         }),
                     };
-                    return op.forward(x, l.a.as_tensor(), l.b.as_tensor());
+                    return op.forward(x, a, b);
                 }
                 None => {
                     let op = FrozenLinear {
@@ -108,7 +120,7 @@ impl Linear {
         if let Some(b) = &self.bias {
             y = y.broadcast_add(b)?;
         }
-        if let Some(l) = &self.lora {
+        if let Some((a, b)) = &lora {
             let xd = match seed {
                 Some(seed) => {
                     let mask = dropout_mask(x.shape(), self.dropout, seed, x.device())?;
@@ -118,7 +130,6 @@ impl Linear {
             };
             // Master LoRA weights are f32; in mixed precision they are cast for the
             // matmuls and their gradients cast back by the same op.
-            let (a, b) = (l.a.as_tensor(), l.b.as_tensor());
             let (a, b) = if x.dtype() == a.dtype() {
                 (a.clone(), b.clone())
             } else {
@@ -132,6 +143,7 @@ impl Linear {
     }
 }
 
+#[derive(Clone)]
 struct Layer {
     input_norm: Tensor,
     post_norm: Tensor,
@@ -144,6 +156,143 @@ struct Layer {
     gate: Linear,
     up: Linear,
     down: Linear,
+}
+
+impl Layer {
+    /// The linears in the order a pass calls them (the order dropout seeds are drawn).
+    fn linears(&self) -> [&Linear; 7] {
+        [
+            &self.q, &self.k, &self.v, &self.o, &self.gate, &self.up, &self.down,
+        ]
+    }
+
+    fn lora_vars(&self) -> Vec<candle_core::Var> {
+        self.linears()
+            .iter()
+            .filter_map(|l| l.lora.as_ref())
+            .flat_map(|l| [l.a.clone(), l.b.clone()])
+            .collect()
+    }
+
+    /// The dropout seeds one pass through this layer takes, drawn from `rng` in call
+    /// order; none without an RNG (evaluation).
+    fn draw_seeds(&self, rng: &mut Option<&mut ChaCha8Rng>) -> Vec<Option<u64>> {
+        self.linears()
+            .iter()
+            .map(|l| match rng {
+                Some(rng) if l.draws_seed() => Some(rng.gen::<u64>()),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// One pass through the layer: `h` in, `h` out, with `seeds` from [`Layer::draw_seeds`].
+    fn forward(
+        &self,
+        h: &Tensor,
+        pass: &LayerPass,
+        seeds: &[Option<u64>],
+        track: bool,
+    ) -> CResult<Tensor> {
+        let seed = |i: usize| seeds.get(i).copied().flatten();
+        match pass {
+            LayerPass::Basic(p) => {
+                let (b, t, d) = (p.b, p.t, p.head_dim);
+                let x = rms_norm(h, &self.input_norm, p.eps)?;
+                let heads = |y: Tensor, n: usize| y.reshape((b, t, n, d))?.transpose(1, 2);
+                let lin =
+                    |l: &Linear, x: &Tensor, i: usize| l.forward(x, seed(i), false, None, track);
+                let mut q = heads(lin(&self.q, &x, 0)?, p.heads)?;
+                let mut k = heads(lin(&self.k, &x, 1)?, p.kv)?;
+                let v = heads(lin(&self.v, &x, 2)?, p.kv)?;
+                if let (Some(qn), Some(kn)) = (&self.q_norm, &self.k_norm) {
+                    q = rms_norm(&q, qn, p.eps)?;
+                    k = rms_norm(&k, kn, p.eps)?;
+                }
+                let n_rep = p.heads / p.kv;
+                let q = apply_rope(&q.contiguous()?, &p.cos, &p.sin)?;
+                let k = repeat_kv(apply_rope(&k.contiguous()?, &p.cos, &p.sin)?, n_rep)?;
+                let v = repeat_kv(v.contiguous()?, n_rep)?;
+                let scale = 1.0 / (d as f64).sqrt();
+                let scores = (q.matmul(&k.t()?)? * scale)?.broadcast_add(&p.mask)?;
+                let probs = softmax_last_dim(&scores)?;
+                let attn = probs
+                    .matmul(&v)?
+                    .transpose(1, 2)?
+                    .reshape((b, t, p.heads * d))?;
+                let h = (h + lin(&self.o, &attn, 3)?)?;
+                let x = rms_norm(&h, &self.post_norm, p.eps)?;
+                let gated = (lin(&self.gate, &x, 4)?.silu()? * lin(&self.up, &x, 5)?)?;
+                h + lin(&self.down, &gated, 6)?
+            }
+            LayerPass::Fused(p) => {
+                let (b, t, d) = (p.b, p.t, p.head_dim);
+                let keys = p.row_keys.as_ref();
+                let lin =
+                    |l: &Linear, x: &Tensor, i: usize| l.forward(x, seed(i), true, keys, track);
+                let x = rms_norm(h, &self.input_norm, p.eps)?;
+                let mut q = lin(&self.q, &x, 0)?.reshape((b, t, p.heads, d))?;
+                let mut k = lin(&self.k, &x, 1)?.reshape((b, t, p.kv, d))?;
+                let v = lin(&self.v, &x, 2)?.reshape((b, t, p.kv, d))?;
+                if let (Some(qn), Some(kn)) = (&self.q_norm, &self.k_norm) {
+                    q = rms_norm(&q, qn, p.eps)?;
+                    k = rms_norm(&k, kn, p.eps)?;
+                }
+                let rope = |scale: f32| RopeHeads {
+                    cos: p.cos.clone(),
+                    sin: p.sin.clone(),
+                    scale,
+                };
+                let q = q.contiguous()?.apply_op1(rope(1.0 / (d as f32).sqrt()))?;
+                let k = k.contiguous()?.apply_op1(rope(1.0))?;
+                let op = Attention::new(p.segments.clone(), p.heads / p.kv);
+                let attn = q.apply_op3(&k, &v.contiguous()?, op)?;
+                let h = (h + lin(&self.o, &attn, 3)?)?;
+                let x = rms_norm(&h, &self.post_norm, p.eps)?;
+                let gate = lin(&self.gate, &x, 4)?;
+                let up = lin(&self.up, &x, 5)?;
+                let gated = gate.contiguous()?.apply_op2(&up.contiguous()?, SwiGlu)?;
+                h + lin(&self.down, &gated, 6)?
+            }
+        }
+    }
+}
+
+/// What every layer of one forward pass shares: the basic-op decoder's rope tables
+/// and dense mask, or the fused ops' segments, rope rows and row keys.
+#[derive(Clone)]
+enum LayerPass {
+    Basic(BasicPass),
+    Fused(FusedPass),
+}
+
+#[derive(Clone)]
+struct BasicPass {
+    b: usize,
+    t: usize,
+    heads: usize,
+    kv: usize,
+    head_dim: usize,
+    eps: f64,
+    /// (b, 1, t, head_dim)
+    cos: Tensor,
+    sin: Tensor,
+    /// (b, 1, t, t) additive
+    mask: Tensor,
+}
+
+#[derive(Clone)]
+struct FusedPass {
+    b: usize,
+    t: usize,
+    heads: usize,
+    kv: usize,
+    head_dim: usize,
+    eps: f64,
+    segments: Arc<Vec<(usize, usize)>>,
+    cos: Arc<Vec<f32>>,
+    sin: Arc<Vec<f32>>,
+    row_keys: Option<Arc<Vec<u32>>>,
 }
 
 /// Inputs of one forward pass, built by the batcher.
@@ -205,6 +354,9 @@ pub struct CausalLm {
     /// Fused ops where they can run (the default); false keeps the basic-op decoder,
     /// the reference the fused ops are tested against (`BACKPROP_REFERENCE_OPS=1`).
     fused: bool,
+    /// Layers checkpointed (from the first), and where their LoRA gradients wait.
+    recompute_layers: usize,
+    recompute_grads: Arc<GradSink>,
 }
 
 /// Whether models use the fused CPU ops by default: yes, unless
@@ -379,6 +531,8 @@ impl CausalLm {
             rope,
             device: device.clone(),
             fused: fused_ops_enabled(),
+            recompute_layers: 0,
+            recompute_grads: Arc::default(),
         })
     }
 
@@ -413,11 +567,11 @@ impl CausalLm {
     pub fn hidden_states(
         &self,
         batch: &BatchInputs,
-        mut rng: Option<&mut ChaCha8Rng>,
+        rng: Option<&mut ChaCha8Rng>,
     ) -> CResult<Tensor> {
         let (b, t) = batch.input_ids.dims2()?;
         let c = &self.config;
-        let mut h = candle_nn::Embedding::new(self.embed.clone(), c.hidden_size)
+        let h = candle_nn::Embedding::new(self.embed.clone(), c.hidden_size)
             .forward(&batch.input_ids)?;
         if self.fused_for(&h) {
             let segments = batch.flat.padded_segments(b * t);
@@ -440,35 +594,18 @@ impl CausalLm {
             .index_select(&pos, 0)?
             .reshape((b, 1, t, c.head_dim))?
             .to_dtype(h.dtype())?;
-        let mask = batch.mask.to_dtype(h.dtype())?;
-        let n_rep = c.num_heads / c.num_kv_heads;
-        let scale = 1.0 / (c.head_dim as f64).sqrt();
-        for layer in &self.layers {
-            let x = rms_norm(&h, &layer.input_norm, c.rms_norm_eps)?;
-            let heads = |y: Tensor, n: usize| y.reshape((b, t, n, c.head_dim))?.transpose(1, 2);
-            let mut q = heads(layer.q.forward(&x, &mut rng, false, None)?, c.num_heads)?;
-            let mut k = heads(layer.k.forward(&x, &mut rng, false, None)?, c.num_kv_heads)?;
-            let v = heads(layer.v.forward(&x, &mut rng, false, None)?, c.num_kv_heads)?;
-            if let (Some(qn), Some(kn)) = (&layer.q_norm, &layer.k_norm) {
-                q = rms_norm(&q, qn, c.rms_norm_eps)?;
-                k = rms_norm(&k, kn, c.rms_norm_eps)?;
-            }
-            let q = apply_rope(&q.contiguous()?, &cos, &sin)?;
-            let k = repeat_kv(apply_rope(&k.contiguous()?, &cos, &sin)?, n_rep)?;
-            let v = repeat_kv(v.contiguous()?, n_rep)?;
-            let scores = (q.matmul(&k.t()?)? * scale)?.broadcast_add(&mask)?;
-            let probs = softmax_last_dim(&scores)?;
-            let attn =
-                probs
-                    .matmul(&v)?
-                    .transpose(1, 2)?
-                    .reshape((b, t, c.num_heads * c.head_dim))?;
-            h = (h + layer.o.forward(&attn, &mut rng, false, None)?)?;
-            let x = rms_norm(&h, &layer.post_norm, c.rms_norm_eps)?;
-            let gated = (layer.gate.forward(&x, &mut rng, false, None)?.silu()?
-                * layer.up.forward(&x, &mut rng, false, None)?)?;
-            h = (h + layer.down.forward(&gated, &mut rng, false, None)?)?;
-        }
+        let pass = LayerPass::Basic(BasicPass {
+            b,
+            t,
+            heads: c.num_heads,
+            kv: c.num_kv_heads,
+            head_dim: c.head_dim,
+            eps: c.rms_norm_eps,
+            cos,
+            sin,
+            mask: batch.mask.to_dtype(h.dtype())?,
+        });
+        let h = self.run_layers(h, pass, rng)?;
         rms_norm(&h, &self.norm, c.rms_norm_eps)
     }
 
@@ -481,60 +618,81 @@ impl CausalLm {
     /// position of each token within its sample.
     fn fused_layers(
         &self,
-        mut h: Tensor,
+        h: Tensor,
         pos: &Tensor,
         segments: Vec<(usize, usize)>,
         row_keys: Option<Arc<Vec<u32>>>,
-        mut rng: Option<&mut ChaCha8Rng>,
+        rng: Option<&mut ChaCha8Rng>,
     ) -> CResult<Tensor> {
-        let keys = row_keys.as_ref();
         let c = &self.config;
         let (b, t, _) = h.dims3()?;
-        let (d, heads, kv) = (c.head_dim, c.num_heads, c.num_kv_heads);
-        let n_rep = heads / kv;
-        let attention = Arc::new(segments);
         let table = |t: &Tensor| -> CResult<Arc<Vec<f32>>> {
             Ok(Arc::new(
                 t.index_select(pos, 0)?.flatten_all()?.to_vec1::<f32>()?,
             ))
         };
-        let (cos, sin) = (table(&self.rope.cos)?, table(&self.rope.sin)?);
-        let rope = |scale: f32| RopeHeads {
-            cos: cos.clone(),
-            sin: sin.clone(),
-            scale,
-        };
-        let scale = 1.0 / (d as f32).sqrt();
-        for layer in &self.layers {
-            let x = rms_norm(&h, &layer.input_norm, c.rms_norm_eps)?;
-            let mut q = layer
-                .q
-                .forward(&x, &mut rng, true, keys)?
-                .reshape((b, t, heads, d))?;
-            let mut k = layer
-                .k
-                .forward(&x, &mut rng, true, keys)?
-                .reshape((b, t, kv, d))?;
-            let v = layer
-                .v
-                .forward(&x, &mut rng, true, keys)?
-                .reshape((b, t, kv, d))?;
-            if let (Some(qn), Some(kn)) = (&layer.q_norm, &layer.k_norm) {
-                q = rms_norm(&q, qn, c.rms_norm_eps)?;
-                k = rms_norm(&k, kn, c.rms_norm_eps)?;
-            }
-            let q = q.contiguous()?.apply_op1(rope(scale))?;
-            let k = k.contiguous()?.apply_op1(rope(1.0))?;
-            let op = Attention::new(attention.clone(), n_rep);
-            let attn = q.apply_op3(&k, &v.contiguous()?, op)?;
-            h = (h + layer.o.forward(&attn, &mut rng, true, keys)?)?;
-            let x = rms_norm(&h, &layer.post_norm, c.rms_norm_eps)?;
-            let gate = layer.gate.forward(&x, &mut rng, true, keys)?;
-            let up = layer.up.forward(&x, &mut rng, true, keys)?;
-            let gated = gate.contiguous()?.apply_op2(&up.contiguous()?, SwiGlu)?;
-            h = (h + layer.down.forward(&gated, &mut rng, true, keys)?)?;
-        }
+        let pass = LayerPass::Fused(FusedPass {
+            b,
+            t,
+            heads: c.num_heads,
+            kv: c.num_kv_heads,
+            head_dim: c.head_dim,
+            eps: c.rms_norm_eps,
+            segments: Arc::new(segments),
+            cos: table(&self.rope.cos)?,
+            sin: table(&self.rope.sin)?,
+            row_keys,
+        });
+        let h = self.run_layers(h, pass, rng)?;
         rms_norm(&h, &self.norm, c.rms_norm_eps)
+    }
+
+    /// Every decoder layer on `h`; the first [`CausalLm::set_recompute_layers`] of them
+    /// checkpointed (only their input kept, the rest recomputed in backward).
+    fn run_layers(
+        &self,
+        mut h: Tensor,
+        pass: LayerPass,
+        mut rng: Option<&mut ChaCha8Rng>,
+    ) -> CResult<Tensor> {
+        let recompute = self.recompute_layers > 0 && recompute::supported(&h);
+        if recompute {
+            self.recompute_grads.clear();
+        }
+        for (i, layer) in self.layers.iter().enumerate() {
+            let seeds = layer.draw_seeds(&mut rng);
+            h = if recompute && i < self.recompute_layers {
+                let (layer_, pass) = (layer.clone(), pass.clone());
+                let run: recompute::LayerFn =
+                    Arc::new(move |x, track| layer_.forward(x, &pass, &seeds, track));
+                recompute::checkpoint(&h, run, layer.lora_vars(), &self.recompute_grads)?
+            } else {
+                layer.forward(&h, &pass, &seeds, true)?
+            };
+        }
+        Ok(h)
+    }
+
+    /// Checkpoints the first `n` decoder layers (gradient checkpointing): their
+    /// activations are recomputed in backward instead of kept. 0 turns it off.
+    pub fn set_recompute_layers(&mut self, n: usize) {
+        self.recompute_layers = n.min(self.layers.len());
+    }
+
+    pub fn recompute_layers(&self) -> usize {
+        self.recompute_layers
+    }
+
+    pub fn num_layers(&self) -> usize {
+        self.layers.len()
+    }
+
+    /// `loss.backward()`, with the LoRA gradients of recomputed layers merged in: use
+    /// this rather than `backward` directly whenever layers may be checkpointed.
+    pub fn backward(&self, loss: &Tensor) -> CResult<candle_core::backprop::GradStore> {
+        let mut grads = loss.backward()?;
+        self.recompute_grads.merge_into(&mut grads)?;
+        Ok(grads)
     }
 
     /// Logits for every position (b, t, vocab); for previews and reference checks.

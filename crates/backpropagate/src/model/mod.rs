@@ -13,6 +13,7 @@ mod lora_op;
 pub mod ops;
 pub mod profile;
 pub mod qlinear;
+mod recompute;
 mod rope;
 mod weights;
 

@@ -1,0 +1,109 @@
+//! Gradient checkpointing (`CausalLm::set_recompute_layers`): checkpointed layers keep
+//! only their input and are recomputed in backward, which must not change the loss or
+//! any LoRA gradient by a single bit — on the fused CPU ops and the basic-op decoder,
+//! with dropout.
+
+use backpropagate::config::LoraConfig;
+use backpropagate::fixture::{write_fixture_model, Family, FixtureSpec};
+use backpropagate::lora::LoraSet;
+use backpropagate::model::{CausalLm, ModelConfig};
+use backpropagate::train::batch::{build, Row};
+use candle_core::{Device, Tensor};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+fn rows(vocab: u32, rng: &mut ChaCha8Rng) -> Vec<Row> {
+    [31usize, 12, 20]
+        .into_iter()
+        .map(|len| {
+            let ids: Vec<u32> = (0..len).map(|_| rng.gen_range(3..vocab)).collect();
+            let labels = ids
+                .iter()
+                .enumerate()
+                .map(|(i, &t)| if i < 4 { -100 } else { t as i32 })
+                .collect();
+            Row::single(ids, labels)
+        })
+        .collect()
+}
+
+/// Loss and every LoRA gradient of one forward/backward, through `CausalLm::backward`.
+fn pass(model: &CausalLm, lora: &LoraSet, rows: &[Row]) -> (f32, Vec<Vec<f32>>) {
+    let refs: Vec<&Row> = rows.iter().collect();
+    let batch = build(&refs, 0, &Device::Cpu).unwrap();
+    let mut rng = ChaCha8Rng::seed_from_u64(11);
+    let loss = model.loss_sum(&batch, Some(&mut rng)).unwrap();
+    let grads = model.backward(&loss).unwrap();
+    let values = lora
+        .named_vars()
+        .into_iter()
+        .map(|(name, v)| {
+            grads
+                .get(v.as_tensor())
+                .unwrap_or_else(|| panic!("no gradient for {name}"))
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap()
+        })
+        .collect();
+    (loss.to_scalar::<f32>().unwrap(), values)
+}
+
+#[test]
+fn recomputed_layers_give_the_same_loss_and_gradients() {
+    for family in [Family::Llama, Family::Qwen3] {
+        let dir = tempfile::tempdir().unwrap();
+        write_fixture_model(dir.path(), &FixtureSpec::new(family)).unwrap();
+        let config = ModelConfig::load(&dir.path().join("config.json")).unwrap();
+        let mut rng = ChaCha8Rng::seed_from_u64(5);
+        let lora_config = LoraConfig {
+            r: 4,
+            dropout: 0.1,
+            ..LoraConfig::default()
+        };
+        let lora = LoraSet::init(&config, &lora_config, &mut rng, &Device::Cpu).unwrap();
+        for l in &lora.layers {
+            let shape = l.b.as_tensor().shape().clone();
+            let values: Vec<f32> = (0..shape.elem_count())
+                .map(|_| rng.gen_range(-0.5..0.5))
+                .collect();
+            l.b.set(&Tensor::from_vec(values, shape, &Device::Cpu).unwrap())
+                .unwrap();
+        }
+        let mut model =
+            CausalLm::load(dir.path(), config.clone(), Some(&lora), 64, &Device::Cpu).unwrap();
+        let rows = rows(config.vocab_size as u32, &mut rng);
+        let layers = model.num_layers();
+        assert!(layers >= 2);
+        for fused in [true, false] {
+            model.set_fused(fused);
+            model.set_recompute_layers(0);
+            let (want_loss, want) = pass(&model, &lora, &rows);
+            for n in [1, layers] {
+                model.set_recompute_layers(n);
+                let what = format!("{family:?} fused={fused} recomputing {n} of {layers} layers");
+                let (loss, got) = pass(&model, &lora, &rows);
+                assert_eq!(loss, want_loss, "{what}: the loss changed");
+                for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+                    let scale = w.iter().fold(0f32, |m, v| m.max(v.abs()));
+                    let diff = g.iter().zip(w).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+                    assert!(scale > 0.0, "{what}: gradient {i} is zero");
+                    assert!(
+                        diff == 0.0,
+                        "{what}: gradient {} differs by up to {diff} (largest value {scale})",
+                        lora.named_vars()[i].0
+                    );
+                }
+            }
+        }
+        // Nothing is left behind for the next step.
+        model.set_recompute_layers(layers);
+        let (_, again) = pass(&model, &lora, &rows);
+        let (_, once_more) = pass(&model, &lora, &rows);
+        assert_eq!(
+            again, once_more,
+            "{family:?}: gradients leaked between passes"
+        );
+    }
+}
