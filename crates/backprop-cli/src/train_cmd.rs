@@ -5,7 +5,7 @@ use std::process::ExitCode;
 use std::sync::Mutex;
 
 use anyhow::{Context, Result};
-use backpropagate::config::{BaseQuant, BatchSize, LrSchedule, Precision};
+use backpropagate::config::{BaseQuant, BatchSize, GradientCheckpointing, LrSchedule, Precision};
 use backpropagate::data::TrainOn;
 use backpropagate::event::{Event, EventSink};
 use backpropagate::run::{default_runs_dir, resolve_run, RunDir, RunStatus};
@@ -93,6 +93,11 @@ pub struct TrainArgs {
     /// only) [default: auto: bf16 on a GPU, f32 on the CPU]
     #[arg(long)]
     pub precision: Option<Precision>,
+    /// Gradient checkpointing: auto, off or on (recompute layers in backward instead of
+    /// keeping their activations: far less memory for about one more forward pass)
+    /// [default: auto: only as many layers as the memory plan needs]
+    #[arg(long)]
+    pub gradient_checkpointing: Option<GradientCheckpointing>,
     /// Where runs are kept [default: $BACKPROP_HOME/runs or the platform data folder]
     #[arg(long)]
     pub runs_dir: Option<PathBuf>,
@@ -137,6 +142,7 @@ impl TrainArgs {
         set!(c.device, self.device);
         set!(c.base_quant, self.base_quant);
         set!(c.precision, self.precision);
+        set!(c.gradient_checkpointing, self.gradient_checkpointing);
         if let Some(s) = &self.schedule {
             c.schedule.kind = match s.as_str() {
                 "cosine" => LrSchedule::Cosine,

@@ -51,6 +51,36 @@ pub struct TrainConfig {
     /// Compute precision: `auto` (bf16 on a GPU, f32 on the CPU), `f32` or `bf16`. LoRA
     /// weights and optimizer state stay f32 either way.
     pub precision: Precision,
+    /// Gradient checkpointing: recompute layers in backward instead of keeping their
+    /// activations. `auto` checkpoints only as many layers as the memory plan needs.
+    pub gradient_checkpointing: GradientCheckpointing,
+}
+
+/// `auto`: as many layers as needed for the planned micro-batch to fit the free
+/// memory (none when it fits, or when free memory is unknown); `on`: every layer
+/// (only layer inputs kept; about one more forward pass of time); `off`: none.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, TS)]
+#[serde(rename_all = "lowercase")]
+#[ts(export)]
+pub enum GradientCheckpointing {
+    #[default]
+    Auto,
+    Off,
+    On,
+}
+
+impl std::str::FromStr for GradientCheckpointing {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s.to_ascii_lowercase().as_str() {
+            "auto" => Ok(GradientCheckpointing::Auto),
+            "off" | "false" | "no" => Ok(GradientCheckpointing::Off),
+            "on" | "true" | "yes" => Ok(GradientCheckpointing::On),
+            other => Err(format!(
+                "gradient checkpointing must be auto, off or on, got `{other}`"
+            )),
+        }
+    }
 }
 
 /// Activations and dense frozen weights in f32, or bf16 with f32 master LoRA weights
@@ -134,6 +164,7 @@ impl Default for TrainConfig {
             device: "auto".into(),
             base_quant: BaseQuant::Auto,
             precision: Precision::Auto,
+            gradient_checkpointing: GradientCheckpointing::Auto,
         }
     }
 }

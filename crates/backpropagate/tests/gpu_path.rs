@@ -66,7 +66,7 @@ fn packed_trainer(runs: &Path, micro: u32, acc: u32, steps: u64) -> Trainer {
 /// path's plan.
 fn fixture_estimate() -> backpropagate::gpu::memory::Estimate {
     let config = ModelConfig::load(&fixture(Family::Qwen2).join("config.json")).unwrap();
-    estimate_fused(&Shape::of(&config), 64, 16, weight_bits(BaseQuant::F32))
+    estimate_fused(&Shape::of(&config), 64, 16, weight_bits(BaseQuant::F32), 0)
 }
 
 #[test]

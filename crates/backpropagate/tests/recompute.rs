@@ -3,12 +3,19 @@
 //! any LoRA gradient by a single bit — on the fused CPU ops and the basic-op decoder,
 //! with dropout.
 
-use backpropagate::config::LoraConfig;
+mod common;
+
+use std::sync::{Arc, Mutex};
+
+use backpropagate::config::{BatchSize, GradientCheckpointing, LoraConfig};
+use backpropagate::event::Event;
 use backpropagate::fixture::{write_fixture_model, Family, FixtureSpec};
 use backpropagate::lora::LoraSet;
 use backpropagate::model::{CausalLm, ModelConfig};
 use backpropagate::train::batch::{build, Row};
+use backpropagate::train::Trainer;
 use candle_core::{Device, Tensor};
+use common::{fixture, losses, samples_dir};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
@@ -106,4 +113,50 @@ fn recomputed_layers_give_the_same_loss_and_gradients() {
             "{family:?}: gradients leaked between passes"
         );
     }
+}
+
+/// A run with `gradient_checkpointing = on` logs the same losses as one without, says
+/// so in its log, and when stopped at step 3 resumes to the same losses again.
+#[test]
+fn a_checkpointed_run_trains_and_resumes_exactly_like_a_plain_one() {
+    let runs = tempfile::tempdir().unwrap();
+    let run = |mode: GradientCheckpointing, stop_at: Option<u64>| {
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let mut t = Trainer::new(fixture(Family::Llama).to_str().unwrap())
+            .batch_size(BatchSize::Fixed(4))
+            .runs_dir(runs.path());
+        t.config_mut().lora.dropout = 0.1;
+        t.config_mut().gradient_checkpointing = mode;
+        let cancel = t.cancel_token();
+        let seen = log.clone();
+        let t = t.on_event(move |e: Event| match e {
+            Event::Log { message, .. } => seen.lock().unwrap().push(message),
+            Event::Step { step, .. } if Some(step) == stop_at => cancel.cancel(),
+            _ => {}
+        });
+        let summary = t.train(samples_dir().join("alpaca.jsonl"), 6).unwrap();
+        let says = log
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|m| m.starts_with("gradient checkpointing: 2 of 2 layers"));
+        (summary, says)
+    };
+    let (plain, plain_says) = run(GradientCheckpointing::Off, None);
+    let (checkpointed, says) = run(GradientCheckpointing::On, None);
+    assert!(
+        says && !plain_says,
+        "the log says which layers are recomputed"
+    );
+    assert_eq!(losses(&checkpointed.run_dir), losses(&plain.run_dir));
+    let (stopped, _) = run(GradientCheckpointing::On, Some(3));
+    assert_eq!(stopped.steps, 3);
+    let resumed = Trainer::resume(
+        &stopped.run_dir,
+        &backpropagate::event::Silent,
+        &Default::default(),
+    )
+    .unwrap();
+    assert_eq!(resumed.steps, 6);
+    assert_eq!(losses(&resumed.run_dir), losses(&plain.run_dir));
 }

@@ -17,8 +17,9 @@
 //!                                                      k and v (2·kv), gate/up/SiLU (3·i),
 //!                                                      the 7 LoRA A outputs (7·r), attention
 //!                                                      scores and probabilities
-//! with activation checkpointing, each layer keeps only its input (h) and one layer at a
-//! time is recomputed: layers × saved becomes layers × h + saved.
+//! with gradient checkpointing of c layers, each of those keeps only its input (h) and
+//! one layer at a time is recomputed: layers × saved becomes (layers − c) × saved +
+//! c × h + saved (the same on the fused CPU path, with its own `saved`).
 //! ```
 //!
 //! `h` hidden size, `i` MLP size, `kv` = kv_heads × head_dim, `r` LoRA rank. The batch
@@ -103,15 +104,11 @@ pub fn estimate(
     lora_r: u64,
     weight_bits: f64,
     activation_bytes: u64,
-    checkpointing: bool,
+    recomputed: u64,
 ) -> Estimate {
     let s = shape;
     let saved = 10 * s.hidden + 2 * s.kv_dim + 3 * s.intermediate + 7 * lora_r + 2 * s.heads * seq;
-    let kept = if checkpointing {
-        s.layers * s.hidden + saved
-    } else {
-        s.layers * saved
-    };
+    let kept = kept_per_token(s, saved, recomputed, 0);
     let per_token = activation_bytes * kept + 4 * 2 * s.vocab;
     Estimate {
         fixed_bytes: ((s.params - s.dense_params) as f64 * weight_bits / 8.0).ceil() as u64
@@ -120,6 +117,15 @@ pub fn estimate(
             + WORKSPACE,
         per_sample_bytes: seq * per_token,
     }
+}
+
+/// Values kept per token across the layers: `saved` for each layer that is not
+/// recomputed, its input (h) for each that is, plus the one layer being recomputed (or
+/// `backward_extra` layers of backward work when none is).
+fn kept_per_token(s: &Shape, saved: u64, recomputed: u64, backward_extra: u64) -> u64 {
+    let c = recomputed.min(s.layers);
+    let live = if c > 0 { 1 } else { backward_extra };
+    (s.layers - c) * saved + c * s.hidden + live * saved
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -187,10 +193,17 @@ fn parse_meminfo(text: &str) -> Option<u64> {
 /// attention scores are kept, and the LM head holds one 16 MiB chunk of logits plus two
 /// hidden-size rows per token; backward adds about one layer's worth at a time.
 /// `linear_bits` is 16 for a bf16/f16 checkpoint, whose linears stay in 16 bits.
-pub fn estimate_fused(shape: &Shape, seq: u64, lora_r: u64, linear_bits: f64) -> Estimate {
+/// `recomputed`: layers under gradient checkpointing (their input kept instead).
+pub fn estimate_fused(
+    shape: &Shape,
+    seq: u64,
+    lora_r: u64,
+    linear_bits: f64,
+    recomputed: u64,
+) -> Estimate {
     let s = shape;
     let saved = 6 * s.hidden + 3 * s.q_dim + 3 * s.kv_dim + 3 * s.intermediate + s.heads;
-    let per_token = 4 * ((s.layers + 1) * saved + 4 * s.hidden);
+    let per_token = 4 * (kept_per_token(s, saved, recomputed, 1) + 4 * s.hidden);
     Estimate {
         fixed_bytes: ((s.params - s.dense_params) as f64 * linear_bits / 8.0).ceil() as u64
             + s.dense_params * 4
@@ -230,23 +243,23 @@ mod tests {
         assert_eq!(SHAPE.lora_params(8), 16_384);
         // saved = 640 + 64 + 384 + 56 + 2·4·32 = 1400 values per token and layer;
         // per token 2 × 2·1400 (bf16) + 4 × 2·1000 (f32 logits) = 13 600 bytes; × 32.
-        let e = estimate(&SHAPE, 32, 8, 16.0, 2, false);
+        let e = estimate(&SHAPE, 32, 8, 16.0, 2, 0);
         assert_eq!(e.per_sample_bytes, 435_200);
         // 200k bf16 weights + 16 384 × 16 + 256 MiB.
         assert_eq!(e.fixed_bytes, 400_000 + 262_144 + (256 << 20));
         // Checkpointing keeps 2·64 layer inputs + one layer: (2 × (128 + 1400) + 8000) × 32.
         assert_eq!(
-            estimate(&SHAPE, 32, 8, 16.0, 2, true).per_sample_bytes,
+            estimate(&SHAPE, 32, 8, 16.0, 2, 2).per_sample_bytes,
             353_792
         );
         // In f32 the activations take 4 bytes: (4 × 2·1400 + 8000) × 32.
         assert_eq!(
-            estimate(&SHAPE, 32, 8, 32.0, 4, false).per_sample_bytes,
+            estimate(&SHAPE, 32, 8, 32.0, 4, 0).per_sample_bytes,
             614_400
         );
         // QLoRA q4_k: 200 000 × 4.5 / 8 = 112 500 bytes of base weights.
         assert_eq!(
-            estimate(&SHAPE, 32, 8, weight_bits(BaseQuant::Q4K), 4, false).fixed_bytes,
+            estimate(&SHAPE, 32, 8, weight_bits(BaseQuant::Q4K), 4, 0).fixed_bytes,
             112_500 + 262_144 + (256 << 20)
         );
     }
@@ -254,10 +267,17 @@ mod tests {
     #[test]
     fn the_fused_estimate_gives_the_hand_computed_numbers() {
         // saved = 6·64 + 3·64 + 3·32 + 3·128 + 4 = 1060; per token 4 × (3 × 1060 + 256).
-        let e = estimate_fused(&SHAPE, 32, 8, 16.0);
+        let e = estimate_fused(&SHAPE, 32, 8, 16.0, 0);
         assert_eq!(e.per_sample_bytes, 32 * 4 * (3 * 1060 + 256));
         // 200k 16-bit weights + 16 384 × 16 + the logits chunk + 96 MiB.
         assert_eq!(e.fixed_bytes, 400_000 + 262_144 + (32 << 20) + (96 << 20));
+        // One of the two layers recomputed: it keeps its input (64), the other layer
+        // its saved set, and one layer is live while recomputed.
+        let one = estimate_fused(&SHAPE, 32, 8, 16.0, 1);
+        assert_eq!(one.per_sample_bytes, 32 * 4 * (1060 + 64 + 1060 + 256));
+        let all = estimate_fused(&SHAPE, 32, 8, 16.0, 2);
+        assert_eq!(all.per_sample_bytes, 32 * 4 * (2 * 64 + 1060 + 256));
+        assert_eq!(all.fixed_bytes, e.fixed_bytes);
     }
 
     #[test]
@@ -308,7 +328,7 @@ mod tests {
             params: 494_032_768,
             dense_params: 136_178_560,
         };
-        let e = estimate(&qwen, 512, 16, 16.0, 2, false);
+        let e = estimate(&qwen, 512, 16, 16.0, 2, 0);
         let one = (e.fixed_bytes + e.per_sample_bytes) as f64 / (1u64 << 30) as f64;
         // About 1.2 GiB of weights (bf16 linears, f32 embeddings) and LoRA state plus
         // ~1.5 GiB of activations and logits for one 512-token sample: about what
@@ -346,9 +366,9 @@ mod tests {
             dense_params: 1_090_199_040,
         };
         let free = 11u64 << 30;
-        let f32_est = estimate(&qwen7, 512, 16, weight_bits(BaseQuant::F32), 4, false);
+        let f32_est = estimate(&qwen7, 512, 16, weight_bits(BaseQuant::F32), 4, 0);
         assert!(plan_batch(free, &f32_est, 8).is_err());
-        let q4 = estimate(&qwen7, 512, 16, weight_bits(BaseQuant::Q4K), 2, true);
+        let q4 = estimate(&qwen7, 512, 16, weight_bits(BaseQuant::Q4K), 2, 28);
         let plan = plan_batch(free, &q4, 8).unwrap();
         assert_eq!(plan.micro_batch * plan.accumulation, 8, "{plan:?}");
     }

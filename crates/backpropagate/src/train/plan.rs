@@ -1,8 +1,9 @@
-//! Micro-batch sizing: how many rows go through the model at once, so that
-//! micro-batch × accumulation stays the effective batch the user asked for.
+//! Memory planning: which layers to checkpoint, and how many rows go through the model
+//! at once so that micro-batch × accumulation stays the effective batch the user asked
+//! for.
 
 use super::batch::Row;
-use crate::config::{BatchSize, TrainConfig};
+use crate::config::{BatchSize, GradientCheckpointing, TrainConfig};
 use crate::event::{Event, EventSink, LogLevel};
 use crate::gpu::memory::{self, Estimate};
 
@@ -51,11 +52,7 @@ pub(super) fn plan_micro_batch(
     free: Option<u64>,
     sink: &dyn EventSink,
 ) -> (usize, usize) {
-    let acc = config.gradient_accumulation as usize;
-    let (cap, effective) = match config.batch_size {
-        BatchSize::Fixed(n) => (n as usize, n as usize * acc),
-        BatchSize::Auto => (effective_auto(rows, config), effective_auto(rows, config)),
-    };
+    let (cap, effective) = batch_request(config, rows);
     let Some(free) = free else {
         let micro = cap.min(effective);
         return (micro, effective / micro);
@@ -86,6 +83,49 @@ pub(super) fn plan_micro_batch(
                 ),
             });
             (1, effective)
+        }
+    }
+}
+
+/// The largest micro-batch the batch settings allow, and the effective batch.
+fn batch_request(config: &TrainConfig, rows: &[Row]) -> (usize, usize) {
+    let acc = config.gradient_accumulation as usize;
+    match config.batch_size {
+        BatchSize::Fixed(n) => (n as usize, n as usize * acc),
+        BatchSize::Auto => (effective_auto(rows, config), effective_auto(rows, config)),
+    }
+}
+
+/// The micro-batch the run would use with unlimited memory.
+pub(super) fn wanted_micro_batch(config: &TrainConfig, rows: &[Row]) -> usize {
+    let (cap, effective) = batch_request(config, rows);
+    cap.min(effective).max(1)
+}
+
+/// Decoder layers to checkpoint: none (`off`), all (`on`), or under `auto` the fewest
+/// with which `micro` rows fit `free` by the estimate (the same 90 % rule as the batch
+/// plan), all of them when even that is not enough (then the micro-batch is lowered
+/// too), and none when the free memory is unknown. Recomputing costs time where
+/// lowering the micro-batch of a GPU costs throughput too, so layers go first.
+pub(super) fn plan_recompute(
+    mode: GradientCheckpointing,
+    layers: u64,
+    micro: usize,
+    free: Option<u64>,
+    estimate_for: impl Fn(u64) -> Estimate,
+) -> u64 {
+    match (mode, free) {
+        (GradientCheckpointing::Off, _) => 0,
+        (GradientCheckpointing::On, _) => layers,
+        (GradientCheckpointing::Auto, None) => 0,
+        (GradientCheckpointing::Auto, Some(free)) => {
+            let usable = free / 10 * 9;
+            (0..=layers)
+                .find(|&c| {
+                    let e = estimate_for(c);
+                    e.fixed_bytes + micro as u64 * e.per_sample_bytes <= usable
+                })
+                .unwrap_or(layers)
         }
     }
 }
@@ -180,6 +220,25 @@ mod tests {
         assert!(!is_out_of_memory(&e));
         let wrapped = error("CUDA_ERROR_OUT_OF_MEMORY").bt().context("step 3");
         assert!(is_out_of_memory(&wrapped));
+    }
+
+    #[test]
+    fn checkpointing_takes_the_fewest_layers_that_make_the_micro_batch_fit() {
+        // 10 layers; each one recomputed saves 100 bytes per row.
+        let est = |c: u64| Estimate {
+            fixed_bytes: 1_000,
+            per_sample_bytes: 100 * (10 - c) + 50,
+        };
+        use GradientCheckpointing::{Auto, Off, On};
+        assert_eq!(plan_recompute(Off, 10, 4, Some(100), est), 0);
+        assert_eq!(plan_recompute(On, 10, 4, Some(1 << 40), est), 10);
+        assert_eq!(plan_recompute(Auto, 10, 4, None, est), 0);
+        // Plenty of memory: nothing is recomputed.
+        assert_eq!(plan_recompute(Auto, 10, 4, Some(1 << 30), est), 0);
+        // 2 000 free, 1 800 usable: 1 000 + 4 × (100 × (10 − c) + 50) ≤ 1 800 → c ≥ 8.5.
+        assert_eq!(plan_recompute(Auto, 10, 4, Some(2_000), est), 9);
+        // Not enough even with every layer: all of them (the batch plan lowers the rest).
+        assert_eq!(plan_recompute(Auto, 10, 4, Some(1_000), est), 10);
     }
 
     #[test]

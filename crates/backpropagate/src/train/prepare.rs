@@ -5,8 +5,8 @@
 use candle_core::{DType, Device};
 
 use super::batch::Row;
-use super::plan::plan_micro_batch;
-use crate::config::{BaseQuant, Precision, TrainConfig};
+use super::plan::{plan_micro_batch, plan_recompute, wanted_micro_batch};
+use crate::config::{BaseQuant, GradientCheckpointing, Precision, TrainConfig};
 use crate::data::{pack, prepare, split, EncodeOptions, Encoded, PrepareOptions};
 use crate::error::{Error, Result};
 use crate::event::{Event, EventSink, LogLevel};
@@ -27,6 +27,8 @@ pub(super) struct Session {
     pub(super) dtype: DType,
     pub(super) estimate: Estimate,
     pub(super) memory_limit: Option<u64>,
+    /// Decoder layers under gradient checkpointing (from the first).
+    pub(super) recompute_layers: usize,
 }
 
 impl Session {
@@ -61,21 +63,51 @@ impl Session {
             .map(|r| r.input_ids.len())
             .max()
             .unwrap_or(1);
-        let estimate = estimate(
-            config,
-            &model_config,
-            &picked.device,
-            base_quant,
-            dtype,
-            seq,
+        let estimate_for = |recomputed: u64| {
+            estimate(
+                config,
+                &model_config,
+                &picked.device,
+                base_quant,
+                dtype,
+                seq,
+                recomputed,
+            )
+        };
+        let free = memory::available_bytes(&picked);
+        let layers = model_config.num_layers as u64;
+        let mut recompute_layers = plan_recompute(
+            config.gradient_checkpointing,
+            layers,
+            wanted_micro_batch(config, &train_rows),
+            free,
+            &estimate_for,
         );
-        let (micro_batch, accumulation) = plan_micro_batch(
-            config,
-            &train_rows,
-            &estimate,
-            memory::available_bytes(&picked),
-            sink,
-        );
+        if recompute_layers > 0 && !(picked.device.is_cpu() || picked.device.is_cuda()) {
+            sink.emit(Event::Log {
+                level: LogLevel::Warn,
+                message: format!(
+                    "gradient checkpointing runs on the CPU and CUDA only; training on {} without it",
+                    picked.label
+                ),
+            });
+            recompute_layers = 0;
+        }
+        if recompute_layers > 0 {
+            sink.emit(Event::Log {
+                level: LogLevel::Info,
+                message: format!(
+                    "gradient checkpointing: {recompute_layers} of {layers} layers recomputed in backward ({})",
+                    match config.gradient_checkpointing {
+                        GradientCheckpointing::On => "gradient_checkpointing = on",
+                        _ => "auto: what the memory plan needs",
+                    }
+                ),
+            });
+        }
+        let estimate = estimate_for(recompute_layers);
+        let (micro_batch, accumulation) =
+            plan_micro_batch(config, &train_rows, &estimate, free, sink);
         sink.emit(Event::Log {
             level: LogLevel::Info,
             message: format!(
@@ -108,6 +140,7 @@ impl Session {
             dtype,
             estimate,
             memory_limit,
+            recompute_layers: recompute_layers as usize,
         })
     }
 }
@@ -226,6 +259,7 @@ fn estimate(
     base_quant: BaseQuant,
     dtype: DType,
     seq: usize,
+    recomputed: u64,
 ) -> Estimate {
     let (weight_bits, activation_bytes) = match (base_quant, dtype) {
         (BaseQuant::F32, DType::BF16) => (16.0, 2),
@@ -245,6 +279,7 @@ fn estimate(
             seq as u64,
             config.lora.r as u64,
             if half { 16.0 } else { weight_bits },
+            recomputed,
         )
     } else {
         memory::estimate(
@@ -253,7 +288,7 @@ fn estimate(
             config.lora.r as u64,
             weight_bits,
             activation_bytes,
-            false,
+            recomputed,
         )
     }
 }

@@ -145,7 +145,7 @@ impl Session {
             .map(|r| r.input_ids.len())
             .max()
             .unwrap_or(1);
-        let model = CausalLm::load_with(
+        let mut model = CausalLm::load_with(
             &info.model_dir,
             self.model_config.clone(),
             Some(lora),
@@ -154,6 +154,7 @@ impl Session {
             self.base_quant,
             self.dtype,
         )?;
+        model.set_recompute_layers(self.recompute_layers);
         if self.base_quant != BaseQuant::F32 {
             sink.emit(Event::Log {
                 level: LogLevel::Info,

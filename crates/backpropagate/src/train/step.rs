@@ -170,8 +170,9 @@ impl Session {
                 model.loss_sum(&batch, dropout.then_some(&mut *rng))
             })?;
             loss_sum += loss.to_scalar::<f32>()? as f64;
-            let store =
-                profile::timed(Part::Backward, || (loss / total_targets as f64)?.backward())?;
+            let store = profile::timed(Part::Backward, || {
+                model.backward(&(loss / total_targets as f64)?)
+            })?;
             for (g, var) in grads.iter_mut().zip(vars) {
                 if let Some(t) = store.get(var.as_tensor()) {
                     let values = t.flatten_all()?.to_vec1::<f32>()?;
