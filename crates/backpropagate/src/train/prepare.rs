@@ -81,7 +81,7 @@ impl Session {
             layers,
             wanted_micro_batch(config, &train_rows),
             free,
-            &estimate_for,
+            estimate_for,
         );
         if recompute_layers > 0 && !(picked.device.is_cpu() || picked.device.is_cuda()) {
             sink.emit(Event::Log {
