@@ -3,6 +3,7 @@
 on the same model, the same token ids and the same batches, measured in the same run.
 
     python benches/train_vs_peft.py [--steps 30] [--repeats 3]
+    python benches/train_vs_peft.py --long-context 4096 --gradient-checkpointing --steps 5 --repeats 1
 
 (scripts/bench.sh runs it with the project venv.) Both sides train the small qwen2
 fixture (~24M parameters, f32, CPU) with LoRA r16/alpha32, dropout 0, on the 7
@@ -20,6 +21,11 @@ Throughput = unpadded tokens of steps 3..S / wall time of steps 3..S (steps 1-2 
 warmup). Peak RSS = ru_maxrss of that one child process (os.wait4). Each side runs
 `--repeats` times, alternating; the table shows medians. It is printed and written
 to $CARGO_TARGET_DIR/bench/train_vs_peft.md (default ~/.cache/backpropagate/target).
+
+`--long-context N` trains on generated text samples of about N tokens each (the
+sample texts concatenated), one per step unless `--batch` says otherwise, with
+max_seq_len N; `--gradient-checkpointing` turns it on for both sides (ours
+`--gradient-checkpointing on`, the peer `gradient_checkpointing_enable()`).
 
 Imports: stdlib only in the driver; torch/transformers/peft in the peer process.
 """
@@ -187,10 +193,12 @@ def throughput(steps):
     return tokens / (steps[-1][1] - steps[k - 1][1]), tokens
 
 
-def run_ours(bin_, model, steps, work, i):
+def run_ours(bin_, model, steps, work, i, opts):
     runs_dir = os.path.join(work, f"runs-{i}")
     out = os.path.join(work, f"ours-{i}.jsonl")
-    cmd = [bin_, "train", "--model", model, "--data", DATA, "--steps", str(steps),
+    cmd = [bin_, "train", "--model", model, "--data", opts.data, "--steps", str(steps),
+           "--max-seq-len", str(opts.max_seq_len),
+           "--gradient-checkpointing", "on" if opts.gradient_checkpointing else "off",
            "--batch-size", str(BATCH), "--grad-accum", "1", "--lr", str(LR),
            "--lora-r", str(LORA_R), "--lora-alpha", str(LORA_ALPHA), "--lora-dropout", "0",
            "--warmup", str(WARMUP), "--seed", str(SEED), "--runs-dir", runs_dir, "--json",
@@ -217,10 +225,12 @@ def run_ours(bin_, model, steps, work, i):
     return rows, rss, cpu, wall, {"trainable": summary.get("trainable_params")}
 
 
-def run_peer(model, batches_path, steps, work, i):
+def run_peer(model, batches_path, steps, work, i, opts):
     out = os.path.join(work, f"peer-{i}.jsonl")
     cmd = [sys.executable, os.path.abspath(__file__), "--peer", "--model", model,
            "--batches", batches_path, "--steps", str(steps)]
+    if opts.gradient_checkpointing:
+        cmd.append("--gradient-checkpointing")
     code, rss, cpu, wall = run_measured(cmd, out)
     check_ok(code, out, "PyTorch + PEFT peer")
     lines = [json.loads(l) for l in open(out, encoding="utf-8") if l.startswith("{")]
@@ -247,6 +257,9 @@ def peer_main(args):
         batches = json.load(f)[: args.steps]
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
     model.config.use_cache = False
+    if args.gradient_checkpointing:
+        # Non-reentrant: the frozen base's inputs need no requires_grad hook under PEFT.
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model = get_peft_model(model, LoraConfig(
         r=LORA_R, lora_alpha=LORA_ALPHA, lora_dropout=0.0, target_modules=TARGETS,
         bias="none", task_type="CAUSAL_LM"))
@@ -309,12 +322,21 @@ def main():
     ap.add_argument("--real-model", help="train this model folder instead of the small fixture "
                     "(scripts/real-model.sh installs SmolLM2-135M-Instruct)")
     ap.add_argument("--plot", help="also draw both sides' loss curves into this PNG")
+    ap.add_argument("--batch", type=int, help="rows per step (default 4; 1 with --long-context)")
+    ap.add_argument("--long-context", type=int, metavar="TOKENS",
+                    help="train on generated samples of about TOKENS tokens (max_seq_len TOKENS)")
+    ap.add_argument("--gradient-checkpointing", action="store_true",
+                    help="gradient checkpointing on both sides")
     ap.add_argument("--peer", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--model", help=argparse.SUPPRESS)
     ap.add_argument("--batches", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.peer:
         return peer_main(args)
+    global BATCH
+    BATCH = args.batch or (1 if args.long_context else BATCH)
+    args.max_seq_len = args.long_context or 2048
+    args.data = DATA
     if args.steps <= WARMUP_STEPS_SKIPPED:
         ap.error(f"--steps must be more than {WARMUP_STEPS_SKIPPED} (the untimed warmup steps)")
 
@@ -331,7 +353,11 @@ def main():
             model = os.path.join(work, "model")
             subprocess.run([bin_, "fixture", model, "--family", "qwen2", "--size", "small"],
                            check=True, stdout=subprocess.DEVNULL)
-        check = subprocess.run([bin_, "data", "check", DATA, "--model", model, "--json",
+        if args.long_context:
+            args.data = os.path.join(work, "long.jsonl")
+            write_long_samples(args.data, args.long_context, args.steps * BATCH)
+        check = subprocess.run([bin_, "data", "check", args.data, "--model", model, "--json",
+                                "--max-seq-len", str(args.max_seq_len),
                                 "--show", "100000"], check=True, capture_output=True, text=True)
         samples = json.loads(check.stdout)["samples"]
         batches = our_batches(samples, args.steps, BATCH, SEED)
@@ -348,10 +374,10 @@ def main():
             for side in ("ours", "peer"):
                 print(f"[{i + 1}/{args.repeats}] {side} ...", file=sys.stderr, flush=True)
                 if side == "ours":
-                    r = run_ours(bin_, model, args.steps, work, i)
+                    r = run_ours(bin_, model, args.steps, work, i, args)
                     ours_info = r[4]
                 else:
-                    r = run_peer(model, batches_path, args.steps, work, i)
+                    r = run_peer(model, batches_path, args.steps, work, i, args)
                     info = r[4]
                 rows, rss, cpu, wall = r[:4]
                 tps, tok = throughput(rows)
@@ -380,6 +406,24 @@ def main():
     with open(args.out, "w", encoding="utf-8") as f:
         f.write(report)
     print(f"written to {args.out}", file=sys.stderr)
+
+
+def write_long_samples(path, tokens, count):
+    """`count` text samples of a little over `tokens` tokens each (about 3.5 characters
+    per token), made of the sample conversations' texts in turn; the trainer cuts them
+    to max_seq_len."""
+    texts = []
+    for line in open(DATA, encoding="utf-8"):
+        texts += [m["content"] for m in json.loads(line)["messages"]]
+    with open(path, "w", encoding="utf-8") as out:
+        k = 0
+        for _ in range(count):
+            parts, size = [], 0
+            while size < tokens * 4:
+                parts.append(texts[k % len(texts)])
+                size += len(parts[-1]) + 2
+                k += 1
+            out.write(json.dumps({"text": "\n\n".join(parts)}) + "\n")
 
 
 def plot_losses(results, path, real_model):
@@ -437,7 +481,9 @@ def render(args, results, info, version, expected_tokens):
         f"({info.get('threads')} intra-op threads, {info.get('interop_threads')} inter-op), "
         f"transformers {info.get('transformers')} (attn {info.get('attn')}), peft {info.get('peft')}",
         "",
-        f"{'model ' + os.path.basename(os.path.normpath(args.real_model)) if args.real_model else 'qwen2 `small` fixture (f32)'}, {os.path.relpath(DATA, ROOT)}, {args.steps} steps × batch "
+        f"{'model ' + os.path.basename(os.path.normpath(args.real_model)) if args.real_model else 'qwen2 `small` fixture (f32)'}, "
+        f"{'generated text samples of ' + str(args.long_context) + ' tokens' if args.long_context else os.path.relpath(DATA, ROOT)}, "
+        f"gradient checkpointing {'on (both sides)' if args.gradient_checkpointing else 'off'}, {args.steps} steps × batch "
         f"{BATCH} (right-padded), LoRA r{LORA_R}/α{LORA_ALPHA} dropout 0 on 7 projections, "
         f"AdamW lr {LR:g} wd {WD}, cosine, warmup {WARMUP}, clip {CLIP}. Tokens/s = unpadded "
         f"tokens of steps {WARMUP_STEPS_SKIPPED + 1}..{args.steps} "
