@@ -9,7 +9,7 @@ use backpropagate::config::{BaseQuant, BatchSize, GradientCheckpointing, LrSched
 use backpropagate::data::TrainOn;
 use backpropagate::event::{Event, EventSink};
 use backpropagate::run::{default_runs_dir, resolve_run, RunDir, RunStatus};
-use backpropagate::train::{RunSummary, Trainer};
+use backpropagate::train::{RunSummary, TrainPlan, Trainer};
 use backpropagate::TrainConfig;
 use clap::Args;
 
@@ -107,6 +107,11 @@ pub struct TrainArgs {
     /// Print events as JSON lines instead of a progress bar
     #[arg(long)]
     pub json: bool,
+    /// Print the plan (rows, batch, epochs, gradient checkpointing, precision, base
+    /// storage, predicted peak memory against the free memory) and stop: nothing is
+    /// written and no weights are loaded
+    #[arg(long, conflicts_with = "resume")]
+    pub dry_run: bool,
 }
 
 impl TrainArgs {
@@ -184,6 +189,12 @@ pub fn train(args: &TrainArgs) -> Result<ExitCode> {
         if let Some(name) = &args.name {
             trainer = trainer.name(name);
         }
+        if args.dry_run {
+            let plan = trainer.plan()?;
+            face.finish();
+            print_plan(&plan, args.json);
+            return Ok(ExitCode::SUCCESS);
+        }
         let s = trainer.start()?;
         face.finish();
         s
@@ -193,6 +204,49 @@ pub fn train(args: &TrainArgs) -> Result<ExitCode> {
         RunStatus::Finished => ExitCode::SUCCESS,
         _ => ExitCode::FAILURE,
     })
+}
+
+fn print_plan(p: &TrainPlan, json: bool) {
+    if json {
+        println!("{}", serde_json::json!({"type": "Plan", "plan": p}));
+        return;
+    }
+    let mib = |b: u64| format!("{:.0} MiB", b as f64 / (1u64 << 20) as f64);
+    let free = p
+        .free_bytes
+        .map(|f| {
+            let verdict = if p.predicted_peak_bytes <= f / 10 * 9 {
+                "fits"
+            } else {
+                "may not fit: lower max_seq_len or batch_size, or use --base-quant q4_k"
+            };
+            format!(" of {} free: {verdict}", mib(f))
+        })
+        .unwrap_or_else(|| " (free memory unknown)".into());
+    println!("plan (nothing written)");
+    println!(
+        "  data        {} training rows, {} validation rows, longest {} tokens",
+        p.train_rows, p.val_rows, p.longest_row_tokens
+    );
+    println!(
+        "  steps       {} × {} rows (micro-batch {} × accumulation {}) = {:.1} epochs",
+        p.steps, p.effective_batch, p.micro_batch, p.accumulation, p.epochs
+    );
+    println!(
+        "  trainable   {} of {} parameters ({:.3}%)",
+        p.trainable_params,
+        p.total_params,
+        100.0 * p.trainable_params as f64 / p.total_params.max(1) as f64
+    );
+    println!(
+        "  device      {}, {} compute, base held as {}",
+        p.device, p.precision, p.base_storage
+    );
+    println!(
+        "  checkpoint  {} of {} layers recomputed in backward",
+        p.recomputed_layers, p.layers
+    );
+    println!("  memory      about {}{free}", mib(p.predicted_peak_bytes));
 }
 
 fn report(s: &RunSummary, json: bool) {

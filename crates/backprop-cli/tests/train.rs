@@ -334,3 +334,41 @@ fn a_second_resume_of_a_run_is_refused_naming_the_process_and_the_first_finishes
         serde_json::from_str(&std::fs::read_to_string(run.join("run.json")).unwrap()).unwrap();
     assert_eq!(info["status"], "finished");
 }
+
+/// `--dry-run` prints the plan the run would follow and writes nothing: as text, and
+/// as one JSON object whose figures agree with the batch settings.
+#[test]
+fn dry_run_prints_the_plan_and_writes_nothing() {
+    let work = tempfile::tempdir().unwrap();
+    let model = fixture(work.path());
+    let runs = work.path().join("runs");
+    let mut args = train_args(&model, &runs);
+    args.retain(|a| a != "--json");
+    args.extend(["--dry-run", "--gradient-checkpointing", "on"].map(String::from));
+    let out = Command::new(bin()).args(&args).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(text.contains("plan (nothing written)"), "{text}");
+    assert!(text.contains("20 × 4 rows (micro-batch 2 × accumulation 2)"), "{text}");
+    assert!(text.contains("2 of 2 layers recomputed"), "{text}");
+    assert!(!runs.exists(), "a dry run created {}", runs.display());
+
+    args.push("--json".into());
+    let out = Command::new(bin()).args(&args).output().unwrap();
+    assert!(out.status.success());
+    let line = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .find(|l| l.contains("\"Plan\""))
+        .expect("a Plan line")
+        .to_string();
+    let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+    let p = &v["plan"];
+    assert_eq!(p["effective_batch"], 4);
+    assert_eq!(p["recomputed_layers"], 2);
+    let rows = p["train_rows"].as_f64().unwrap();
+    let epochs = p["epochs"].as_f64().unwrap();
+    assert!((epochs - 20.0 * 4.0 / rows).abs() < 1e-9, "{p}");
+    assert!(p["predicted_peak_bytes"].as_u64().unwrap() > 0);
+    assert!(p["trainable_params"].as_u64().unwrap() > 0);
+    assert!(!runs.exists());
+}

@@ -7,11 +7,14 @@
 //!              + dense × a                             embeddings, LM head, norms, in the
 //!                                                      compute dtype
 //!              + lora_params × 16                      f32 weight, gradient, Adam m and v
-//!              + 256 MiB                               kernels, workspace, allocator slack
+//!              + 128 MiB + 256 MiB                     LM-head chunk; kernels, workspace,
+//!                                                      allocator slack
 //! per_token    = a × layers × saved                    activations kept for backward, in the
 //!                                                      compute dtype (a = 2 in bf16/f16
 //!                                                      mixed precision, 4 in f32)
-//!              + 4 × 2 × vocab                         f32 logits and their gradient
+//!              + a × h + 4                             the LM head's hidden-state gradient
+//!                                                      and loss (its logits live a chunk
+//!                                                      of rows at a time: 128 MiB fixed)
 //! saved        = 10·h + 2·kv + 3·i + 7·r + 2·heads·seq per layer: norms, q, attention and
 //!                                                      projection outputs, residuals (10·h),
 //!                                                      k and v (2·kv), gate/up/SiLU (3·i),
@@ -109,11 +112,14 @@ pub fn estimate(
     let s = shape;
     let saved = 10 * s.hidden + 2 * s.kv_dim + 3 * s.intermediate + 7 * lora_r + 2 * s.heads * seq;
     let kept = kept_per_token(s, saved, recomputed, 0);
-    let per_token = activation_bytes * kept + 4 * 2 * s.vocab;
+    // The LM head runs a chunk of rows at a time (`ChunkedLmLossAny`): per token only
+    // its hidden-state gradient and loss are kept.
+    let per_token = activation_bytes * (kept + s.hidden) + 4;
     Estimate {
         fixed_bytes: ((s.params - s.dense_params) as f64 * weight_bits / 8.0).ceil() as u64
             + s.dense_params * activation_bytes
             + s.lora_params(lora_r) * 16
+            + LM_HEAD_CHUNK_ANY
             + WORKSPACE,
         per_sample_bytes: seq * per_token,
     }
@@ -214,6 +220,10 @@ pub fn estimate_fused(
     }
 }
 
+/// The LM-head chunk on other devices: 8 Mi logits in the compute dtype, their f32
+/// copy, softmax and gradient (`model/lm_loss.rs`), in bytes.
+const LM_HEAD_CHUNK_ANY: u64 = (1 << 23) * 16;
+
 /// The fused LM head's logits chunk and its softmax, in bytes.
 const LM_HEAD_CHUNK: u64 = 2 * (16 << 20);
 
@@ -242,25 +252,26 @@ mod tests {
         // LoRA r8: per layer 8 × (128 + 2·96 + 128 + 2·192 + 192) = 8192; two layers.
         assert_eq!(SHAPE.lora_params(8), 16_384);
         // saved = 640 + 64 + 384 + 56 + 2·4·32 = 1400 values per token and layer;
-        // per token 2 × 2·1400 (bf16) + 4 × 2·1000 (f32 logits) = 13 600 bytes; × 32.
+        // per token 2 × (2·1400 + 64) (bf16, with the LM head's gradient row) + 4 (its
+        // loss) = 5 732 bytes; × 32.
         let e = estimate(&SHAPE, 32, 8, 16.0, 2, 0);
-        assert_eq!(e.per_sample_bytes, 435_200);
-        // 200k bf16 weights + 16 384 × 16 + 256 MiB.
-        assert_eq!(e.fixed_bytes, 400_000 + 262_144 + (256 << 20));
-        // Checkpointing keeps 2·64 layer inputs + one layer: (2 × (128 + 1400) + 8000) × 32.
+        assert_eq!(e.per_sample_bytes, 183_424);
+        // 200k bf16 weights + 16 384 × 16 + the LM-head chunk + 256 MiB.
+        assert_eq!(e.fixed_bytes, 400_000 + 262_144 + (128 << 20) + (256 << 20));
+        // Checkpointing keeps 2·64 layer inputs + one layer: (2 × (128 + 1400 + 64) + 4) × 32.
         assert_eq!(
             estimate(&SHAPE, 32, 8, 16.0, 2, 2).per_sample_bytes,
-            353_792
+            102_016
         );
-        // In f32 the activations take 4 bytes: (4 × 2·1400 + 8000) × 32.
+        // In f32 the activations take 4 bytes: (4 × (2·1400 + 64) + 4) × 32.
         assert_eq!(
             estimate(&SHAPE, 32, 8, 32.0, 4, 0).per_sample_bytes,
-            614_400
+            366_720
         );
         // QLoRA q4_k: 200 000 × 4.5 / 8 = 112 500 bytes of base weights.
         assert_eq!(
             estimate(&SHAPE, 32, 8, weight_bits(BaseQuant::Q4K), 4, 0).fixed_bytes,
-            112_500 + 262_144 + (256 << 20)
+            112_500 + 262_144 + (128 << 20) + (256 << 20)
         );
     }
 
@@ -346,6 +357,50 @@ mod tests {
         let text = "MemTotal:       24576000 kB\nMemFree:  1000 kB\nMemAvailable:   20000000 kB\n";
         assert_eq!(parse_meminfo(text), Some(20_000_000 * 1024));
         assert_eq!(parse_meminfo("MemTotal: 1 kB\n"), None);
+    }
+
+    /// The configs of the three most fine-tuned 7–8B models, as their repos ship them.
+    const QWEN25_7B: &str = r#"{"architectures":["Qwen2ForCausalLM"],"model_type":"qwen2",
+        "hidden_size":3584,"intermediate_size":18944,"num_hidden_layers":28,
+        "num_attention_heads":28,"num_key_value_heads":4,"vocab_size":152064,
+        "max_position_embeddings":32768,"rms_norm_eps":1e-6,"rope_theta":1000000.0,
+        "tie_word_embeddings":false,"torch_dtype":"bfloat16","hidden_act":"silu"}"#;
+    const LLAMA31_8B: &str = r#"{"architectures":["LlamaForCausalLM"],"model_type":"llama",
+        "hidden_size":4096,"intermediate_size":14336,"num_hidden_layers":32,
+        "num_attention_heads":32,"num_key_value_heads":8,"vocab_size":128256,
+        "max_position_embeddings":131072,"rms_norm_eps":1e-5,"rope_theta":500000.0,
+        "rope_scaling":{"factor":8.0,"low_freq_factor":1.0,"high_freq_factor":4.0,
+        "original_max_position_embeddings":8192,"rope_type":"llama3"},
+        "tie_word_embeddings":false,"torch_dtype":"bfloat16","hidden_act":"silu"}"#;
+    const MISTRAL_7B_V03: &str = r#"{"architectures":["MistralForCausalLM"],"model_type":"mistral",
+        "hidden_size":4096,"intermediate_size":14336,"num_hidden_layers":32,
+        "num_attention_heads":32,"num_key_value_heads":8,"vocab_size":32768,
+        "max_position_embeddings":32768,"rms_norm_eps":1e-5,"rope_theta":1000000.0,
+        "sliding_window":null,"tie_word_embeddings":false,"torch_dtype":"bfloat16",
+        "hidden_act":"silu"}"#;
+
+    /// QLoRA (q4_k base, bf16 compute) at 2048 tokens, batch 1, r16 on the 7
+    /// projections, with every layer checkpointed: the plan fits an 8 GiB card for each
+    /// (without checkpointing it would not).
+    #[test]
+    fn seven_and_eight_b_qlora_at_2048_tokens_plan_within_8_gib_with_checkpointing() {
+        for (name, json) in [
+            ("Qwen2.5-7B", QWEN25_7B),
+            ("Llama-3.1-8B", LLAMA31_8B),
+            ("Mistral-7B-v0.3", MISTRAL_7B_V03),
+        ] {
+            let v: serde_json::Value = serde_json::from_str(json).unwrap();
+            let c = ModelConfig::from_json(&v, std::path::Path::new(name)).unwrap();
+            let shape = Shape::of(&c);
+            let peak = |recomputed| {
+                let e = estimate(&shape, 2048, 16, weight_bits(BaseQuant::Q4K), 2, recomputed);
+                (e.fixed_bytes + e.per_sample_bytes) as f64 / (1u64 << 30) as f64
+            };
+            let (all, none) = (peak(shape.layers), peak(0));
+            eprintln!("{name}: {all:.2} GiB with checkpointing, {none:.2} GiB without");
+            assert!(all <= 8.0, "{name}: {all:.2} GiB with checkpointing");
+            assert!(none > 8.0, "{name}: {none:.2} GiB without checkpointing");
+        }
     }
 
     /// A 7B model needs QLoRA on a 12 GB card: in f32 the weights alone do not fit; in

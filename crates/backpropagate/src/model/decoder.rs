@@ -14,7 +14,7 @@ use super::attention_op::Attention;
 use super::config::ModelConfig;
 use super::frozen_linear::FrozenLinear;
 use super::fused::{RopeHeads, SwiGlu};
-use super::lm_loss::ChunkedLmLoss;
+use super::lm_loss::{ChunkedLmLoss, ChunkedLmLossAny};
 use super::lora_op::{Dropout, LoraLinear};
 use super::ops::{
     apply_rope, cross_entropy_sum, dropout_mask, frozen_linear, rms_norm, softmax_last_dim,
@@ -725,10 +725,8 @@ impl CausalLm {
         }
         let h = self.hidden_states(batch, rng)?;
         let rows = h.flatten_to(1)?.index_select(&batch.target_rows, 0)?;
-        // The loss is always computed in f32.
-        let logits = frozen_linear(&rows, &self.lm_head)?.to_dtype(DType::F32)?;
-        let weights = Tensor::ones(batch.target_count, DType::F32, &self.device)?;
-        cross_entropy_sum(&logits, &batch.targets, &weights)
+        // The loss is computed in f32, a chunk of rows' logits at a time.
+        ChunkedLmLossAny::nll(&rows, &self.lm_head, &batch.targets)?.sum_all()
     }
 }
 

@@ -133,3 +133,95 @@ impl CustomOp1 for ChunkedLmLoss {
         Ok(Some(Tensor::from_vec(grad, (n, hidden), h.device())?))
     }
 }
+
+/// Logits held at once by [`ChunkedLmLossAny`]: 8 Mi values (a few tens of MiB with
+/// their f32 softmax and gradient).
+const ANY_CHUNK_VALUES: usize = 1 << 23;
+
+/// The chunked LM head + cross-entropy on any device (the GPU, and the basic-op
+/// decoder on the CPU), from candle's ops: each chunk of rows gets its logits, its
+/// per-row losses and its hidden-state gradient from a small graph built and
+/// differentiated inside the forward, so neither rows × vocab logits nor their graph
+/// outlive the chunk. Backward scales the stored gradient rows.
+pub struct ChunkedLmLossAny {
+    /// (vocab, hidden), frozen, in the compute dtype.
+    weight: Tensor,
+    /// (rows,) u32 on the weight's device.
+    targets: Tensor,
+    with_grad: bool,
+    grad_rows: Mutex<Option<Tensor>>,
+}
+
+impl ChunkedLmLossAny {
+    /// Per-row negative log-likelihood (n,), f32, of `targets` for hidden rows `h`.
+    pub fn nll(h: &Tensor, weight: &Tensor, targets: &Tensor) -> Result<Tensor> {
+        let op = ChunkedLmLossAny {
+            weight: weight.clone(),
+            targets: targets.clone(),
+            with_grad: h.track_op(),
+            grad_rows: Mutex::new(None),
+        };
+        super::op_tensors::owned(h)?.apply_op1(op)
+    }
+
+    fn run(&self, h: &Tensor) -> Result<Tensor> {
+        let (n, _) = h.dims2()?;
+        let vocab = self.weight.dim(0)?;
+        let chunk = (ANY_CHUNK_VALUES / vocab.max(1)).clamp(1, n.max(1));
+        let (mut nll, mut grads) = (Vec::new(), Vec::new());
+        for first in (0..n).step_by(chunk) {
+            let len = chunk.min(n - first);
+            let rows = h.narrow(0, first, len)?;
+            let targets = self.targets.narrow(0, first, len)?;
+            let loss = |x: &Tensor| -> Result<Tensor> {
+                let logits = super::ops::frozen_linear(x, &self.weight)?.to_dtype(DType::F32)?;
+                super::ops::cross_entropy_rows(&logits, &targets)
+            };
+            if self.with_grad {
+                // Each row's loss depends on its own row only, so the gradient of the
+                // chunk's sum is every row's own gradient.
+                let x = candle_core::Var::from_tensor(&rows)?;
+                let rows_nll = loss(x.as_tensor())?;
+                let g = rows_nll.sum_all()?.backward()?;
+                let Some(dx) = g.get(x.as_tensor()) else {
+                    bail!("lm head loss: no gradient reached the hidden rows");
+                };
+                grads.push(dx.clone());
+                nll.push(rows_nll.detach());
+            } else {
+                nll.push(loss(&rows)?);
+            }
+        }
+        if self.with_grad {
+            *self.grad_rows.lock().expect("lm loss lock") = Some(Tensor::cat(&grads, 0)?);
+        }
+        Tensor::cat(&nll, 0)
+    }
+}
+
+impl CustomOp1 for ChunkedLmLossAny {
+    fn name(&self) -> &'static str {
+        "chunked-lm-head-loss-any-device"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        super::op_tensors::into_cpu(&self.run(&super::op_tensors::from_cpu(s, l)?)?)
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s: &candle_core::CudaStorage,
+        l: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        super::op_tensors::into_cuda(&self.run(&super::op_tensors::from_cuda(s, l)?)?)
+    }
+
+    fn bwd(&self, h: &Tensor, _nll: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
+        let Some(grad) = self.grad_rows.lock().expect("lm loss lock").take() else {
+            bail!("lm head loss: backward ran twice, or on a forward without gradients");
+        };
+        let g = g.to_dtype(grad.dtype())?.unsqueeze(1)?;
+        Ok(Some(grad.broadcast_mul(&g)?.to_dtype(h.dtype())?))
+    }
+}

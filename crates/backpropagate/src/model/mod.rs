@@ -10,6 +10,7 @@ mod frozen_linear;
 mod fused;
 mod lm_loss;
 mod lora_op;
+mod op_tensors;
 pub mod ops;
 pub mod profile;
 pub mod qlinear;

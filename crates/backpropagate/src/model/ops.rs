@@ -136,18 +136,21 @@ pub fn apply_rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
 /// `logits` (n, vocab) f32, `targets` (n,) u32 and `weights` (n,) f32 with 1 for
 /// counted positions and 0 for ignored ones.
 pub fn cross_entropy_sum(logits: &Tensor, targets: &Tensor, weights: &Tensor) -> Result<Tensor> {
+    (cross_entropy_rows(logits, targets)? * weights)?.sum_all()
+}
+
+/// Each row's negative log-likelihood of its target, (rows,).
+pub fn cross_entropy_rows(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
     if logits.device().is_cpu() && logits.dtype() == DType::F32 {
-        let nll = logits
+        return logits
             .contiguous()?
-            .apply_op2(&targets.contiguous()?, super::fused::CrossEntropy)?;
-        return (nll * weights)?.sum_all();
+            .apply_op2(&targets.contiguous()?, super::fused::CrossEntropy);
     }
     let max = logits.max_keepdim(D::Minus1)?.detach();
     let shifted = logits.broadcast_sub(&max)?;
     let lse = shifted.exp()?.sum_keepdim(D::Minus1)?.log()?;
     let picked = shifted.gather(&targets.unsqueeze(1)?, 1)?;
-    let nll = (lse - picked)?.squeeze(1)?;
-    (nll * weights)?.sum_all()
+    (lse - picked)?.squeeze(1)
 }
 
 /// Inverted dropout mask: kept entries are scaled by 1/(1-p). Drawn from `seed` with

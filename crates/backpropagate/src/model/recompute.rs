@@ -12,11 +12,12 @@
 
 use std::sync::{Arc, Mutex};
 
-#[cfg(feature = "cuda")]
-use candle_core::backend::BackendStorage;
 use candle_core::backprop::GradStore;
-use candle_core::op::BackpropOp;
-use candle_core::{bail, CpuStorage, CustomOp1, Layout, Result, Shape, Storage, Tensor, Var};
+use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor, Var};
+
+use super::op_tensors::{from_cpu, into_cpu, owned};
+#[cfg(feature = "cuda")]
+use super::op_tensors::{from_cuda, into_cuda};
 
 /// One layer's forward from its input; `track` says whether to build the graph (the
 /// recomputation) or not (the first pass).
@@ -68,11 +69,7 @@ pub fn checkpoint(
     sink: &Arc<GradSink>,
 ) -> Result<Tensor> {
     // The op's storage is read as a whole from offset 0.
-    let h = if h.is_contiguous() && h.layout().start_offset() == 0 {
-        h.clone()
-    } else {
-        h.copy()?
-    };
+    let h = owned(h)?;
     // An untracked input (the first layer's embeddings) would make candle skip the
     // op's backward, and with it the layer's LoRA gradients: track it.
     let h = if h.track_op() {
@@ -93,41 +90,13 @@ struct Recompute {
     sink: Arc<GradSink>,
 }
 
-fn whole(l: &Layout) -> Result<()> {
-    if !l.is_contiguous() || l.start_offset() != 0 {
-        bail!("recompute: the layer input must be contiguous from offset 0");
-    }
-    Ok(())
-}
-
-/// The layer's output as a tensor that owns contiguous storage from offset 0.
-fn owned(y: Tensor) -> Result<Tensor> {
-    if y.is_contiguous() && y.layout().start_offset() == 0 {
-        Ok(y)
-    } else {
-        y.copy()
-    }
-}
-
 impl CustomOp1 for Recompute {
     fn name(&self) -> &'static str {
         "recompute-layer"
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        whole(l)?;
-        let x = Tensor::from_storage(
-            Storage::Cpu(s.clone()),
-            l.shape().clone(),
-            BackpropOp::none(),
-            false,
-        );
-        let y = owned((self.run)(&x, false)?)?;
-        let (storage, layout) = y.storage_and_layout();
-        let Storage::Cpu(out) = &*storage else {
-            bail!("recompute: the layer left the CPU");
-        };
-        Ok((out.clone(), layout.shape().clone()))
+        into_cpu(&(self.run)(&from_cpu(s, l)?, false)?)
     }
 
     #[cfg(feature = "cuda")]
@@ -136,19 +105,7 @@ impl CustomOp1 for Recompute {
         s: &candle_core::CudaStorage,
         l: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        whole(l)?;
-        let x = Tensor::from_storage(
-            Storage::Cuda(s.try_clone(l)?),
-            l.shape().clone(),
-            BackpropOp::none(),
-            false,
-        );
-        let y = owned((self.run)(&x, false)?)?;
-        let (storage, layout) = y.storage_and_layout();
-        let Storage::Cuda(out) = &*storage else {
-            bail!("recompute: the layer left the GPU");
-        };
-        Ok((out.try_clone(layout)?, layout.shape().clone()))
+        into_cuda(&(self.run)(&from_cuda(s, l)?, false)?)
     }
 
     fn bwd(&self, x: &Tensor, _y: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {

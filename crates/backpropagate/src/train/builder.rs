@@ -135,6 +135,31 @@ impl Trainer {
         session.run(run, info, None, sink, cancel)
     }
 
+    /// What a run with this configuration would do — rows, batch, epochs, gradient
+    /// checkpointing, precision, base storage, predicted peak memory against the free
+    /// memory — decided exactly as `start` decides it, with nothing written and no
+    /// weights loaded (`backprop train --dry-run`).
+    pub fn plan(&self) -> Result<super::TrainPlan> {
+        self.config.validate().map_err(Error::InvalidOption)?;
+        let sink = self.sink.as_ref();
+        let model_dir = absolute(&crate::hub::resolve_model(
+            &self.config.model,
+            &crate::hub::HubOptions::from_env(),
+            sink,
+        )?)?;
+        let data = absolute(&self.config.data)?;
+        let info = RunInfo {
+            id: String::new(),
+            created: String::new(),
+            model_dir,
+            data: data.clone(),
+            data_sha256: String::new(),
+            status: RunStatus::Running,
+            step: 0,
+        };
+        Ok(Session::prepare(&self.config, &info, sink, self.memory_limit)?.plan())
+    }
+
     /// Continues a run from its newest checkpoint (or from the start if it has none).
     pub fn resume(
         run_dir: &Path,

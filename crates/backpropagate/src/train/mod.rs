@@ -14,6 +14,7 @@ pub mod batch;
 mod builder;
 mod checkpoint;
 mod diagnose;
+mod dry_run;
 pub mod optim;
 mod plan;
 mod prepare;
@@ -26,5 +27,6 @@ mod summary;
 
 pub use crate::cancel::CancelToken;
 pub use builder::Trainer;
+pub use dry_run::TrainPlan;
 pub(crate) use run_loop::write_adapter;
 pub use summary::RunSummary;

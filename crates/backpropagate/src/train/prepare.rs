@@ -29,6 +29,11 @@ pub(super) struct Session {
     pub(super) memory_limit: Option<u64>,
     /// Decoder layers under gradient checkpointing (from the first).
     pub(super) recompute_layers: usize,
+    /// What the plan was made with and for, for `Trainer::plan`.
+    pub(super) accumulation: usize,
+    pub(super) free_bytes: Option<u64>,
+    pub(super) device_label: String,
+    pub(super) longest_row: usize,
 }
 
 impl Session {
@@ -141,6 +146,10 @@ impl Session {
             estimate,
             memory_limit,
             recompute_layers: recompute_layers as usize,
+            accumulation,
+            free_bytes: free,
+            device_label: picked.label.clone(),
+            longest_row: seq,
         })
     }
 }
