@@ -75,6 +75,12 @@ async fn get_run(s: State<'_, Service>, id: String) -> Reply<RunDetail> {
 }
 
 #[tauri::command]
+async fn plan_training(s: State<'_, Service>, req: StartTraining) -> Reply<TrainPlan> {
+    let s = s.inner().clone();
+    blocking(move || s.plan_training(req)).await
+}
+
+#[tauri::command]
 async fn start_training(s: State<'_, Service>, req: StartTraining) -> Reply<JobInfo> {
     let s = s.inner().clone();
     blocking(move || s.start_training(req)).await
@@ -202,6 +208,7 @@ pub fn run() {
             check_data,
             list_runs,
             get_run,
+            plan_training,
             start_training,
             stop_job,
             resume_run,

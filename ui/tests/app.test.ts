@@ -49,6 +49,12 @@ function fakeBackend(over: Partial<Backend> = {}) {
     getRun: async () => {
       throw new Error('no run');
     },
+    planTraining: vi.fn(async (c: TrainConfig) => ({
+      train_rows: 200, val_rows: 0, steps: c.steps, micro_batch: 4, accumulation: 1, effective_batch: 4,
+      epochs: (c.steps * 4) / 200, longest_row_tokens: 150, trainable_params: 1000, total_params: 100000,
+      device: 'cpu', precision: 'f32', base_storage: 'f32', layers: 2, recomputed_layers: 0,
+      predicted_peak_bytes: 1 << 30, free_bytes: 8 << 30,
+    })),
     startTraining: vi.fn(async () => job()),
     stopJob: async () => job(),
     resumeRun: async () => job({ id: 'j2' }),
@@ -88,6 +94,37 @@ describe('App', () => {
     expect(app.liveRun).toBe('r1');
     expect(app.liveStatus).toBe('running');
     expect(app.currentJob?.totalSteps).toBe(12);
+    app.dispose();
+  });
+
+  it('plans the form config with the chosen model and data, and marks the plan stale when settings change', async () => {
+    const { app, b } = await ready();
+    app.model = '/models/tiny';
+    app.dataPath = '/d.jsonl';
+    app.config!.steps = 100;
+    await app.planTraining();
+    expect(b.planTraining).toHaveBeenCalledWith(expect.objectContaining({ model: '/models/tiny', data: '/d.jsonl', steps: 100 }));
+    expect(app.plan?.epochs).toBe(2);
+    expect(app.planStale).toBe(false);
+    app.config!.steps = 50;
+    expect(app.planStale).toBe(true);
+    await app.planTraining();
+    expect(app.plan?.epochs).toBe(1);
+    expect(app.planStale).toBe(false);
+    app.dispose();
+  });
+
+  it('shows why there is no plan when planning fails', async () => {
+    const { app } = await ready({
+      planTraining: async () => {
+        throw new Error('model folder not found');
+      },
+    });
+    app.model = '/nope';
+    app.dataPath = '/d.jsonl';
+    await app.planTraining();
+    expect(app.plan).toBeNull();
+    expect(app.planError?.message).toContain('model folder not found');
     app.dispose();
   });
 

@@ -310,6 +310,7 @@ fn router(state: AppState) -> Router {
         )
         .route("/data/check", post(check_data))
         .route("/runs", get(list_runs).post(start_training))
+        .route("/runs/plan", post(plan_training))
         .route("/runs/{id}", get(get_run))
         .route("/runs/{id}/resume", post(resume_run))
         .route("/runs/{id}/export", post(export_run))
@@ -638,6 +639,13 @@ async fn list_runs(State(s): State<AppState>) -> ApiResult<Vec<backpropagate::ru
 
 async fn get_run(State(s): State<AppState>, UrlPath(id): UrlPath<String>) -> ApiResult<RunDetail> {
     blocking(move || s.service.get_run(&id)).await
+}
+
+async fn plan_training(
+    State(s): State<AppState>,
+    ApiJson(req): ApiJson<StartTraining>,
+) -> ApiResult<TrainPlan> {
+    blocking(move || s.service.plan_training(req)).await
 }
 
 async fn start_training(

@@ -4,6 +4,7 @@
 use backpropagate::data::{DatasetStats, Diagnostic};
 use backpropagate::event::Event;
 use backpropagate::run::{MetricLine, RunInfo};
+pub use backpropagate::train::TrainPlan;
 use backpropagate::TrainConfig;
 use serde::{Deserialize, Serialize};
 use ts_rs::TS;

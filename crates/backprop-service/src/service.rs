@@ -18,7 +18,7 @@ use backpropagate::hub::{resolve_model, HubError, HubOptions, ModelSpec};
 use backpropagate::model::ModelConfig;
 use backpropagate::ollama::{self, OllamaClient, PushOptions};
 use backpropagate::run::{list_runs, validate_run_id, RunDir, RunStatus};
-use backpropagate::train::{CancelToken, Trainer};
+use backpropagate::train::{CancelToken, TrainPlan, Trainer};
 use backpropagate::TrainConfig;
 use tokio::sync::broadcast;
 
@@ -663,8 +663,9 @@ impl Service {
         })
     }
 
-    pub fn start_training(&self, req: StartTraining) -> Result<JobInfo> {
-        let config = req.config;
+    /// The config as a run would take it: validated, its model a local folder, its
+    /// data an existing file.
+    fn runnable(config: TrainConfig) -> Result<TrainConfig> {
         config
             .validate()
             .map_err(|m| bad(m).hint("Fix the field named above in the Train form."))?;
@@ -677,6 +678,20 @@ impl Service {
             )
             .hint("Drop a JSONL file on the Data screen first."));
         }
+        Ok(config)
+    }
+
+    /// What `start_training` would do with this config (rows, batch, epochs,
+    /// checkpointing, memory against what is free), without starting anything.
+    pub fn plan_training(&self, req: StartTraining) -> Result<TrainPlan> {
+        let config = Self::runnable(req.config)?;
+        Ok(Trainer::from_config(config)
+            .runs_dir(self.runs_dir())
+            .plan()?)
+    }
+
+    pub fn start_training(&self, req: StartTraining) -> Result<JobInfo> {
+        let config = Self::runnable(req.config)?;
         let runs_dir = self.runs_dir().to_path_buf();
         self.spawn_job(JobKind::Train, None, move |sink, cancel| {
             let summary = Trainer::from_config(config)

@@ -18,6 +18,7 @@ import type { PushRequest } from '../generated/PushRequest';
 import type { RunDetail } from '../generated/RunDetail';
 import type { RunInfo } from '../generated/RunInfo';
 import type { TrainConfig } from '../generated/TrainConfig';
+import type { TrainPlan } from '../generated/TrainPlan';
 import type { UploadedDataset } from '../generated/UploadedDataset';
 
 /** A file dropped on the window: a path in the desktop app, the file itself in a browser. */
@@ -44,6 +45,8 @@ export interface Backend {
   checkData(req: DataCheckRequest): Promise<DataReport>;
   listRuns(): Promise<RunInfo[]>;
   getRun(id: string): Promise<RunDetail>;
+  /** What starting this config would do (rows, batch, epochs, checkpointing, memory); starts nothing. */
+  planTraining(config: TrainConfig): Promise<TrainPlan>;
   startTraining(config: TrainConfig): Promise<JobInfo>;
   stopJob(job: string): Promise<JobInfo>;
   /** Continues a stopped or failed run from its last checkpoint, to its own step count. */

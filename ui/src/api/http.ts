@@ -17,6 +17,7 @@ import type { PushRequest } from '../generated/PushRequest';
 import type { RunDetail } from '../generated/RunDetail';
 import type { RunInfo } from '../generated/RunInfo';
 import type { TrainConfig } from '../generated/TrainConfig';
+import type { TrainPlan } from '../generated/TrainPlan';
 import type { UploadedDataset } from '../generated/UploadedDataset';
 import { ApiFailure, windowFileDrop, type Backend, type Connection, type DroppedFile } from './backend';
 
@@ -77,6 +78,9 @@ export class HttpBackend implements Backend {
   }
   getRun(id: string) {
     return this.call<RunDetail>('GET', `/api/runs/${seg(id)}`);
+  }
+  planTraining(config: TrainConfig) {
+    return this.call<TrainPlan>('POST', '/api/runs/plan', { config });
   }
   startTraining(config: TrainConfig) {
     return this.call<JobInfo>('POST', '/api/runs', { config });

@@ -21,6 +21,7 @@ import type { RunDetail } from '../generated/RunDetail';
 import type { RunInfo } from '../generated/RunInfo';
 import type { StartTraining } from '../generated/StartTraining';
 import type { TrainConfig } from '../generated/TrainConfig';
+import type { TrainPlan } from '../generated/TrainPlan';
 import type { UploadedDataset } from '../generated/UploadedDataset';
 import { ApiFailure, toFailure, type Backend, type Connection, type DroppedFile } from './backend';
 
@@ -86,6 +87,10 @@ export class TauriBackend implements Backend {
   }
   getRun(id: string) {
     return call<RunDetail>('get_run', { id });
+  }
+  planTraining(config: TrainConfig) {
+    const req: StartTraining = { config };
+    return call<TrainPlan>('plan_training', { req });
   }
   startTraining(config: TrainConfig) {
     const req: StartTraining = { config };

@@ -15,6 +15,7 @@ import type { OllamaModel } from '../generated/OllamaModel';
 import type { OllamaStatus } from '../generated/OllamaStatus';
 import type { RunInfo } from '../generated/RunInfo';
 import type { TrainConfig } from '../generated/TrainConfig';
+import type { TrainPlan } from '../generated/TrainPlan';
 import { basename, fmtLoss } from './format';
 
 export type Screen = 'model' | 'data' | 'train' | 'runs' | 'export';
@@ -108,6 +109,11 @@ export class App {
   liveStep = $state.raw<StepEvent | null>(null);
   liveError = $state.raw<{ error: string; hint: string | null } | null>(null);
   starting = $state(false);
+  /** The plan for the settings as they were when asked (`planFor`), or why there is none. */
+  plan = $state.raw<TrainPlan | null>(null);
+  planFor = $state<string | null>(null);
+  planBusy = $state(false);
+  planError = $state.raw<ApiFailure | null>(null);
   readonly series = new TrainSeries();
   seriesVersion = $state(0);
   logs = $state.raw<LogLine[]>([]);
@@ -515,6 +521,35 @@ export class App {
         for (const je of loading.buffer) this.applyLive(je.event);
         this.seriesVersion = this.series.version;
       }
+    }
+  }
+
+  /** The config a run started now would get: the form plus the chosen model and data. */
+  private runConfig(): TrainConfig | null {
+    if (!this.config) return null;
+    return { ...$state.snapshot(this.config), model: this.model, data: this.dataPath };
+  }
+
+  /** Whether the shown plan was made for other settings than the form's now. */
+  get planStale(): boolean {
+    const c = this.runConfig();
+    return !!this.plan && (!c || JSON.stringify(c) !== this.planFor);
+  }
+
+  /** Asks the engine what the current settings would do (nothing starts). */
+  async planTraining(): Promise<void> {
+    const config = this.runConfig();
+    if (!config) return;
+    this.planBusy = true;
+    this.planError = null;
+    try {
+      this.plan = await this.backend.planTraining(config);
+      this.planFor = JSON.stringify(config);
+    } catch (e) {
+      this.plan = null;
+      this.planError = toFailure(e);
+    } finally {
+      this.planBusy = false;
     }
   }
 
