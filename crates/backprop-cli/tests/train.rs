@@ -347,9 +347,16 @@ fn dry_run_prints_the_plan_and_writes_nothing() {
     args.extend(["--dry-run", "--gradient-checkpointing", "on"].map(String::from));
     let out = Command::new(bin()).args(&args).output().unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{text}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(text.contains("plan (nothing written)"), "{text}");
-    assert!(text.contains("20 × 4 rows (micro-batch 2 × accumulation 2)"), "{text}");
+    assert!(
+        text.contains("20 × 4 rows (micro-batch 2 × accumulation 2)"),
+        "{text}"
+    );
     assert!(text.contains("2 of 2 layers recomputed"), "{text}");
     assert!(!runs.exists(), "a dry run created {}", runs.display());
 

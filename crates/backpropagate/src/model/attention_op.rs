@@ -201,49 +201,71 @@ impl CustomOp3 for Attention {
             bail!("fused attention: backward ran twice");
         };
         let tasks = self.tasks(kv);
+        let mut dq = vec![0f32; h * t * d];
+        let mut dk = vec![0f32; kv * t * d];
+        let mut dv = vec![0f32; t * kv * d];
         // Per task: dq of its rows for its n_rep heads, and its share of dk, dv over
-        // the keys its rows see (0..i1); shares are added in task order below, so the
-        // sums do not depend on thread timing.
-        type Grads = (Vec<f32>, Vec<f32>, Vec<f32>);
-        let per_task: Vec<Grads> = with_values(q, |q| {
+        // the keys its rows see (0..i1). Shares are added in task order, so the sums do
+        // not depend on thread timing; tasks run in waves of a few per thread, so only
+        // a wave's shares exist at once (all of them would grow with the square of a
+        // segment's length).
+        let wave = 4 * rayon::current_num_threads().max(1);
+        with_values(q, |q| {
             with_values(k, |k| {
                 with_values(v, |v| {
                     with_values(grad, |go| {
-                        tasks
-                            .par_iter()
-                            .map(|task| {
-                                block_backward(task, n_rep, (h, kv, t, d), (q, k, v, go), &lse)
-                            })
-                            .collect()
+                        for wave in tasks.chunks(wave) {
+                            let grads: Vec<_> = wave
+                                .par_iter()
+                                .map(|task| {
+                                    block_backward(task, n_rep, (h, kv, t, d), (q, k, v, go), &lse)
+                                })
+                                .collect::<Result<_>>()?;
+                            for (task, (gq, gk, gv)) in wave.iter().zip(&grads) {
+                                add_shares(
+                                    task,
+                                    n_rep,
+                                    (h, kv, t, d),
+                                    (gq, gk, gv),
+                                    (&mut dq, &mut dk, &mut dv),
+                                );
+                            }
+                        }
+                        Ok(())
                     })
                 })
             })
         })?;
-        let mut dq = vec![0f32; h * t * d];
-        let mut dk = vec![0f32; kv * t * d];
-        let mut dv = vec![0f32; t * kv * d];
-        for (task, (gq, gk, gv)) in tasks.iter().zip(&per_task) {
-            let Task { s0, g, i0, i1, .. } = *task;
-            let m = task.rows();
-            for r in 0..n_rep {
-                let hi = g * n_rep + r;
-                dq[(hi * t + s0 + i0) * d..][..m * d].copy_from_slice(&gq[r * m * d..][..m * d]);
-            }
-            let dkg = &mut dk[(g * t + s0) * d..][..i1 * d];
-            dkg.iter_mut().zip(gk).for_each(|(a, b)| *a += b);
-            for j in 0..i1 {
-                let row = &mut dv[((s0 + j) * kv + g) * d..][..d];
-                row.iter_mut()
-                    .zip(&gv[j * d..][..d])
-                    .for_each(|(a, b)| *a += b);
-            }
-        }
         let dev = q.device();
         Ok((
             Some(Tensor::from_vec(dq, (1, h, t, d), dev)?),
             Some(Tensor::from_vec(dk, (1, kv, t, d), dev)?),
             Some(Tensor::from_vec(dv, (1, t, kv, d), dev)?),
         ))
+    }
+}
+
+/// Adds one task's gradients into the op's: its rows of dq, its shares of dk and dv.
+fn add_shares(
+    task: &Task,
+    n_rep: usize,
+    (_h, kv, t, d): (usize, usize, usize, usize),
+    (gq, gk, gv): (&[f32], &[f32], &[f32]),
+    (dq, dk, dv): (&mut [f32], &mut [f32], &mut [f32]),
+) {
+    let Task { s0, g, i0, i1 } = *task;
+    let m = task.rows();
+    for r in 0..n_rep {
+        let hi = g * n_rep + r;
+        dq[(hi * t + s0 + i0) * d..][..m * d].copy_from_slice(&gq[r * m * d..][..m * d]);
+    }
+    let dkg = &mut dk[(g * t + s0) * d..][..i1 * d];
+    dkg.iter_mut().zip(gk).for_each(|(a, b)| *a += b);
+    for j in 0..i1 {
+        let row = &mut dv[((s0 + j) * kv + g) * d..][..d];
+        row.iter_mut()
+            .zip(&gv[j * d..][..d])
+            .for_each(|(a, b)| *a += b);
     }
 }
 
