@@ -15,11 +15,13 @@
 //!              + a × h + 4                             the LM head's hidden-state gradient
 //!                                                      and loss (its logits live a chunk
 //!                                                      of rows at a time: 128 MiB fixed)
-//! saved        = 10·h + 2·kv + 3·i + 7·r + 2·heads·seq per layer: norms, q, attention and
-//!                                                      projection outputs, residuals (10·h),
-//!                                                      k and v (2·kv), gate/up/SiLU (3·i),
-//!                                                      the 7 LoRA A outputs (7·r), attention
-//!                                                      scores and probabilities
+//! saved        = 10·h + 2·kv + 3·i + 7·r per layer      norms, q, attention and projection
+//!                                                      outputs, residuals (10·h), k and v
+//!                                                      (2·kv), gate/up/SiLU (3·i), the 7
+//!                                                      LoRA A outputs (7·r)
+//! + per sample   a × 8 × heads × min(128, seq) × seq   one block of query rows' attention
+//!                                                      scores, recomputed in backward (no
+//!                                                      layer keeps its scores)
 //! with gradient checkpointing of c layers, each of those keeps only its input (h) and
 //! one layer at a time is recomputed: layers × saved becomes (layers − c) × saved +
 //! c × h + saved (the same on the fused CPU path, with its own `saved`).
@@ -110,20 +112,32 @@ pub fn estimate(
     recomputed: u64,
 ) -> Estimate {
     let s = shape;
-    let saved = 10 * s.hidden + 2 * s.kv_dim + 3 * s.intermediate + 7 * lora_r + 2 * s.heads * seq;
+    let saved = 10 * s.hidden + 2 * s.kv_dim + 3 * s.intermediate + 7 * lora_r;
     let kept = kept_per_token(s, saved, recomputed, 0);
     // The LM head runs a chunk of rows at a time (`ChunkedLmLossAny`): per token only
     // its hidden-state gradient and loss are kept.
     let per_token = activation_bytes * (kept + s.hidden) + 4;
+    // Attention keeps no scores (`model/attention_any.rs`); while one block of query
+    // rows is computed or recomputed, its scores exist in ATTENTION_COPIES forms.
+    let block = seq.min(ATTENTION_BLOCK_ROWS);
+    let attention_block = activation_bytes * ATTENTION_COPIES * s.heads * block * seq;
     Estimate {
         fixed_bytes: ((s.params - s.dense_params) as f64 * weight_bits / 8.0).ceil() as u64
             + s.dense_params * activation_bytes
             + s.lora_params(lora_r) * 16
             + LM_HEAD_CHUNK_ANY
             + WORKSPACE,
-        per_sample_bytes: seq * per_token,
+        per_sample_bytes: seq * per_token + attention_block,
     }
 }
+
+/// Query rows per block of the basic-op attention (`model/attention_any.rs`).
+const ATTENTION_BLOCK_ROWS: u64 = 128;
+
+/// Score-sized tensors alive at once while a block's attention is recomputed and
+/// differentiated (scores, scaled, masked, exponentials, probabilities and their
+/// gradients).
+const ATTENTION_COPIES: u64 = 8;
 
 /// Values kept per token across the layers: `saved` for each layer that is not
 /// recomputed, its input (h) for each that is, plus the one layer being recomputed (or
@@ -251,22 +265,22 @@ mod tests {
     fn the_formula_gives_the_hand_computed_numbers() {
         // LoRA r8: per layer 8 × (128 + 2·96 + 128 + 2·192 + 192) = 8192; two layers.
         assert_eq!(SHAPE.lora_params(8), 16_384);
-        // saved = 640 + 64 + 384 + 56 + 2·4·32 = 1400 values per token and layer;
-        // per token 2 × (2·1400 + 64) (bf16, with the LM head's gradient row) + 4 (its
-        // loss) = 5 732 bytes; × 32.
+        // saved = 640 + 64 + 384 + 56 = 1144 values per token and layer; per token
+        // 2 × (2·1144 + 64) (bf16, with the LM head's gradient row) + 4 (its loss) =
+        // 4 708 bytes; × 32, plus one attention block: 2 × 8 × 4 heads × 32 × 32.
         let e = estimate(&SHAPE, 32, 8, 16.0, 2, 0);
-        assert_eq!(e.per_sample_bytes, 183_424);
+        assert_eq!(e.per_sample_bytes, 150_656 + 65_536);
         // 200k bf16 weights + 16 384 × 16 + the LM-head chunk + 256 MiB.
         assert_eq!(e.fixed_bytes, 400_000 + 262_144 + (128 << 20) + (256 << 20));
-        // Checkpointing keeps 2·64 layer inputs + one layer: (2 × (128 + 1400 + 64) + 4) × 32.
+        // Checkpointing keeps 2·64 layer inputs + one layer: (2 × (128 + 1144 + 64) + 4) × 32.
         assert_eq!(
             estimate(&SHAPE, 32, 8, 16.0, 2, 2).per_sample_bytes,
-            102_016
+            85_632 + 65_536
         );
-        // In f32 the activations take 4 bytes: (4 × (2·1400 + 64) + 4) × 32.
+        // In f32 the activations take 4 bytes: (4 × (2·1144 + 64) + 4) × 32 + 4 × 32 768.
         assert_eq!(
             estimate(&SHAPE, 32, 8, 32.0, 4, 0).per_sample_bytes,
-            366_720
+            301_184 + 131_072
         );
         // QLoRA q4_k: 200 000 × 4.5 / 8 = 112 500 bytes of base weights.
         assert_eq!(
@@ -341,10 +355,10 @@ mod tests {
         };
         let e = estimate(&qwen, 512, 16, 16.0, 2, 0);
         let one = (e.fixed_bytes + e.per_sample_bytes) as f64 / (1u64 << 30) as f64;
-        // About 1.2 GiB of weights (bf16 linears, f32 embeddings) and LoRA state plus
-        // ~1.5 GiB of activations and logits for one 512-token sample: about what
-        // PyTorch + PEFT needs without checkpointing.
-        assert!((2.0..3.5).contains(&one), "{one:.2} GiB");
+        // About 1.2 GiB of weights (bf16 linears, f32 embeddings) and LoRA state, the
+        // LM-head chunk and workspace, plus ~0.5 GiB of activations for one 512-token
+        // sample (no attention scores or vocabulary-sized logits are kept).
+        assert!((1.5..3.0).contains(&one), "{one:.2} GiB");
         let plan = plan_batch(8 << 30, &e, 16).unwrap();
         assert!(
             plan.micro_batch >= 2 && plan.micro_batch * plan.accumulation == 16,

@@ -10,15 +10,14 @@ use candle_core::{DType, Device, Module, Result as CResult, Tensor};
 use rand::Rng;
 use rand_chacha::ChaCha8Rng;
 
+use super::attention_any::blocked_attention;
 use super::attention_op::Attention;
 use super::config::ModelConfig;
 use super::frozen_linear::FrozenLinear;
 use super::fused::{RopeHeads, SwiGlu};
 use super::lm_loss::{ChunkedLmLoss, ChunkedLmLossAny};
 use super::lora_op::{Dropout, LoraLinear};
-use super::ops::{
-    apply_rope, cross_entropy_sum, dropout_mask, frozen_linear, rms_norm, softmax_last_dim,
-};
+use super::ops::{apply_rope, cross_entropy_sum, dropout_mask, frozen_linear, rms_norm};
 use super::qlinear::{quant_linear, FrozenWeight};
 use super::recompute::{self, GradSink};
 use super::rope::RopeTables;
@@ -209,15 +208,9 @@ impl Layer {
                     q = rms_norm(&q, qn, p.eps)?;
                     k = rms_norm(&k, kn, p.eps)?;
                 }
-                let n_rep = p.heads / p.kv;
                 let q = apply_rope(&q.contiguous()?, &p.cos, &p.sin)?;
-                let k = repeat_kv(apply_rope(&k.contiguous()?, &p.cos, &p.sin)?, n_rep)?;
-                let v = repeat_kv(v.contiguous()?, n_rep)?;
-                let scale = 1.0 / (d as f64).sqrt();
-                let scores = (q.matmul(&k.t()?)? * scale)?.broadcast_add(&p.mask)?;
-                let probs = softmax_last_dim(&scores)?;
-                let attn = probs
-                    .matmul(&v)?
+                let k = apply_rope(&k.contiguous()?, &p.cos, &p.sin)?;
+                let attn = blocked_attention(&q, &k, &v.contiguous()?, &p.mask, p.heads / p.kv)?
                     .transpose(1, 2)?
                     .reshape((b, t, p.heads * d))?;
                 let h = (h + lin(&self.o, &attn, 3)?)?;
@@ -728,15 +721,4 @@ impl CausalLm {
         // The loss is computed in f32, a chunk of rows' logits at a time.
         ChunkedLmLossAny::nll(&rows, &self.lm_head, &batch.targets)?.sum_all()
     }
-}
-
-/// Grouped-query attention: each k/v head serves `n_rep` query heads.
-fn repeat_kv(x: Tensor, n_rep: usize) -> CResult<Tensor> {
-    if n_rep == 1 {
-        return Ok(x);
-    }
-    let (b, kv, t, d) = x.dims4()?;
-    x.unsqueeze(2)?
-        .expand((b, kv, n_rep, t, d))?
-        .reshape((b, kv * n_rep, t, d))
 }

@@ -1,6 +1,7 @@
 //! Decoder-only model families in candle: config, weights, the transformer with LoRA
 //! hooks, and the differentiable ops it is built from.
 
+mod attention_any;
 mod attention_op;
 pub mod blas;
 mod config;
