@@ -460,7 +460,14 @@ impl CausalLm {
         let (h, i, v) = (c.hidden_size, c.intermediate_size, c.vocab_size);
         let q_out = c.num_heads * c.head_dim;
         let kv_out = c.num_kv_heads * c.head_dim;
-        let embed = w.get("model.embed_tokens.weight", &[v, h])?;
+        // An untied input embedding is only looked up, never multiplied: on a GPU it
+        // stays in host memory (about 1 GiB of VRAM for a 7B model's vocabulary in
+        // bf16) and only the rows looked up travel.
+        let embed = if !device.is_cpu() && !c.tie_word_embeddings {
+            Weights::open(dir, dtype, &Device::Cpu)?.get("model.embed_tokens.weight", &[v, h])?
+        } else {
+            w.get("model.embed_tokens.weight", &[v, h])?
+        };
         let mut layers = Vec::with_capacity(c.num_layers);
         for l in 0..c.num_layers {
             let p = format!("model.layers.{l}");
@@ -556,6 +563,17 @@ impl CausalLm {
         self.rope.cos.dims()[0]
     }
 
+    /// The embedding rows of `ids`, on `ids`' device (the table may be in host memory).
+    fn embed_rows(&self, ids: &Tensor) -> CResult<Tensor> {
+        let table = candle_nn::Embedding::new(self.embed.clone(), self.config.hidden_size);
+        if self.embed.device().same_device(ids.device()) {
+            return table.forward(ids);
+        }
+        table
+            .forward(&ids.to_device(self.embed.device())?)?
+            .to_device(ids.device())
+    }
+
     /// Final hidden states (b, t, hidden).
     pub fn hidden_states(
         &self,
@@ -564,8 +582,7 @@ impl CausalLm {
     ) -> CResult<Tensor> {
         let (b, t) = batch.input_ids.dims2()?;
         let c = &self.config;
-        let h = candle_nn::Embedding::new(self.embed.clone(), c.hidden_size)
-            .forward(&batch.input_ids)?;
+        let h = self.embed_rows(&batch.input_ids)?;
         if self.fused_for(&h) {
             let segments = batch.flat.padded_segments(b * t);
             let h = h.reshape((1, b * t, c.hidden_size))?;
@@ -703,8 +720,7 @@ impl CausalLm {
             let tokens = Tensor::from_slice(&f.tokens, n, &self.device)?;
             let ids = batch.input_ids.flatten_all()?.index_select(&tokens, 0)?;
             let pos = batch.position_ids.flatten_all()?.index_select(&tokens, 0)?;
-            let h = candle_nn::Embedding::new(self.embed.clone(), self.config.hidden_size)
-                .forward(&ids.reshape((1, n))?)?;
+            let h = self.embed_rows(&ids.reshape((1, n))?)?;
             let keys = Arc::new(f.tokens.clone());
             let h = self.fused_layers(h, &pos, f.segments.clone(), Some(keys), rng)?;
             let rows = Tensor::from_slice(&f.target_rows, f.target_rows.len(), &self.device)?;

@@ -292,7 +292,8 @@ fn estimate(
         )
     } else {
         memory::estimate(
-            &memory::Shape::of(model_config),
+            &memory::Shape::of(model_config)
+                .with_host_embedding(device.is_cpu() || model_config.tie_word_embeddings),
             seq as u64,
             config.lora.r as u64,
             weight_bits,
