@@ -22,6 +22,7 @@ use rayon::prelude::*;
 
 use super::blas::{matmul_serial, Mat};
 use super::cpu_values::{values, with_values};
+use super::fast_exp;
 use super::fused::exp_shifted_in_place;
 use super::profile::{self, Part};
 
@@ -295,20 +296,19 @@ fn block_backward(
         matmul_serial(&mut p, false, 1.0, Mat::rm(qd, m, d), Mat::t(kd, i1, d))?;
         let l = &lse[hi * t + s0 + i0..][..m];
         for (ii, (row, &l)) in p.chunks_mut(i1).zip(l).enumerate() {
-            let i = i0 + ii;
-            for (j, s) in row.iter_mut().enumerate() {
-                *s = if j <= i && l != f32::NEG_INFINITY {
-                    (*s - l).exp()
-                } else {
-                    0.0
-                };
+            let (live, future) = row.split_at_mut(i0 + ii + 1);
+            future.fill(0.0);
+            if l == f32::NEG_INFINITY {
+                live.fill(0.0);
+            } else {
+                live.iter_mut().for_each(|s| *s = fast_exp::exp(*s - l));
             }
         }
         // dP = dO vᵀ; dS = P ⊙ (dP − rowsum(P ⊙ dP)).
         let vt = Mat::t_rows_apart(vg, i1, d, kv * d);
         matmul_serial(&mut dp, false, 1.0, gm, vt)?;
         for (pr, dr) in p.chunks(i1).zip(dp.chunks_mut(i1)) {
-            let dot: f32 = pr.iter().zip(dr.iter()).map(|(a, b)| a * b).sum();
+            let dot = fast_exp::dot(pr, dr);
             for (ds, &pv) in dr.iter_mut().zip(pr) {
                 *ds = pv * (*ds - dot);
             }

@@ -9,6 +9,7 @@ use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Result, S
 use rayon::prelude::*;
 
 use super::cpu_values::{values, with_values};
+use super::fast_exp;
 use super::profile::{self, Part};
 
 /// Rows of a contiguous f32 tensor, and the row length.
@@ -31,32 +32,17 @@ where
     }
 }
 
-fn row_max(row: &[f32]) -> f32 {
-    row.iter().copied().fold(f32::NEG_INFINITY, f32::max)
-}
-
 /// Replaces a row by `exp(x − max x)` and returns (max, sum): the numerically safe
 /// numerator and denominator of a softmax, in place.
 pub fn exp_shifted_in_place(row: &mut [f32]) -> (f32, f32) {
-    let max = row_max(row);
-    let mut sum = 0f32;
-    for v in row.iter_mut() {
-        *v = (*v - max).exp();
-        sum += *v;
-    }
-    (max, sum)
+    let max = fast_exp::max(row);
+    (max, fast_exp::exp_shifted_in_place(row, max))
 }
 
 /// Writes `exp(x − max x)` of a row into `out` and returns its sum: the numerically
 /// safe numerator and denominator of a softmax.
 fn exp_shifted(row: &[f32], out: &mut [f32]) -> f32 {
-    let max = row_max(row);
-    let mut sum = 0f32;
-    for (o, &v) in out.iter_mut().zip(row) {
-        *o = (v - max).exp();
-        sum += *o;
-    }
-    sum
+    fast_exp::exp_shifted_into(row, fast_exp::max(row), out)
 }
 
 pub struct Softmax;
@@ -225,7 +211,7 @@ impl CustomOp2 for CrossEntropy {
             .into_par_iter()
             .map(|i| {
                 let row = &logits[i * v..(i + 1) * v];
-                let max = row_max(row);
+                let max = fast_exp::max(row);
                 let lse = row.iter().map(|x| (x - max).exp()).sum::<f32>().ln();
                 lse - (row[targets[i] as usize] - max)
             })
@@ -373,7 +359,7 @@ impl CustomOp1 for RopeHeads {
 pub struct SwiGlu;
 
 fn silu_parts(e: f32) -> (f32, f32) {
-    let sig = 1.0 / (1.0 + (-e).exp());
+    let sig = 1.0 / (1.0 + fast_exp::exp(-e));
     (e * sig, sig * (1.0 + e * (1.0 - sig)))
 }
 

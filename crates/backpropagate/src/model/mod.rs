@@ -7,6 +7,7 @@ pub mod blas;
 mod config;
 mod cpu_values;
 mod decoder;
+mod fast_exp;
 mod frozen_linear;
 mod fused;
 mod lm_loss;
