@@ -86,6 +86,17 @@ fn cancel_stops_with_a_checkpoint_and_resume_finishes() {
         .join("checkpoints/step-4/state.json")
         .is_file());
     assert!(!stopped.run_dir.join("adapter").exists());
+    // The stop's checkpoint carries the time up to step 4, not that of an earlier one.
+    let state: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(stopped.run_dir.join("checkpoints/step-4/state.json")).unwrap(),
+    )
+    .unwrap();
+    let metrics = read_metrics(&stopped.run_dir.join("metrics.jsonl")).unwrap();
+    let at_4 = metrics
+        .iter()
+        .find(|m| m.step == 4 && m.loss.is_some())
+        .unwrap();
+    assert_eq!(state["elapsed_s"].as_f64(), at_4.elapsed_s, "{state}");
 
     let events = std::sync::Mutex::new(Vec::new());
     let sink = |e: Event| events.lock().unwrap().push(e);

@@ -134,8 +134,8 @@ pub(super) fn gib(bytes: u64) -> f64 {
     bytes as f64 / (1u64 << 30) as f64
 }
 
-/// Micro-batch when the user says `auto`, until memory-based sizing (GPU issue)
-/// lands: about 4096 tokens per micro-batch at the 95th-percentile row length.
+/// The micro-batch `auto` starts from: about 4096 tokens per micro-batch at the
+/// 95th-percentile row length (`plan_micro_batch` then lowers it to what fits).
 pub(super) fn auto_batch(rows: &[Row]) -> usize {
     let mut lens: Vec<usize> = rows.iter().map(|r| r.input_ids.len()).collect();
     lens.sort_unstable();

@@ -121,6 +121,8 @@ impl Session {
             let stepped = self.train_step(&model, &mut p, per_step, run, info, sink)?;
             last_loss = Some(stepped.loss);
             let elapsed = clock.elapsed_s();
+            // Kept current, so a checkpoint written at a stop carries the time to it.
+            p.state.elapsed_s = elapsed;
             let eta = clock.eta_s(p.state.step, steps);
             record_step(run, p.state.step, &stepped, elapsed, eta, sink)?;
             let last = p.state.step == steps;
@@ -128,7 +130,6 @@ impl Session {
                 self.evaluate(&model, run, p.state.step, sink)?;
             }
             if last || self.checkpoint_due(p.state.step) {
-                p.state.elapsed_s = elapsed;
                 write_checkpoint(run, info, &p, &base_model, sink)?;
             }
         }
