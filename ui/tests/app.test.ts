@@ -53,7 +53,7 @@ function fakeBackend(over: Partial<Backend> = {}) {
       train_rows: 200, val_rows: 0, steps: c.steps, micro_batch: 4, accumulation: 1, effective_batch: 4,
       epochs: (c.steps * 4) / 200, longest_row_tokens: 150, trainable_params: 1000, total_params: 100000,
       device: 'cpu', precision: 'f32', base_storage: 'f32', layers: 2, recomputed_layers: 0,
-      predicted_peak_bytes: 1 << 30, free_bytes: 8 << 30,
+      predicted_peak_bytes: 1 << 30, free_bytes: 8 << 30, fits: true,
     })),
     startTraining: vi.fn(async () => job()),
     stopJob: async () => job(),

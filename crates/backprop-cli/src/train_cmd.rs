@@ -212,17 +212,14 @@ fn print_plan(p: &TrainPlan, json: bool) {
         return;
     }
     let mib = |b: u64| format!("{:.0} MiB", b as f64 / (1u64 << 20) as f64);
-    let free = p
-        .free_bytes
-        .map(|f| {
-            let verdict = if p.predicted_peak_bytes <= f / 10 * 9 {
-                "fits"
-            } else {
-                "may not fit: lower max_seq_len or batch_size, or use --base-quant q4_k"
-            };
-            format!(" of {} free: {verdict}", mib(f))
-        })
-        .unwrap_or_else(|| " (free memory unknown)".into());
+    let free = match (p.free_bytes, p.fits) {
+        (Some(f), Some(true)) => format!(" of {} free: fits", mib(f)),
+        (Some(f), _) => format!(
+            " of {} free: may not fit: lower max_seq_len or batch_size, or use --base-quant q4_k",
+            mib(f)
+        ),
+        (None, _) => " (free memory unknown)".into(),
+    };
     println!("plan (nothing written)");
     println!(
         "  data        {} training rows, {} validation rows, longest {} tokens",

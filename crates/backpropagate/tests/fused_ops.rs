@@ -2,12 +2,15 @@
 //! same loss and same LoRA gradients, for every family, with and without rsLoRA and
 //! dropout, on padded and packed rows.
 
+mod common;
+
 use backpropagate::config::LoraConfig;
 use backpropagate::fixture::{write_fixture_model, Family, FixtureSpec};
 use backpropagate::lora::LoraSet;
 use backpropagate::model::{CausalLm, ModelConfig};
 use backpropagate::train::batch::{build, Row};
-use candle_core::{Device, Tensor};
+use candle_core::Device;
+use common::{give_b_values, lora_grads};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
@@ -41,18 +44,6 @@ fn rows(vocab: u32, rng: &mut ChaCha8Rng) -> Vec<Row> {
     out
 }
 
-/// B starts at zero, which would leave A's gradient zero: gives every B values.
-fn give_b_values(lora: &LoraSet, rng: &mut ChaCha8Rng) {
-    for l in &lora.layers {
-        let shape = l.b.as_tensor().shape().clone();
-        let values: Vec<f32> = (0..shape.elem_count())
-            .map(|_| rng.gen_range(-0.5..0.5))
-            .collect();
-        l.b.set(&Tensor::from_vec(values, shape, &Device::Cpu).unwrap())
-            .unwrap();
-    }
-}
-
 struct Pass {
     loss: f32,
     grads: Vec<Vec<f32>>,
@@ -63,20 +54,7 @@ fn pass(model: &CausalLm, lora: &LoraSet, rows: &[Row], dropout: bool) -> Pass {
     let batch = build(&refs, 0, &Device::Cpu).unwrap();
     let mut rng = ChaCha8Rng::seed_from_u64(11);
     let loss = model.loss_sum(&batch, dropout.then_some(&mut rng)).unwrap();
-    let store = loss.backward().unwrap();
-    let grads = lora
-        .named_vars()
-        .into_iter()
-        .map(|(name, v)| {
-            store
-                .get(v.as_tensor())
-                .unwrap_or_else(|| panic!("no gradient for {name}"))
-                .flatten_all()
-                .unwrap()
-                .to_vec1::<f32>()
-                .unwrap()
-        })
-        .collect();
+    let grads = lora_grads(&loss.backward().unwrap(), lora);
     Pass {
         loss: loss.to_scalar::<f32>().unwrap(),
         grads,

@@ -14,8 +14,8 @@ use backpropagate::lora::LoraSet;
 use backpropagate::model::{CausalLm, ModelConfig};
 use backpropagate::train::batch::{build, Row};
 use backpropagate::train::Trainer;
-use candle_core::{Device, Tensor};
-use common::{fixture, losses, samples_dir};
+use candle_core::Device;
+use common::{fixture, give_b_values, lora_grads, losses, samples_dir};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
@@ -40,20 +40,7 @@ fn pass(model: &CausalLm, lora: &LoraSet, rows: &[Row]) -> (f32, Vec<Vec<f32>>) 
     let batch = build(&refs, 0, &Device::Cpu).unwrap();
     let mut rng = ChaCha8Rng::seed_from_u64(11);
     let loss = model.loss_sum(&batch, Some(&mut rng)).unwrap();
-    let grads = model.backward(&loss).unwrap();
-    let values = lora
-        .named_vars()
-        .into_iter()
-        .map(|(name, v)| {
-            grads
-                .get(v.as_tensor())
-                .unwrap_or_else(|| panic!("no gradient for {name}"))
-                .flatten_all()
-                .unwrap()
-                .to_vec1::<f32>()
-                .unwrap()
-        })
-        .collect();
+    let values = lora_grads(&model.backward(&loss).unwrap(), lora);
     (loss.to_scalar::<f32>().unwrap(), values)
 }
 
@@ -70,14 +57,7 @@ fn recomputed_layers_give_the_same_loss_and_gradients() {
             ..LoraConfig::default()
         };
         let lora = LoraSet::init(&config, &lora_config, &mut rng, &Device::Cpu).unwrap();
-        for l in &lora.layers {
-            let shape = l.b.as_tensor().shape().clone();
-            let values: Vec<f32> = (0..shape.elem_count())
-                .map(|_| rng.gen_range(-0.5..0.5))
-                .collect();
-            l.b.set(&Tensor::from_vec(values, shape, &Device::Cpu).unwrap())
-                .unwrap();
-        }
+        give_b_values(&lora, &mut rng);
         let mut model =
             CausalLm::load(dir.path(), config.clone(), Some(&lora), 64, &Device::Cpu).unwrap();
         let rows = rows(config.vocab_size as u32, &mut rng);

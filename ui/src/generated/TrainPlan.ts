@@ -27,4 +27,9 @@ recomputed_layers: number, predicted_peak_bytes: number,
 /**
  * Free memory on the device when planned; null where it cannot be known.
  */
-free_bytes: number | null, };
+free_bytes: number | null, 
+/**
+ * Whether the predicted peak fits the free memory with the planner's headroom;
+ * null where free memory is unknown.
+ */
+fits: boolean | null, };

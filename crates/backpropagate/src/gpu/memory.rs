@@ -176,10 +176,15 @@ pub struct BatchPlan {
     pub accumulation: u32,
 }
 
+/// What may be planned into `free` bytes: 90 %, the headroom every plan keeps.
+pub fn usable_bytes(free: u64) -> u64 {
+    free / 10 * 9
+}
+
 /// The plan for `effective` samples per optimizer step within `free_bytes`, or the
 /// bytes a single sample would need when even that does not fit.
 pub fn plan_batch(free_bytes: u64, est: &Estimate, effective: u32) -> Result<BatchPlan, u64> {
-    let usable = free_bytes / 10 * 9;
+    let usable = usable_bytes(free_bytes);
     let need_one = est.fixed_bytes + est.per_sample_bytes;
     if usable < need_one {
         return Err(need_one);

@@ -352,6 +352,17 @@ pub struct CausalLm {
     recompute_grads: Arc<GradSink>,
 }
 
+/// Whether the input embedding is kept in host memory rather than on `device`: on a
+/// GPU, unless a tied LM head multiplies by it.
+pub fn embedding_on_host(device: &Device, c: &ModelConfig) -> bool {
+    !device.is_cpu() && !c.tie_word_embeddings
+}
+
+/// Whether gradient checkpointing can run on `device`.
+pub fn recompute_supported(device: &Device) -> bool {
+    recompute::supported(device)
+}
+
 /// Whether models use the fused CPU ops by default: yes, unless
 /// `BACKPROP_REFERENCE_OPS` is set (to anything but empty or 0).
 pub fn fused_ops_enabled() -> bool {
@@ -463,7 +474,7 @@ impl CausalLm {
         // An untied input embedding is only looked up, never multiplied: on a GPU it
         // stays in host memory (about 1 GiB of VRAM for a 7B model's vocabulary in
         // bf16) and only the rows looked up travel.
-        let embed = if !device.is_cpu() && !c.tie_word_embeddings {
+        let embed = if embedding_on_host(device, c) {
             Weights::open(dir, dtype, &Device::Cpu)?.get("model.embed_tokens.weight", &[v, h])?
         } else {
             w.get("model.embed_tokens.weight", &[v, h])?
@@ -665,7 +676,7 @@ impl CausalLm {
         pass: LayerPass,
         mut rng: Option<&mut ChaCha8Rng>,
     ) -> CResult<Tensor> {
-        let recompute = self.recompute_layers > 0 && recompute::supported(&h);
+        let recompute = self.recompute_layers > 0 && recompute::supported(h.device());
         if recompute {
             self.recompute_grads.clear();
         }

@@ -21,6 +21,9 @@ mod rope;
 mod weights;
 
 pub use config::{Arch, ModelConfig, RopeScaling, SUPPORTED};
-pub use decoder::{expected_tensors, fused_ops_enabled, BatchInputs, CausalLm, FlatBatch};
+pub use decoder::{
+    embedding_on_host, expected_tensors, fused_ops_enabled, recompute_supported, BatchInputs,
+    CausalLm, FlatBatch,
+};
 pub use rope::inv_freq;
 pub use weights::{safetensors_paths, Weights};

@@ -56,9 +56,10 @@ impl GradSink {
     }
 }
 
-/// Whether layers on `h`'s device can be recomputed (CPU and CUDA).
-pub fn supported(h: &Tensor) -> bool {
-    h.device().is_cpu() || h.device().is_cuda()
+/// Whether layers on `device` can be recomputed (CPU and CUDA: the op's forward has
+/// no Metal body).
+pub fn supported(device: &candle_core::Device) -> bool {
+    device.is_cpu() || device.is_cuda()
 }
 
 /// `run(h)`, keeping only `h` for backward. `vars` are the layer's LoRA weights.

@@ -105,14 +105,7 @@ impl Trainer {
     /// Starts a new run reporting to a borrowed sink and cancel token (for callers that
     /// drive several runs, like multi-run).
     pub fn start_with(self, sink: &dyn EventSink, cancel: &CancelToken) -> Result<RunSummary> {
-        self.config.validate().map_err(Error::InvalidOption)?;
-        // A repo id downloads into the shared HF cache (or is found there) first.
-        let model_dir = absolute(&crate::hub::resolve_model(
-            &self.config.model,
-            &crate::hub::HubOptions::from_env(),
-            sink,
-        )?)?;
-        let data = absolute(&self.config.data)?;
+        let (model_dir, data) = self.inputs(sink)?;
         let (created, stamp) = run::now_utc();
         let base = self
             .name
@@ -135,24 +128,30 @@ impl Trainer {
         session.run(run, info, None, sink, cancel)
     }
 
-    /// What a run with this configuration would do — rows, batch, epochs, gradient
-    /// checkpointing, precision, base storage, predicted peak memory against the free
-    /// memory — decided exactly as `start` decides it, with nothing written and no
-    /// weights loaded (`backprop train --dry-run`).
-    pub fn plan(&self) -> Result<super::TrainPlan> {
+    /// The checked configuration's model folder and data file, absolute; a repo id
+    /// downloads into the shared HF cache (or is found there) first.
+    fn inputs(&self, sink: &dyn EventSink) -> Result<(PathBuf, PathBuf)> {
         self.config.validate().map_err(Error::InvalidOption)?;
-        let sink = self.sink.as_ref();
         let model_dir = absolute(&crate::hub::resolve_model(
             &self.config.model,
             &crate::hub::HubOptions::from_env(),
             sink,
         )?)?;
-        let data = absolute(&self.config.data)?;
+        Ok((model_dir, absolute(&self.config.data)?))
+    }
+
+    /// What a run with this configuration would do — rows, batch, epochs, gradient
+    /// checkpointing, precision, base storage, predicted peak memory against the free
+    /// memory — decided exactly as `start` decides it, with nothing written and no
+    /// weights loaded (`backprop train --dry-run`).
+    pub fn plan(&self) -> Result<super::TrainPlan> {
+        let sink = self.sink.as_ref();
+        let (model_dir, data) = self.inputs(sink)?;
         let info = RunInfo {
             id: String::new(),
             created: String::new(),
             model_dir,
-            data: data.clone(),
+            data,
             data_sha256: String::new(),
             status: RunStatus::Running,
             step: 0,

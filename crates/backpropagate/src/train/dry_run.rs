@@ -36,11 +36,16 @@ pub struct TrainPlan {
     /// Free memory on the device when planned; null where it cannot be known.
     #[ts(type = "number | null")]
     pub free_bytes: Option<u64>,
+    /// Whether the predicted peak fits the free memory with the planner's headroom;
+    /// null where free memory is unknown.
+    pub fits: Option<bool>,
 }
 
 impl Session {
     pub(super) fn plan(&self) -> TrainPlan {
         let effective = self.micro_batch * self.accumulation;
+        let peak =
+            self.estimate.fixed_bytes + self.micro_batch as u64 * self.estimate.per_sample_bytes;
         let trainable = crate::lora::target_shapes(&self.model_config, &self.config.lora)
             .iter()
             .map(|(_, out_f, in_f)| self.config.lora.r * (out_f + in_f))
@@ -69,9 +74,11 @@ impl Session {
             },
             layers: self.model_config.num_layers,
             recomputed_layers: self.recompute_layers,
-            predicted_peak_bytes: self.estimate.fixed_bytes
-                + self.micro_batch as u64 * self.estimate.per_sample_bytes,
+            predicted_peak_bytes: peak,
             free_bytes: self.free_bytes,
+            fits: self
+                .free_bytes
+                .map(|free| peak <= crate::gpu::memory::usable_bytes(free)),
         }
     }
 }

@@ -119,7 +119,7 @@ pub(super) fn plan_recompute(
         (GradientCheckpointing::On, _) => layers,
         (GradientCheckpointing::Auto, None) => 0,
         (GradientCheckpointing::Auto, Some(free)) => {
-            let usable = free / 10 * 9;
+            let usable = memory::usable_bytes(free);
             (0..=layers)
                 .find(|&c| {
                     let e = estimate_for(c);

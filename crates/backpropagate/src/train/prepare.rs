@@ -88,7 +88,7 @@ impl Session {
             free,
             estimate_for,
         );
-        if recompute_layers > 0 && !(picked.device.is_cpu() || picked.device.is_cuda()) {
+        if recompute_layers > 0 && !crate::model::recompute_supported(&picked.device) {
             sink.emit(Event::Log {
                 level: LogLevel::Warn,
                 message: format!(
@@ -293,7 +293,7 @@ fn estimate(
     } else {
         memory::estimate(
             &memory::Shape::of(model_config)
-                .with_host_embedding(device.is_cpu() || model_config.tie_word_embeddings),
+                .with_host_embedding(!crate::model::embedding_on_host(device, model_config)),
             seq as u64,
             config.lora.r as u64,
             weight_bits,

@@ -115,7 +115,8 @@ impl Session {
         while p.state.step < steps {
             hold_while_paused(cancel, p.state.step, sink);
             if cancel.is_cancelled() {
-                checkpoint_before_stop(run, &p, &base_model, sink)?;
+                // A stop is only honoured with a checkpoint of where the run stands.
+                save_checkpoint(run, None, &p, &base_model, sink)?;
                 return Ok(summary(RunStatus::Stopped, p.state.step, last_loss));
             }
             let stepped = self.train_step(&model, &mut p, per_step, run, info, sink)?;
@@ -130,7 +131,7 @@ impl Session {
                 self.evaluate(&model, run, p.state.step, sink)?;
             }
             if last || self.checkpoint_due(p.state.step) {
-                write_checkpoint(run, info, &p, &base_model, sink)?;
+                save_checkpoint(run, Some(info), &p, &base_model, sink)?;
             }
         }
         write_adapter(&p.lora, &run.path().join("adapter"), &base_model)?;
@@ -253,34 +254,21 @@ fn hold_while_paused(cancel: &CancelToken, step: u64, sink: &dyn EventSink) {
     }
 }
 
-/// A stop is only honoured with a checkpoint of where the run stands, so it can resume.
-fn checkpoint_before_stop(
+/// Saves a checkpoint and makes the metrics durable; with `info`, moves run.json's
+/// step up to it too; then announces it.
+fn save_checkpoint(
     run: &RunDir,
+    info: Option<&mut RunInfo>,
     p: &Progress,
     base_model: &str,
     sink: &dyn EventSink,
 ) -> Result<()> {
     let path = p.save_checkpoint(run, base_model)?;
     run.sync_metrics()?;
-    sink.emit(Event::Checkpoint {
-        step: p.state.step,
-        path: path.display().to_string(),
-    });
-    Ok(())
-}
-
-/// A checkpoint, with run.json's step moved up to it.
-fn write_checkpoint(
-    run: &RunDir,
-    info: &mut RunInfo,
-    p: &Progress,
-    base_model: &str,
-    sink: &dyn EventSink,
-) -> Result<()> {
-    let path = p.save_checkpoint(run, base_model)?;
-    run.sync_metrics()?;
-    info.step = p.state.step;
-    run.write_info(info)?;
+    if let Some(info) = info {
+        info.step = p.state.step;
+        run.write_info(info)?;
+    }
     sink.emit(Event::Checkpoint {
         step: p.state.step,
         path: path.display().to_string(),

@@ -34,3 +34,35 @@ pub fn losses(run_dir: &Path) -> Vec<f64> {
         .filter_map(|m| m.loss)
         .collect()
 }
+
+/// B starts at zero, which would leave A's gradient zero: gives every B values.
+pub fn give_b_values(lora: &backpropagate::lora::LoraSet, rng: &mut rand_chacha::ChaCha8Rng) {
+    use rand::Rng;
+    for l in &lora.layers {
+        let shape = l.b.as_tensor().shape().clone();
+        let values: Vec<f32> = (0..shape.elem_count())
+            .map(|_| rng.gen_range(-0.5..0.5))
+            .collect();
+        let b = candle_core::Tensor::from_vec(values, shape, &candle_core::Device::Cpu).unwrap();
+        l.b.set(&b).unwrap();
+    }
+}
+
+/// Every LoRA gradient in `store`, flattened, in `named_vars` order.
+pub fn lora_grads(
+    store: &candle_core::backprop::GradStore,
+    lora: &backpropagate::lora::LoraSet,
+) -> Vec<Vec<f32>> {
+    lora.named_vars()
+        .into_iter()
+        .map(|(name, v)| {
+            store
+                .get(v.as_tensor())
+                .unwrap_or_else(|| panic!("no gradient for {name}"))
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap()
+        })
+        .collect()
+}
