@@ -22,6 +22,11 @@ warmup). Peak RSS = ru_maxrss of that one child process (os.wait4). Each side ru
 `--repeats` times, alternating; the table shows medians. It is printed and written
 to $CARGO_TARGET_DIR/bench/train_vs_peft.md (default ~/.cache/backpropagate/target).
 
+`--precision bf16` runs ours with `--precision bf16` (bf16 products on CPUs with
+AVX512-BF16) and the peer under `torch.autocast("cpu", dtype=torch.bfloat16)` (what
+HF Trainer's `bf16=True` does on the CPU); `--peer-precision f32` keeps the peer in f32
+against a bf16 run of ours.
+
 `--long-context N` trains on generated text samples of about N tokens each (the
 sample texts concatenated), one per step unless `--batch` says otherwise, with
 max_seq_len N; `--gradient-checkpointing` turns it on for both sides (ours
@@ -199,6 +204,7 @@ def run_ours(bin_, model, steps, work, i, opts):
     cmd = [bin_, "train", "--model", model, "--data", opts.data, "--steps", str(steps),
            "--max-seq-len", str(opts.max_seq_len),
            "--gradient-checkpointing", "on" if opts.gradient_checkpointing else "off",
+           "--precision", opts.precision,
            "--batch-size", str(BATCH), "--grad-accum", "1", "--lr", str(LR),
            "--lora-r", str(LORA_R), "--lora-alpha", str(LORA_ALPHA), "--lora-dropout", "0",
            "--warmup", str(WARMUP), "--seed", str(SEED), "--runs-dir", runs_dir, "--json",
@@ -231,6 +237,7 @@ def run_peer(model, batches_path, steps, work, i, opts):
            "--batches", batches_path, "--steps", str(steps)]
     if opts.gradient_checkpointing:
         cmd.append("--gradient-checkpointing")
+    cmd += ["--peer-precision", opts.peer_precision]
     code, rss, cpu, wall = run_measured(cmd, out)
     check_ok(code, out, "PyTorch + PEFT peer")
     lines = [json.loads(l) for l in open(out, encoding="utf-8") if l.startswith("{")]
@@ -272,6 +279,7 @@ def peer_main(args):
         "peft": peft.__version__, "threads": torch.get_num_threads(),
         "interop_threads": torch.get_num_interop_threads(),
         "attn": getattr(model.config, "_attn_implementation", "?"),
+        "precision": "bf16 autocast" if args.peer_precision == "bf16" else "f32",
         "trainable": sum(p.numel() for p in params),
         "setup_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         / (1024 * 1024 if sys.platform == "darwin" else 1024),
@@ -287,7 +295,8 @@ def peer_main(args):
             ids[i, :n] = torch.tensor(r["input_ids"])
             mask[i, :n] = 1
             labels[i, :n] = torch.tensor(r["labels"])
-        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.peer_precision == "bf16"):
+            loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, CLIP)
         opt.step()
@@ -327,10 +336,15 @@ def main():
                     help="train on generated samples of about TOKENS tokens (max_seq_len TOKENS)")
     ap.add_argument("--gradient-checkpointing", action="store_true",
                     help="gradient checkpointing on both sides")
+    ap.add_argument("--precision", choices=["f32", "bf16"], default="f32",
+                    help="ours --precision (default f32); the peer's too unless --peer-precision")
+    ap.add_argument("--peer-precision", choices=["f32", "bf16"],
+                    help="the peer's precision (bf16: torch.autocast on the CPU)")
     ap.add_argument("--peer", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--model", help=argparse.SUPPRESS)
     ap.add_argument("--batches", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    args.peer_precision = args.peer_precision or args.precision
     if args.peer:
         return peer_main(args)
     global BATCH
@@ -483,7 +497,8 @@ def render(args, results, info, version, expected_tokens):
         "",
         f"{'model ' + os.path.basename(os.path.normpath(args.real_model)) if args.real_model else 'qwen2 `small` fixture (f32)'}, "
         f"{'generated text samples of ' + str(args.long_context) + ' tokens' if args.long_context else os.path.relpath(DATA, ROOT)}, "
-        f"gradient checkpointing {'on (both sides)' if args.gradient_checkpointing else 'off'}, {args.steps} steps × batch "
+        f"gradient checkpointing {'on (both sides)' if args.gradient_checkpointing else 'off'}, "
+        f"precision: ours {args.precision}, peer {info.get('precision')}, {args.steps} steps × batch "
         f"{BATCH} (right-padded), LoRA r{LORA_R}/α{LORA_ALPHA} dropout 0 on 7 projections, "
         f"AdamW lr {LR:g} wd {WD}, cosine, warmup {WARMUP}, clip {CLIP}. Tokens/s = unpadded "
         f"tokens of steps {WARMUP_STEPS_SKIPPED + 1}..{args.steps} "
@@ -495,8 +510,12 @@ def render(args, results, info, version, expected_tokens):
         "layers on the batch's real tokens only (padding-free; the peer computes the padded "
         "batch, as `Trainer` does without packing), and the LM head and loss only on rows that "
         "carry a target (the peer computes logits for every position); ours keeps the "
-        "checkpoint's bf16 linears in bf16 and widens them per product (exact). Both are f32 "
-        "arithmetic on the CPU with the same optimizer and schedule.",
+        "checkpoint's bf16 linears in bf16 and widens them per product (exact). "
+        + ("Both are f32 arithmetic on the CPU with the same optimizer and schedule."
+           if args.precision == "f32" and args.peer_precision == "f32" else
+           "bf16: ours rounds the operands of the products with frozen weights and the LM head "
+           "to bf16 (f32 sums; activations, LoRA, attention and the optimizer f32); the peer's "
+           "autocast runs every linear (LoRA ones included) and matmul in bf16."),
         "",
         "| | tokens/s | peak RSS (MiB) | loss step 1 | loss step "
         f"{args.steps} | cores busy | step 1 (s) | process wall (s) |",

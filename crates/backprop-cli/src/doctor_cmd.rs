@@ -47,7 +47,12 @@ pub fn run() -> Result<ExitCode> {
     let threads = std::thread::available_parallelism()
         .map(|n| n.get())
         .unwrap_or(1);
-    line(true, "cpu", format!("{threads} threads"));
+    let bf16 = if backpropagate::model::blas_bf16::supported() {
+        "AVX512-BF16: --precision bf16 trains ~1.5× faster on this CPU"
+    } else {
+        "no AVX512-BF16: f32 only on this CPU"
+    };
+    line(true, "cpu", format!("{threads} threads · {bf16}"));
 
     let runs = backpropagate::run::default_runs_dir();
     match writable(&runs) {

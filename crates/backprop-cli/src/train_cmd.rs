@@ -89,8 +89,9 @@ pub struct TrainArgs {
     /// [default: auto: as stored; bitsandbytes 4-bit checkpoints as q4_k]
     #[arg(long)]
     pub base_quant: Option<BaseQuant>,
-    /// Compute precision: auto, f32 or bf16 (mixed precision with f32 LoRA weights; GPU
-    /// only) [default: auto: bf16 on a GPU, f32 on the CPU]
+    /// Compute precision: auto, f32 or bf16 (GPU: mixed precision with f32 LoRA
+    /// weights; CPU with AVX512-BF16: bf16 products with the frozen weights, ~1.5×
+    /// faster) [default: auto: bf16 on a GPU, f32 on the CPU]
     #[arg(long)]
     pub precision: Option<Precision>,
     /// Gradient checkpointing: auto, off or on (recompute layers in backward instead of

@@ -49,7 +49,9 @@ pub struct TrainConfig {
     /// How the frozen base is held in memory: QLoRA with `q4_k` or `q8_0`.
     pub base_quant: BaseQuant,
     /// Compute precision: `auto` (bf16 on a GPU, f32 on the CPU), `f32` or `bf16`. LoRA
-    /// weights and optimizer state stay f32 either way.
+    /// weights and optimizer state stay f32 either way. On the CPU, `bf16` needs
+    /// AVX512-BF16 and rounds only the operands of the products with frozen weights
+    /// (activations stay f32).
     pub precision: Precision,
     /// Gradient checkpointing: recompute layers in backward instead of keeping their
     /// activations. `auto` checkpoints only as many layers as the memory plan needs.
@@ -84,7 +86,8 @@ impl std::str::FromStr for GradientCheckpointing {
 }
 
 /// Activations and dense frozen weights in f32, or bf16 with f32 master LoRA weights
-/// (mixed precision). bf16 has f32's exponent range, so no loss scaling is needed.
+/// (mixed precision; on the CPU, bf16 products with f32 activations). bf16 has f32's
+/// exponent range, so no loss scaling is needed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, TS)]
 #[serde(rename_all = "lowercase")]
 #[ts(export)]

@@ -241,12 +241,14 @@ fn parse_meminfo(text: &str) -> Option<u64> {
 /// hidden-size rows per token; backward adds about one layer's worth at a time.
 /// `linear_bits` is 16 for a bf16/f16 checkpoint, whose linears stay in 16 bits.
 /// `recomputed`: layers under gradient checkpointing (their input kept instead).
+/// `bf16_products`: the LM head is also held packed in bf16, once per orientation.
 pub fn estimate_fused(
     shape: &Shape,
     seq: u64,
     lora_r: u64,
     linear_bits: f64,
     recomputed: u64,
+    bf16_products: bool,
 ) -> Estimate {
     let s = shape;
     let saved = 6 * s.hidden + 3 * s.q_dim + 3 * s.kv_dim + 3 * s.intermediate + s.heads;
@@ -256,7 +258,12 @@ pub fn estimate_fused(
             + s.dense_params * 4
             + s.lora_params(lora_r) * 16
             + LM_HEAD_CHUNK
-            + CPU_WORKSPACE,
+            + CPU_WORKSPACE
+            + if bf16_products {
+                2 * 2 * s.vocab * s.hidden
+            } else {
+                0
+            },
         per_sample_bytes: seq * per_token,
     }
 }
@@ -320,17 +327,21 @@ mod tests {
     #[test]
     fn the_fused_estimate_gives_the_hand_computed_numbers() {
         // saved = 6·64 + 3·64 + 3·32 + 3·128 + 4 = 1060; per token 4 × (3 × 1060 + 256).
-        let e = estimate_fused(&SHAPE, 32, 8, 16.0, 0);
+        let e = estimate_fused(&SHAPE, 32, 8, 16.0, 0, false);
         assert_eq!(e.per_sample_bytes, 32 * 4 * (3 * 1060 + 256));
         // 200k 16-bit weights + 16 384 × 16 + the logits chunk + 96 MiB.
         assert_eq!(e.fixed_bytes, 400_000 + 262_144 + (32 << 20) + (96 << 20));
         // One of the two layers recomputed: it keeps its input (64), the other layer
         // its saved set, and three saved sets are live while it is recomputed.
-        let one = estimate_fused(&SHAPE, 32, 8, 16.0, 1);
+        let one = estimate_fused(&SHAPE, 32, 8, 16.0, 1, false);
         assert_eq!(one.per_sample_bytes, 32 * 4 * (1060 + 64 + 3 * 1060 + 256));
-        let all = estimate_fused(&SHAPE, 32, 8, 16.0, 2);
+        let all = estimate_fused(&SHAPE, 32, 8, 16.0, 2, false);
         assert_eq!(all.per_sample_bytes, 32 * 4 * (2 * 64 + 3 * 1060 + 256));
         assert_eq!(all.fixed_bytes, e.fixed_bytes);
+        // bf16 products add the LM head packed twice in bf16: 2 × 2 × 1000 × 64.
+        let bf16 = estimate_fused(&SHAPE, 32, 8, 16.0, 0, true);
+        assert_eq!(bf16.fixed_bytes, e.fixed_bytes + 256_000);
+        assert_eq!(bf16.per_sample_bytes, e.per_sample_bytes);
     }
 
     #[test]

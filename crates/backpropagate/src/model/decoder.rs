@@ -12,10 +12,11 @@ use rand_chacha::ChaCha8Rng;
 
 use super::attention_any::blocked_attention;
 use super::attention_op::Attention;
+use super::blas_bf16::{self, Products};
 use super::config::ModelConfig;
 use super::frozen_linear::FrozenLinear;
 use super::fused::{RopeHeads, SwiGlu};
-use super::lm_loss::{ChunkedLmLoss, ChunkedLmLossAny};
+use super::lm_loss::{ChunkedLmLoss, ChunkedLmLossAny, HeadPacks};
 use super::lora_op::{Dropout, LoraLinear};
 use super::ops::{apply_rope, cross_entropy_sum, dropout_mask, frozen_linear, rms_norm};
 use super::qlinear::{quant_linear, FrozenWeight};
@@ -67,8 +68,9 @@ impl Linear {
         self.lora.is_some() && self.dropout > 0.0
     }
 
-    /// `fused`: one op for base + bias + LoRA where it can run (CPU, f32), else the
-    /// basic ops; both drop the same entries for the same `seed`.
+    /// `fused`: one op for base + bias + LoRA where it can run (CPU, f32), its frozen
+    /// products as given, else (`None`) the basic ops; both drop the same entries for
+    /// the same `seed`.
     /// `row_keys`: in a padding-free batch, each row's index in the padded one, so
     /// dropout drops the same entries either way.
     /// `track`: false runs the LoRA weights detached (a pass that builds no graph).
@@ -76,7 +78,7 @@ impl Linear {
         &self,
         x: &Tensor,
         seed: Option<u64>,
-        fused: bool,
+        fused: Option<Products>,
         row_keys: Option<&Arc<Vec<u32>>>,
         track: bool,
     ) -> CResult<Tensor> {
@@ -88,7 +90,7 @@ impl Linear {
                 (a.detach(), b.detach())
             }
         });
-        if fused && LoraLinear::supports(x, &self.weight) {
+        if let Some(products) = fused.filter(|_| LoraLinear::supports(x, &self.weight)) {
             match &lora {
                 Some((a, b)) => {
                     let op = LoraLinear {
@@ -100,6 +102,7 @@ impl Linear {
                             seed,
                             row_keys: row_keys.cloned(),
                         }),
+                        products,
                     };
                     return op.forward(x, a, b);
                 }
@@ -107,6 +110,7 @@ impl Linear {
                     let op = FrozenLinear {
                         weight: self.weight.clone(),
                         bias: self.bias.clone(),
+                        products,
                     };
                     return op.forward(x);
                 }
@@ -165,6 +169,18 @@ impl Layer {
         ]
     }
 
+    fn linears_mut(&mut self) -> [&mut Linear; 7] {
+        [
+            &mut self.q,
+            &mut self.k,
+            &mut self.v,
+            &mut self.o,
+            &mut self.gate,
+            &mut self.up,
+            &mut self.down,
+        ]
+    }
+
     fn lora_vars(&self) -> Vec<candle_core::Var> {
         self.linears()
             .iter()
@@ -200,7 +216,7 @@ impl Layer {
                 let x = rms_norm(h, &self.input_norm, p.eps)?;
                 let heads = |y: Tensor, n: usize| y.reshape((b, t, n, d))?.transpose(1, 2);
                 let lin =
-                    |l: &Linear, x: &Tensor, i: usize| l.forward(x, seed(i), false, None, track);
+                    |l: &Linear, x: &Tensor, i: usize| l.forward(x, seed(i), None, None, track);
                 let mut q = heads(lin(&self.q, &x, 0)?, p.heads)?;
                 let mut k = heads(lin(&self.k, &x, 1)?, p.kv)?;
                 let v = heads(lin(&self.v, &x, 2)?, p.kv)?;
@@ -221,8 +237,9 @@ impl Layer {
             LayerPass::Fused(p) => {
                 let (b, t, d) = (p.b, p.t, p.head_dim);
                 let keys = p.row_keys.as_ref();
+                let fused = Some(p.products);
                 let lin =
-                    |l: &Linear, x: &Tensor, i: usize| l.forward(x, seed(i), true, keys, track);
+                    |l: &Linear, x: &Tensor, i: usize| l.forward(x, seed(i), fused, keys, track);
                 let x = rms_norm(h, &self.input_norm, p.eps)?;
                 let mut q = lin(&self.q, &x, 0)?.reshape((b, t, p.heads, d))?;
                 let mut k = lin(&self.k, &x, 1)?.reshape((b, t, p.kv, d))?;
@@ -286,6 +303,7 @@ struct FusedPass {
     cos: Arc<Vec<f32>>,
     sin: Arc<Vec<f32>>,
     row_keys: Option<Arc<Vec<u32>>>,
+    products: Products,
 }
 
 /// Inputs of one forward pass, built by the batcher.
@@ -350,7 +368,13 @@ pub struct CausalLm {
     /// Layers checkpointed (from the first), and where their LoRA gradients wait.
     recompute_layers: usize,
     recompute_grads: Arc<GradSink>,
+    /// The fused ops' frozen-weight products, and the LM head packed for bf16 ones.
+    products: Products,
+    head_packs: Option<Arc<HeadPacks>>,
 }
+
+/// Why bf16 products are refused on a CPU without the instructions they need.
+pub const CPU_BF16_REFUSAL: &str = "precision = \"bf16\" on the CPU needs AVX512-BF16 (Intel Cooper Lake / Sapphire Rapids or newer, AMD Zen 4 or newer), and this CPU does not have it: use precision = \"f32\" (or \"auto\"), or train on a GPU";
 
 /// Whether the input embedding is kept in host memory rather than on `device`: on a
 /// GPU, unless a tied LM head multiplies by it.
@@ -544,7 +568,43 @@ impl CausalLm {
             fused: fused_ops_enabled(),
             recompute_layers: 0,
             recompute_grads: Arc::default(),
+            products: Products::F32,
+            head_packs: None,
         })
+    }
+
+    /// Runs the fused CPU ops' products with the frozen weights (the linears' and the
+    /// LM head's) in `products`. For bf16 the CPU must have AVX512-BF16; f32 dense
+    /// linears are then rounded to bf16 once here (every product would round them
+    /// anyway), and the LM head is packed once in both orientations. The LoRA
+    /// weights, their products and gradients, attention and the element-wise ops stay
+    /// f32.
+    pub fn set_products(&mut self, products: Products) -> Result<()> {
+        self.products = products;
+        self.head_packs = None;
+        if products == Products::F32 {
+            return Ok(());
+        }
+        if !blas_bf16::supported() {
+            return Err(Error::InvalidOption(CPU_BF16_REFUSAL.into()));
+        }
+        for layer in &mut self.layers {
+            for lin in layer.linears_mut() {
+                if let FrozenWeight::Dense(w) = &lin.weight {
+                    if w.dtype() == DType::F32 && w.device().is_cpu() {
+                        lin.weight = FrozenWeight::Dense(w.to_dtype(DType::BF16)?);
+                    }
+                }
+            }
+        }
+        if self.lm_head.device().is_cpu() && self.lm_head.dtype() == DType::F32 {
+            self.head_packs = Some(Arc::new(HeadPacks::new(&self.lm_head)?));
+        }
+        Ok(())
+    }
+
+    pub fn products(&self) -> Products {
+        self.products
     }
 
     /// Chooses the fused ops (true) or the basic-op reference decoder.
@@ -663,6 +723,7 @@ impl CausalLm {
             cos: table(&self.rope.cos)?,
             sin: table(&self.rope.sin)?,
             row_keys,
+            products: self.products,
         });
         let h = self.run_layers(h, pass, rng)?;
         rms_norm(&h, &self.norm, c.rms_norm_eps)
@@ -737,7 +798,8 @@ impl CausalLm {
             let rows = Tensor::from_slice(&f.target_rows, f.target_rows.len(), &self.device)?;
             let rows = h.squeeze(0)?.index_select(&rows, 0)?;
             if ChunkedLmLoss::supports(&rows, &self.lm_head) {
-                return ChunkedLmLoss::nll(&rows, &self.lm_head, &batch.targets)?.sum_all();
+                let packs = self.head_packs.as_ref();
+                return ChunkedLmLoss::nll(&rows, &self.lm_head, &batch.targets, packs)?.sum_all();
             }
             let logits = frozen_linear(&rows, &self.lm_head)?;
             let weights = Tensor::ones(batch.target_count, DType::F32, &self.device)?;

@@ -10,6 +10,7 @@ use half::{bf16, f16};
 use rayon::prelude::*;
 
 use super::blas::{matmul, matmul_into_columns, Mat};
+use super::blas_bf16::{self, Bf16Rows, Element, PackedB, Products, View};
 use super::cpu_values::{values, with_values};
 use super::qlinear::FrozenWeight;
 use crate::quant::{decode, GgmlType};
@@ -31,6 +32,7 @@ pub struct FrozenMat<'a> {
     rows: usize,
     cols: usize,
     band_rows: usize,
+    products: Products,
 }
 
 impl FrozenMat<'_> {
@@ -52,6 +54,30 @@ impl FrozenMat<'_> {
             }
         }
         buf
+    }
+
+    /// Rows `r0..r1` packed for a bf16 product: as its transpose (`x Wᵀ`) or as is
+    /// (`g W`). Ggml blocks are decoded into `buf` first.
+    fn packed_band(
+        &self,
+        r0: usize,
+        r1: usize,
+        transposed: bool,
+        buf: &mut Vec<f32>,
+    ) -> Result<PackedB> {
+        fn pack<T: Element>(v: &[T], rows: usize, k: usize, transposed: bool) -> Result<PackedB> {
+            if transposed {
+                PackedB::new(View::t(v, rows, k))
+            } else {
+                PackedB::new(View::rm(v, rows, k))
+            }
+        }
+        let (k, rows) = (self.cols, r1 - r0);
+        match &self.stored {
+            Stored::Bf16(v) => pack(&v[r0 * k..r1 * k], rows, k, transposed),
+            Stored::F16(v) => pack(&v[r0 * k..r1 * k], rows, k, transposed),
+            _ => pack(self.band(r0, r1, buf), rows, k, transposed),
+        }
     }
 
     fn bands(&self) -> impl Iterator<Item = (usize, usize)> + '_ {
@@ -101,14 +127,19 @@ pub fn supports(w: &FrozenWeight) -> bool {
 }
 
 /// `w`'s stored values handed to `f` as a [`FrozenMat`], with bands of
-/// [`BAND_VALUES`].
-pub fn with_frozen<R>(w: &FrozenWeight, f: impl FnOnce(&FrozenMat) -> Result<R>) -> Result<R> {
-    with_frozen_banded(w, BAND_VALUES, f)
+/// [`BAND_VALUES`], for products in `products`.
+pub fn with_frozen<R>(
+    w: &FrozenWeight,
+    products: Products,
+    f: impl FnOnce(&FrozenMat) -> Result<R>,
+) -> Result<R> {
+    with_frozen_banded(w, BAND_VALUES, products, f)
 }
 
 fn with_frozen_banded<R>(
     w: &FrozenWeight,
     band_values: usize,
+    products: Products,
     f: impl FnOnce(&FrozenMat) -> Result<R>,
 ) -> Result<R> {
     let mat = |stored, rows: usize, cols: usize| FrozenMat {
@@ -116,6 +147,7 @@ fn with_frozen_banded<R>(
         rows,
         cols,
         band_rows: (band_values / cols.max(1)).clamp(1, rows.max(1)),
+        products,
     };
     match w {
         FrozenWeight::Dense(t) => {
@@ -153,6 +185,14 @@ fn with_frozen_banded<R>(
 pub fn x_wt(y: &mut [f32], accumulate: bool, x: &[f32], m: usize, w: &FrozenMat) -> Result<()> {
     let (n, k) = (w.rows, w.cols);
     let mut buf = Vec::new();
+    if w.products == Products::Bf16 {
+        let x = Bf16Rows::new(View::rm(x, m, k))?;
+        for (r0, r1) in w.bands() {
+            let band = w.packed_band(r0, r1, true, &mut buf)?;
+            blas_bf16::matmul(&mut y[r0..], n, accumulate, 1.0, &x, &band)?;
+        }
+        return Ok(());
+    }
     for (r0, r1) in w.bands() {
         let band = w.band(r0, r1, &mut buf);
         let (x, band) = (Mat::rm(x, m, k), Mat::t(band, r1 - r0, k));
@@ -165,6 +205,14 @@ pub fn x_wt(y: &mut [f32], accumulate: bool, x: &[f32], m: usize, w: &FrozenMat)
 pub fn g_w(dx: &mut [f32], accumulate: bool, g: &[f32], m: usize, w: &FrozenMat) -> Result<()> {
     let (n, k) = (w.rows, w.cols);
     let mut buf = Vec::new();
+    if w.products == Products::Bf16 {
+        for (i, (r0, r1)) in w.bands().enumerate() {
+            let g = Bf16Rows::new(View::strided(&g[r0..], m, r1 - r0, n, 1))?;
+            let band = w.packed_band(r0, r1, false, &mut buf)?;
+            blas_bf16::matmul(dx, k, accumulate || i > 0, 1.0, &g, &band)?;
+        }
+        return Ok(());
+    }
     for (i, (r0, r1)) in w.bands().enumerate() {
         let band = w.band(r0, r1, &mut buf);
         let g = Mat::rows_apart(&g[r0..], m, r1 - r0, n);
@@ -179,6 +227,7 @@ pub fn g_w(dx: &mut [f32], accumulate: bool, g: &[f32], m: usize, w: &FrozenMat)
 pub struct FrozenLinear {
     pub weight: FrozenWeight,
     pub bias: Option<Tensor>,
+    pub products: Products,
 }
 
 impl FrozenLinear {
@@ -217,7 +266,9 @@ impl CustomOp1 for FrozenLinear {
         let n = self.weight.rows()?;
         let mut y = vec![0f32; m * n];
         let has_bias = init_with_bias(&mut y, n, self.bias.as_ref())?;
-        with_frozen(&self.weight, |w| x_wt(&mut y, has_bias, x, m, w))?;
+        with_frozen(&self.weight, self.products, |w| {
+            x_wt(&mut y, has_bias, x, m, w)
+        })?;
         Ok((CpuStorage::F32(y), Shape::from((m, n))))
     }
 
@@ -225,7 +276,9 @@ impl CustomOp1 for FrozenLinear {
         let (m, k) = x.dims2()?;
         let mut dx = vec![0f32; m * k];
         with_values(g, |g| {
-            with_frozen(&self.weight, |w| g_w(&mut dx, false, g, m, w))
+            with_frozen(&self.weight, self.products, |w| {
+                g_w(&mut dx, false, g, m, w)
+            })
         })?;
         Ok(Some(Tensor::from_vec(dx, (m, k), x.device())?))
     }
@@ -286,7 +339,7 @@ mod tests {
             )
             .unwrap();
             let (mut y, mut dx) = (vec![0f32; m * n], vec![0f32; m * k]);
-            with_frozen_banded(&weight, 3 * k, |w| {
+            with_frozen_banded(&weight, 3 * k, Products::F32, |w| {
                 assert_eq!(w.bands().count(), 4);
                 x_wt(&mut y, false, &x, m, w)?;
                 g_w(&mut dx, false, &g, m, w)

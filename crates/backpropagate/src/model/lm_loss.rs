@@ -4,12 +4,13 @@
 //! computed from them. Backward only scales the stored gradient rows by the incoming
 //! per-row gradient, so the head's product is not redone.
 
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use candle_core::{bail, CpuStorage, CustomOp1, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
 use super::blas::{matmul, Mat};
+use super::blas_bf16::{self, Bf16Rows, PackedB, View};
 use super::cpu_values::{values, with_values};
 use super::fused::exp_shifted_in_place;
 
@@ -23,6 +24,27 @@ pub struct ChunkedLmLoss {
     /// Whether to compute the gradient rows (not for evaluation).
     with_grad: bool,
     grad_rows: Mutex<Option<Vec<f32>>>,
+    packs: Option<Arc<HeadPacks>>,
+}
+
+/// The LM head packed for bf16 products, once per model: its transpose for the
+/// logits (`h Wᵀ`) and itself for the hidden-state gradient (`dlogits W`). Packing
+/// per chunk would repack vocab × hidden values for a few dozen rows each time.
+pub struct HeadPacks {
+    logits: PackedB,
+    grad: PackedB,
+}
+
+impl HeadPacks {
+    pub fn new(weight: &Tensor) -> Result<Self> {
+        let (vocab, hidden) = weight.dims2()?;
+        with_values(weight, |w| {
+            Ok(HeadPacks {
+                logits: PackedB::new(View::t(w, vocab, hidden))?,
+                grad: PackedB::new(View::rm(w, vocab, hidden))?,
+            })
+        })
+    }
 }
 
 impl ChunkedLmLoss {
@@ -30,14 +52,21 @@ impl ChunkedLmLoss {
         h.device().is_cpu() && h.dtype() == DType::F32 && weight.dtype() == DType::F32
     }
 
-    /// Per-row negative log-likelihood (n,) of `targets` for hidden rows `h` (n, hidden).
-    pub fn nll(h: &Tensor, weight: &Tensor, targets: &Tensor) -> Result<Tensor> {
+    /// Per-row negative log-likelihood (n,) of `targets` for hidden rows `h` (n,
+    /// hidden); with `packs`, the head's products in bf16.
+    pub fn nll(
+        h: &Tensor,
+        weight: &Tensor,
+        targets: &Tensor,
+        packs: Option<&Arc<HeadPacks>>,
+    ) -> Result<Tensor> {
         let targets = targets.to_vec1::<u32>()?;
         let op = ChunkedLmLoss {
             weight: weight.contiguous()?,
             targets,
             with_grad: h.track_op(),
             grad_rows: Mutex::new(None),
+            packs: packs.cloned(),
         };
         h.contiguous()?.apply_op1(op)
     }
@@ -61,13 +90,19 @@ impl ChunkedLmLoss {
             let rows = chunk.min(n - first);
             let lg = &mut logits[..rows * vocab];
             let hc = &h[first * hidden..(first + rows) * hidden];
-            matmul(
-                lg,
-                false,
-                1.0,
-                Mat::rm(hc, rows, hidden),
-                Mat::t(w, vocab, hidden),
-            )?;
+            match &self.packs {
+                Some(p) => {
+                    let hc = Bf16Rows::new(View::rm(hc, rows, hidden))?;
+                    blas_bf16::matmul(lg, vocab, false, 1.0, &hc, &p.logits)?
+                }
+                None => matmul(
+                    lg,
+                    false,
+                    1.0,
+                    Mat::rm(hc, rows, hidden),
+                    Mat::t(w, vocab, hidden),
+                )?,
+            }
             let targets = &self.targets[first..first + rows];
             lg.par_chunks_mut(vocab)
                 .zip(nll[first..first + rows].par_iter_mut())
@@ -83,13 +118,19 @@ impl ChunkedLmLoss {
                 });
             if self.with_grad {
                 let gc = &mut grad[first * hidden..(first + rows) * hidden];
-                matmul(
-                    gc,
-                    false,
-                    1.0,
-                    Mat::rm(lg, rows, vocab),
-                    Mat::rm(w, vocab, hidden),
-                )?;
+                match &self.packs {
+                    Some(p) => {
+                        let lg = Bf16Rows::new(View::rm(lg, rows, vocab))?;
+                        blas_bf16::matmul(gc, hidden, false, 1.0, &lg, &p.grad)?
+                    }
+                    None => matmul(
+                        gc,
+                        false,
+                        1.0,
+                        Mat::rm(lg, rows, vocab),
+                        Mat::rm(w, vocab, hidden),
+                    )?,
+                }
             }
         }
         Ok((nll, grad))

@@ -11,6 +11,7 @@ use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
 use super::blas::{matmul, Mat};
+use super::blas_bf16::Products;
 use super::cpu_values::{values, with_values};
 use super::frozen_linear::{self, g_w, init_with_bias, with_frozen, x_wt};
 use super::qlinear::FrozenWeight;
@@ -91,6 +92,8 @@ pub struct LoraLinear {
     pub bias: Option<Tensor>,
     pub scale: f32,
     pub dropout: Option<Dropout>,
+    /// The frozen weight's products; the LoRA ones are f32 whatever this says.
+    pub products: Products,
 }
 
 impl LoraLinear {
@@ -135,7 +138,9 @@ impl CustomOp3 for LoraLinear {
         matmul(&mut u, false, 1.0, Mat::rm(xd, m, k), Mat::t(a, r, k))?;
         let mut y = vec![0f32; m * n];
         let has_bias = init_with_bias(&mut y, n, self.bias.as_ref())?;
-        with_frozen(&self.weight, |w| x_wt(&mut y, has_bias, x, m, w))?;
+        with_frozen(&self.weight, self.products, |w| {
+            x_wt(&mut y, has_bias, x, m, w)
+        })?;
         matmul(&mut y, true, self.scale, Mat::rm(&u, m, r), Mat::t(b, n, r))?;
         Ok((CpuStorage::F32(y), Shape::from((m, n))))
     }
@@ -156,7 +161,7 @@ impl CustomOp3 for LoraLinear {
             with_values(a, |a| {
                 with_values(b, |b| {
                     with_values(g, |g| {
-                        with_frozen(&self.weight, |w| {
+                        with_frozen(&self.weight, self.products, |w| {
                             let mut buf = Vec::new();
                             let xd = dropped(x, k, self.dropout.as_ref(), &mut buf);
                             // g B (rows × r) feeds both dA and the LoRA part of dx.

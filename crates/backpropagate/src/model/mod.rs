@@ -4,6 +4,7 @@
 mod attention_any;
 mod attention_op;
 pub mod blas;
+pub mod blas_bf16;
 mod config;
 mod cpu_values;
 mod decoder;
@@ -23,7 +24,7 @@ mod weights;
 pub use config::{Arch, ModelConfig, RopeScaling, SUPPORTED};
 pub use decoder::{
     embedding_on_host, expected_tensors, fused_ops_enabled, recompute_supported, BatchInputs,
-    CausalLm, FlatBatch,
+    CausalLm, FlatBatch, CPU_BF16_REFUSAL,
 };
 pub use rope::inv_freq;
 pub use weights::{safetensors_paths, Weights};

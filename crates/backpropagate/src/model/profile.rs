@@ -11,7 +11,8 @@ use std::time::Instant;
 pub enum Part {
     Forward = 0,
     Backward = 1,
-    /// The GEMMs inside the fused CPU ops (counted within forward and backward).
+    /// The GEMMs inside the fused CPU ops (counted within forward and backward); for
+    /// bf16 products, the rounding and packing of their operands too.
     Gemm = 2,
     Optimizer = 3,
     /// The fused attention op (its per-head products included).

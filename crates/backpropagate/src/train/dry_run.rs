@@ -63,8 +63,9 @@ impl Session {
             trainable_params: trainable,
             total_params: self.model_config.parameter_count(),
             device: self.device_label.clone(),
-            precision: match self.dtype {
-                candle_core::DType::BF16 => "bf16".into(),
+            precision: match (self.dtype, self.products) {
+                (candle_core::DType::BF16, _) => "bf16".into(),
+                (_, crate::model::blas_bf16::Products::Bf16) => "bf16 products (CPU)".into(),
                 _ => "f32".into(),
             },
             base_storage: match self.base_quant {

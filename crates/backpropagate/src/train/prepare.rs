@@ -11,6 +11,7 @@ use crate::data::{pack, prepare, split, EncodeOptions, Encoded, PrepareOptions};
 use crate::error::{Error, Result};
 use crate::event::{Event, EventSink, LogLevel};
 use crate::gpu::memory::{self, Estimate};
+use crate::model::blas_bf16::{self, Products};
 use crate::model::{CausalLm, ModelConfig};
 use crate::run::RunInfo;
 
@@ -25,6 +26,8 @@ pub(super) struct Session {
     pub(super) device: Device,
     pub(super) base_quant: BaseQuant,
     pub(super) dtype: DType,
+    /// The CPU's frozen-weight products (bf16 for `precision = "bf16"` on the CPU).
+    pub(super) products: Products,
     pub(super) estimate: Estimate,
     pub(super) memory_limit: Option<u64>,
     /// Decoder layers under gradient checkpointing (from the first).
@@ -60,7 +63,7 @@ impl Session {
             }),
         }
         let base_quant = base_quant(config, info, sink)?;
-        let dtype = dtype(config, &picked.device, sink)?;
+        let (dtype, products) = compute(config, &picked.device, blas_bf16::supported(), sink)?;
         let (train_rows, val_rows) = rows(config, info, sink)?;
         let seq = train_rows
             .iter()
@@ -74,7 +77,7 @@ impl Session {
                 &model_config,
                 &picked.device,
                 base_quant,
-                dtype,
+                (dtype, products),
                 seq,
                 recomputed,
             )
@@ -143,6 +146,7 @@ impl Session {
             device: picked.device,
             base_quant,
             dtype,
+            products,
             estimate,
             memory_limit,
             recompute_layers: recompute_layers as usize,
@@ -173,25 +177,42 @@ fn base_quant(config: &TrainConfig, info: &RunInfo, sink: &dyn EventSink) -> Res
     })
 }
 
-fn dtype(config: &TrainConfig, device: &Device, sink: &dyn EventSink) -> Result<DType> {
-    let dtype = match config.precision {
-        Precision::F32 => DType::F32,
-        Precision::Bf16 => DType::BF16,
-        Precision::Auto if device.is_cpu() => DType::F32,
-        Precision::Auto => DType::BF16,
+/// The activations' dtype and the CPU's frozen-weight products for `precision`.
+/// bf16 on a GPU is mixed precision (bf16 activations); on the CPU the activations
+/// stay f32 and the products with frozen weights round both operands to bf16, which
+/// needs AVX512-BF16 (`cpu_bf16`): without it the run is refused, never slowed down
+/// by an emulation.
+pub(super) fn compute(
+    config: &TrainConfig,
+    device: &Device,
+    cpu_bf16: bool,
+    sink: &dyn EventSink,
+) -> Result<(DType, Products)> {
+    let bf16 = match config.precision {
+        Precision::F32 => false,
+        Precision::Bf16 => true,
+        Precision::Auto => !device.is_cpu(),
     };
-    if dtype == DType::BF16 && device.is_cpu() {
-        return Err(Error::InvalidOption(
-            "precision = \"bf16\" needs a GPU: candle's CPU matmul has no bf16 kernel; use precision = \"f32\" (or \"auto\") on the CPU".into(),
-        ));
+    if !bf16 {
+        return Ok((DType::F32, Products::F32));
     }
-    if dtype == DType::BF16 {
+    if device.is_cpu() {
+        if !cpu_bf16 {
+            return Err(Error::InvalidOption(crate::model::CPU_BF16_REFUSAL.into()));
+        }
         sink.emit(Event::Log {
             level: LogLevel::Info,
-            message: "mixed precision: bf16 activations and frozen weights, f32 LoRA weights and optimizer".into(),
+            message: "bf16 on the CPU (AVX512-BF16): products with the frozen weights and the LM head round both operands to bf16 and sum in f32; LoRA weights, their products and gradients, attention and the optimizer stay f32".into(),
         });
+        return Ok((DType::F32, Products::Bf16));
     }
-    Ok(dtype)
+    sink.emit(Event::Log {
+        level: LogLevel::Info,
+        message:
+            "mixed precision: bf16 activations and frozen weights, f32 LoRA weights and optimizer"
+                .into(),
+    });
+    Ok((DType::BF16, Products::F32))
 }
 
 /// The training and validation rows, from the samples that have a token to train on.
@@ -266,7 +287,7 @@ fn estimate(
     model_config: &ModelConfig,
     device: &Device,
     base_quant: BaseQuant,
-    dtype: DType,
+    (dtype, products): (DType, Products),
     seq: usize,
     recomputed: u64,
 ) -> Estimate {
@@ -283,12 +304,14 @@ fn estimate(
                 model_config.torch_dtype.as_deref(),
                 Some("bfloat16" | "float16")
             );
+        let bf16 = products == Products::Bf16;
         memory::estimate_fused(
             &memory::Shape::of(model_config),
             seq as u64,
             config.lora.r as u64,
-            if half { 16.0 } else { weight_bits },
+            if half || bf16 { 16.0 } else { weight_bits },
             recomputed,
+            bf16,
         )
     } else {
         memory::estimate(
@@ -300,5 +323,37 @@ fn estimate(
             activation_bytes,
             recomputed,
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::event::Silent;
+
+    /// bf16 on the CPU: f32 activations with bf16 products where the CPU has
+    /// AVX512-BF16, refused (saying what to use instead) where it has not; auto is
+    /// f32 on the CPU and bf16 mixed precision on a GPU-like device.
+    #[test]
+    fn precision_picks_activations_and_products() {
+        let mut config = TrainConfig::default();
+        let cpu = Device::Cpu;
+        config.precision = Precision::Bf16;
+        let got = compute(&config, &cpu, true, &Silent).unwrap();
+        assert_eq!(got, (DType::F32, Products::Bf16));
+        let err = compute(&config, &cpu, false, &Silent)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("AVX512-BF16") && err.contains("precision = \"f32\""),
+            "{err}"
+        );
+        for p in [Precision::Auto, Precision::F32] {
+            config.precision = p;
+            assert_eq!(
+                compute(&config, &cpu, false, &Silent).unwrap(),
+                (DType::F32, Products::F32)
+            );
+        }
     }
 }

@@ -157,6 +157,7 @@ impl Session {
             self.dtype,
         )?;
         model.set_recompute_layers(self.recompute_layers);
+        model.set_products(self.products)?;
         if self.base_quant != BaseQuant::F32 {
             sink.emit(Event::Log {
                 level: LogLevel::Info,
