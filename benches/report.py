@@ -10,6 +10,8 @@ ORDER = [
     ("data_pipeline.md", "Data pipeline vs transformers"),
     ("train_vs_peft.md", "LoRA training vs PyTorch + PEFT (fixture)"),
     ("train_vs_peft_real.md", "LoRA training vs PyTorch + PEFT (SmolLM2-135M)"),
+    ("train_vs_peft_real_bf16.md", "LoRA training, ours bf16 vs PyTorch + PEFT f32 (SmolLM2-135M)"),
+    ("train_vs_peft_real_bf16_autocast.md", "LoRA training, bf16 on both sides (SmolLM2-135M)"),
     ("gguf_vs_llama_quantize.md", "GGUF export vs llama.cpp's quantizer"),
 ]
 

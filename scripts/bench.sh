@@ -22,6 +22,14 @@ BACKPROP_PYTHON="$py" cargo bench --locked -p backpropagate --bench data_pipelin
 if [ -f "$BACKPROP_REAL_MODEL/model.safetensors" ]; then
     "$py" benches/train_vs_peft.py --steps "$steps" --repeats "$repeats" --real-model "$BACKPROP_REAL_MODEL" \
         --out "$out/train_vs_peft_real.md" --plot "$out/loss_curves_real.png"
+    # bf16 products on CPUs with AVX512-BF16 (`backprop doctor` says), against the
+    # peer in f32 and under bf16 autocast.
+    if grep -qw avx512_bf16 /proc/cpuinfo 2>/dev/null; then
+        "$py" benches/train_vs_peft.py --steps "$steps" --repeats "$repeats" --real-model "$BACKPROP_REAL_MODEL" \
+            --precision bf16 --peer-precision f32 --out "$out/train_vs_peft_real_bf16.md"
+        "$py" benches/train_vs_peft.py --steps "$steps" --repeats "$repeats" --real-model "$BACKPROP_REAL_MODEL" \
+            --precision bf16 --out "$out/train_vs_peft_real_bf16_autocast.md"
+    fi
 fi
 "$py" benches/gguf_vs_llama_quantize.py
 "$py" benches/report.py "$out"
