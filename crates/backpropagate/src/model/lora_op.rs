@@ -29,6 +29,7 @@ pub struct Dropout {
 /// Whether element `i` of a dropout mask with `seed` is kept: a counter-based draw
 /// (splitmix64 of seed and index), so the mask is the same wherever and however
 /// often it is regenerated, and costs no memory between forward and backward.
+#[inline(always)]
 pub fn dropout_keep(seed: u64, i: u64, p: f32) -> bool {
     let mut z = seed.wrapping_add(i.wrapping_add(1).wrapping_mul(0x9E37_79B9_7F4A_7C15));
     z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
@@ -45,24 +46,55 @@ fn mask_base(keys: Option<&[u32]>, m: usize, cols: usize) -> u64 {
     keys.map_or(m, |k| k[m] as usize) as u64 * cols as u64
 }
 
-/// Runs `f(out, value, kept)` over `out` and `src` (rows × cols) with each entry's
-/// place in the mask `d`: the one walk both the forward (applying the mask) and the
-/// backward (the gradient through it) make.
+/// `mask[j]` = `scale` where entry `base + j` of the mask with `seed` is kept, else 0.
+fn mask_row(seed: u64, base: u64, p: f32, scale: f32, mask: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if std::is_x86_feature_detected!("avx512dq") {
+        // SAFETY: the CPU has AVX-512 DQ (and F, which DQ implies).
+        return unsafe { mask_row_avx512(seed, base, p, scale, mask) };
+    }
+    mask_row_any(seed, base, p, scale, mask)
+}
+
+/// The same loop compiled for AVX-512 (64-bit multiplies in vectors): the draws are
+/// integer arithmetic and an exact compare, so the mask is bit for bit the same.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512dq")]
+unsafe fn mask_row_avx512(seed: u64, base: u64, p: f32, scale: f32, mask: &mut [f32]) {
+    mask_row_any(seed, base, p, scale, mask)
+}
+
+#[inline(always)]
+fn mask_row_any(seed: u64, base: u64, p: f32, scale: f32, mask: &mut [f32]) {
+    for (j, m) in mask.iter_mut().enumerate() {
+        *m = if dropout_keep(seed, base + j as u64, p) {
+            scale
+        } else {
+            0.0
+        };
+    }
+}
+
+/// Runs `f(out, value, mask)` over `out` and `src` (rows × cols) with each entry's
+/// mask value (1/(1−p) where kept, 0 where dropped) from `d`: the one walk both the
+/// forward (applying the mask) and the backward (the gradient through it) make.
 fn zip_with_mask(
     out: &mut [f32],
     src: &[f32],
     cols: usize,
     d: &Dropout,
-    f: impl Fn(&mut f32, f32, bool) + Sync,
+    f: impl Fn(&mut f32, f32, f32) + Sync,
 ) {
     let keys = d.row_keys.as_deref().map(Vec::as_slice);
+    let scale = 1.0 / (1.0 - d.p);
     out.par_chunks_mut(cols)
         .zip(src.par_chunks(cols))
         .enumerate()
-        .for_each(|(m, (o, x))| {
-            let base = mask_base(keys, m, cols);
-            for (j, (o, &x)) in o.iter_mut().zip(x).enumerate() {
-                f(o, x, dropout_keep(d.seed, base + j as u64, d.p));
+        .for_each_init(Vec::new, |mask, (m, (o, x))| {
+            mask.resize(cols, 0.0);
+            mask_row(d.seed, mask_base(keys, m, cols), d.p, scale, mask);
+            for ((o, &x), &k) in o.iter_mut().zip(x).zip(mask.iter()) {
+                f(o, x, k);
             }
         });
 }
@@ -75,10 +107,9 @@ fn dropped<'a>(
     buf: &'a mut Vec<f32>,
 ) -> &'a [f32] {
     let Some(d) = dropout else { return x };
-    let scale = 1.0 / (1.0 - d.p);
     buf.resize(x.len(), 0.0);
-    zip_with_mask(buf, x, cols, d, |o, x, kept| {
-        *o = if kept { x * scale } else { 0.0 }
+    zip_with_mask(buf, x, cols, d, |o, x, k| {
+        *o = if k != 0.0 { x * k } else { 0.0 }
     });
     buf
 }
@@ -203,10 +234,38 @@ impl CustomOp3 for LoraLinear {
 
 /// `dx += D(t)`: the LoRA path's input gradient through the dropout mask.
 fn add_through_mask(dx: &mut [f32], t: &[f32], cols: usize, d: &Dropout) {
-    let scale = 1.0 / (1.0 - d.p);
-    zip_with_mask(dx, t, cols, d, |o, t, kept| {
-        if kept {
-            *o += t * scale;
+    zip_with_mask(dx, t, cols, d, |o, t, k| {
+        if k != 0.0 {
+            *o += t * k;
         }
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The vectorized mask is the scalar definition, entry for entry, at any offset.
+    #[test]
+    fn the_vector_mask_is_the_scalar_one() {
+        for (seed, base, p) in [
+            (1u64, 0u64, 0.05f32),
+            (0xDEAD_BEEF, 12_345, 0.5),
+            (7, u32::MAX as u64, 0.9),
+        ] {
+            let scale = 1.0 / (1.0 - p);
+            let mut mask = vec![0f32; 1003];
+            mask_row(seed, base, p, scale, &mut mask);
+            let kept = mask.iter().filter(|&&m| m != 0.0).count() as f32 / mask.len() as f32;
+            assert!((kept - (1.0 - p)).abs() < 0.06, "kept {kept} for p {p}");
+            for (j, &m) in mask.iter().enumerate() {
+                let want = if dropout_keep(seed, base + j as u64, p) {
+                    scale
+                } else {
+                    0.0
+                };
+                assert_eq!(m, want, "entry {j}");
+            }
+        }
+    }
 }
