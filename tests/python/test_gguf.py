@@ -12,7 +12,7 @@ from gguf import GGMLQuantizationType, GGUFReader
 from gguf.quants import quantize
 from transformers import AutoTokenizer
 
-from conftest import SAMPLES, our_logits
+from conftest import SAMPLES, our_logits, varied_texts
 
 QUANTS = {"f32": GGMLQuantizationType.F32, "f16": GGMLQuantizationType.F16,
           "bf16": GGMLQuantizationType.BF16, "q8_0": GGMLQuantizationType.Q8_0}
@@ -127,6 +127,14 @@ def test_llama_cpp_tokenizes_like_hugging_face(exported):
         text = tok.apply_chat_template([{"role": "user", "content": rec["instruction"]},
                                         {"role": "assistant", "content": rec["output"]}], tokenize=False)
         assert llm.tokenize(text.encode(), add_bos=False, special=True) == tok(text, add_special_tokens=False)["input_ids"]
+    differ = [t for t in varied_texts()
+              if llm.tokenize(t.encode(), add_bos=False, special=False) != tok(t, add_special_tokens=False)["input_ids"]]
+    assert not differ, f"{len(differ)} of {len(varied_texts())} texts tokenize differently, e.g. {differ[0]!r}"
+    # BOS as transformers adds it, and every end-of-turn token listed for Ollama.
+    reader = GGUFReader(files["f32"])
+    with_bos = tok("a")["input_ids"]
+    assert field(reader, "tokenizer.ggml.add_bos_token") == (with_bos[0] == tok.bos_token_id != with_bos[-1])
+    assert tok.eos_token_id in list(field(reader, "tokenizer.ggml.eos_token_ids"))
 
 
 def test_llama_cpp_logits_and_greedy_generation_match_ours(backprop, exported, tmp_path):

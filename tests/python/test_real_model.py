@@ -76,3 +76,35 @@ def test_trained_gguf_answers_in_llama_cpp(backprop, tmp_path):
     llm = Llama(model_path=str(gguf), n_ctx=512, verbose=False)
     reply = llm.create_chat_completion(messages=PROMPT, max_tokens=20, temperature=0)
     assert "Paris" in reply["choices"][0]["message"]["content"], reply
+
+
+def test_our_gguf_tokenizes_like_transformers(backprop, tmp_path):
+    """SmolLM2's tokenizer is plain GPT-2 byte-level BPE, so the GGUF says `gpt-2`
+    (detected from the tokenizer, not the architecture; llama.cpp's converter says
+    `smollm`, which splits non-ASCII digits apart), adds no BOS (its tokenizer_config
+    says so), and llama.cpp then gives transformers' ids on every varied text: code,
+    CRLF, digits, scripts, emoji."""
+    from gguf import GGUFReader
+    from llama_cpp import Llama
+    from transformers import AutoTokenizer
+
+    from conftest import varied_texts
+
+    runs = tmp_path / "runs"
+    data = pathlib.Path(__file__).parents[2] / "assets" / "samples" / "alpaca.jsonl"
+    backprop("train", "--model", REAL, "--data", data, "--steps", "1", "--batch-size", "1",
+             "--max-seq-len", "64", "--runs-dir", runs, "--name", "tok")
+    run = next(runs.iterdir())
+    out = backprop("export", run, "--format", "gguf", "--quant", "q8_0")
+    gguf = next(pathlib.Path(out.stdout.strip()).glob("*.gguf"))
+    reader = GGUFReader(gguf)
+    value = lambda k: reader.fields[k].contents()
+    assert value("tokenizer.ggml.pre") == "gpt-2"
+    assert value("tokenizer.ggml.add_bos_token") is False
+    tok = AutoTokenizer.from_pretrained(REAL)
+    assert list(value("tokenizer.ggml.eos_token_ids")) == [tok.eos_token_id]
+    llm = Llama(model_path=str(gguf), vocab_only=True, verbose=False)
+    differ = [t for t in varied_texts()
+              if llm.tokenize(t.encode(), add_bos=False, special=False) != tok(t, add_special_tokens=False)["input_ids"]]
+    assert not differ, f"{len(differ)} of {len(varied_texts())} texts differ, e.g. {differ[0]!r}"
+

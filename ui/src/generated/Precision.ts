@@ -2,6 +2,7 @@
 
 /**
  * Activations and dense frozen weights in f32, or bf16 with f32 master LoRA weights
- * (mixed precision). bf16 has f32's exponent range, so no loss scaling is needed.
+ * (mixed precision; on the CPU, bf16 products with f32 activations). bf16 has f32's
+ * exponent range, so no loss scaling is needed.
  */
 export type Precision = "auto" | "f32" | "bf16";

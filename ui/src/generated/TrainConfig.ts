@@ -48,7 +48,9 @@ device: string,
 base_quant: BaseQuant, 
 /**
  * Compute precision: `auto` (bf16 on a GPU, f32 on the CPU), `f32` or `bf16`. LoRA
- * weights and optimizer state stay f32 either way.
+ * weights and optimizer state stay f32 either way. On the CPU, `bf16` needs
+ * AVX512-BF16 and rounds only the operands of the products with frozen weights
+ * (activations stay f32).
  */
 precision: Precision, 
 /**

@@ -496,17 +496,12 @@ fn tokenizer_metadata(dir: &Path, c: &ModelConfig) -> Result<Vec<(String, Value)
         .collect();
     let template = ChatTemplate::from_model_dir(dir)?;
     let id_of = |t: &str| tokens.iter().position(|x| x == t).map(|i| i as u32);
-    let pre = match c.arch {
-        Arch::Qwen2 | Arch::Qwen3 => "qwen2",
-        Arch::Llama | Arch::Mistral => "llama-bpe",
-    };
     let bos = template.special("bos_token").and_then(id_of);
     let tokenizer = tokenizers::Tokenizer::from_file(&path)
         .map_err(|e| Error::model(&path, format!("cannot load the tokenizer: {e}")))?;
-    let adds_bos = match (bos, tokenizer.encode("a", true)) {
-        (Some(b), Ok(enc)) => enc.get_ids().first() == Some(&b),
-        _ => false,
-    };
+    let adds_bos = adds_bos(dir, &tokenizer, bos);
+    let pre = super::pre_tokenizer::detect(&tokenizer, &tok, bos.filter(|_| adds_bos))
+        .map_err(|why| Error::model(&path, format!("cannot be written to GGUF: {why}")))?;
     let mut m = vec![
         (
             "tokenizer.ggml.model".to_string(),
@@ -540,7 +535,51 @@ fn tokenizer_metadata(dir: &Path, c: &ModelConfig) -> Result<Vec<(String, Value)
             m.push((format!("tokenizer.ggml.{key}"), Value::U32(id)));
         }
     }
+    let eos = template.special("eos_token").and_then(id_of);
+    let eos_ids = eos_token_ids(dir, eos, tokens.len());
+    if !eos_ids.is_empty() {
+        m.push((
+            "tokenizer.ggml.eos_token_ids".to_string(),
+            Value::ArrI32(eos_ids.into_iter().map(|i| i as i32).collect()),
+        ));
+    }
     Ok(m)
+}
+
+/// Whether the model puts `bos` in front of what it encodes, as transformers decides:
+/// `add_bos_token` in `tokenizer_config.json` where it is set (it rewrites the
+/// post-processor), else what `tokenizer.json`'s post-processor does.
+fn adds_bos(dir: &Path, tokenizer: &tokenizers::Tokenizer, bos: Option<u32>) -> bool {
+    let Some(bos) = bos else { return false };
+    let configured = std::fs::read_to_string(dir.join("tokenizer_config.json"))
+        .ok()
+        .and_then(|t| serde_json::from_str::<Json>(&t).ok())
+        .and_then(|c| c["add_bos_token"].as_bool());
+    configured.unwrap_or_else(|| {
+        tokenizer
+            .encode("a", true)
+            .is_ok_and(|enc| enc.get_ids().first() == Some(&bos))
+    })
+}
+
+/// Every token that ends a reply: the tokenizer's EOS, then those of
+/// `generation_config.json` (Llama 3.1 lists three), as Ollama reads them to stop.
+fn eos_token_ids(dir: &Path, eos: Option<u32>, vocab: usize) -> Vec<u32> {
+    let mut ids: Vec<u32> = eos.into_iter().collect();
+    let generation = std::fs::read_to_string(dir.join("generation_config.json"))
+        .ok()
+        .and_then(|t| serde_json::from_str::<Json>(&t).ok());
+    let listed = match generation.as_ref().map(|g| &g["eos_token_id"]) {
+        Some(Json::Array(a)) => a.iter().filter_map(Json::as_u64).collect(),
+        Some(v) => v.as_u64().into_iter().collect(),
+        None => Vec::new(),
+    };
+    for id in listed {
+        if (id as usize) < vocab && !ids.contains(&(id as u32)) {
+            ids.push(id as u32);
+        }
+    }
+    ids
 }
 
 #[cfg(test)]

@@ -9,6 +9,7 @@ mod base_reader;
 mod gguf;
 pub(crate) mod gguf_file;
 mod merged;
+pub(crate) mod pre_tokenizer;
 
 pub use gguf::GgufQuant;
 
