@@ -120,6 +120,19 @@ fn push_round_trip_sets_template_and_stops_and_reuses_blobs() {
         .starts_with("{{- range .Messages }}<|im_start|>"));
     assert_eq!(show.system, "You are a helpful assistant.");
     assert_eq!(show.stops(), vec!["<|im_end|>", "<|im_start|>"]);
+    // The context trained for, not Ollama's default.
+    let trained = backpropagate::run::RunDir::open(&run)
+        .unwrap()
+        .config()
+        .unwrap()
+        .max_seq_len;
+    assert!(
+        show.parameters
+            .lines()
+            .any(|l| l.split_whitespace().collect::<Vec<_>>() == ["num_ctx", &trained.to_string()]),
+        "{}",
+        show.parameters
+    );
     // Ollama's model_info is the GGUF metadata our exporter wrote.
     assert_eq!(show.model_info["general.architecture"], "qwen2");
     assert_eq!(show.model_info["tokenizer.ggml.model"], "gpt2");
@@ -372,6 +385,18 @@ fn an_old_ollama_is_refused_before_any_work() {
         "{err}"
     );
     assert!(err.to_string().contains("0.5.4") && err.to_string().contains("0.5.7"));
+    assert!(!run.join("exports").exists());
+
+    // qwen3 needs 0.6.6: a newer-than-minimum Ollama that predates it is refused too.
+    let run = trained_run(Family::Qwen3, runs.path());
+    let server = StandIn::start(Faults {
+        version: Some("0.6.5".into()),
+        ..Faults::default()
+    })
+    .unwrap();
+    let err = push_run(&run, &options("m", &server), &Silent).unwrap_err();
+    let text = err.to_string();
+    assert!(text.contains("qwen3") && text.contains("0.6.6"), "{text}");
     assert!(!run.join("exports").exists());
 }
 

@@ -556,7 +556,29 @@ fn lookup(s: &Inner, name: &str) -> Option<Model> {
     s.models.lock().ok()?.get(name).cloned()
 }
 
-/// Ollama prints parameters one per line, name padded to 30 columns, strings quoted.
+/// A string as Go's `%#v` prints it (`strconv.Quote`): quotes and backslashes
+/// escaped, `\n`, `\t`, `\r` and other control characters as escapes.
+fn go_quote(s: &str) -> String {
+    let mut out = String::from("\"");
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            '\t' => out.push_str("\\t"),
+            '\r' => out.push_str("\\r"),
+            c if (c as u32) < 0x20 || c as u32 == 0x7f => {
+                out.push_str(&format!("\\x{:02x}", c as u32))
+            }
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
+}
+
+/// Ollama prints parameters one per line, name padded to 30 columns, values as Go's
+/// `%#v` (strings Go-quoted).
 fn parameters_text(p: &Map<String, Value>) -> String {
     let mut out = Vec::new();
     for (k, v) in p {
@@ -566,7 +588,7 @@ fn parameters_text(p: &Map<String, Value>) -> String {
         };
         for v in values {
             let shown = match &v {
-                Value::String(s) => format!("\"{s}\""),
+                Value::String(s) => go_quote(s),
                 other => other.to_string(),
             };
             out.push(format!("{k:<30} {shown}"));

@@ -26,6 +26,14 @@ pub const DEFAULT_HOST: &str = "http://127.0.0.1:11434";
 /// The first release whose `/api/create` takes `files` (digests of uploaded blobs).
 pub const MIN_VERSION: (u32, u32, u32) = (0, 5, 7);
 
+/// The first Ollama that runs models of `arch` (qwen3 arrived in 0.6.6).
+pub fn min_version_for(arch: crate::model::Arch) -> (u32, u32, u32) {
+    match arch {
+        crate::model::Arch::Qwen3 => (0, 6, 6),
+        _ => MIN_VERSION,
+    }
+}
+
 /// Most bytes read of one whole reply (version, tags, show, delete, chat). Ollama's
 /// `/api/show` leaves the vocabulary out unless asked (`verbose`), so real replies are
 /// kilobytes; even a verbose one for a 128k-token vocabulary stays under this.
@@ -99,12 +107,14 @@ pub struct ShowResponse {
 }
 
 impl ShowResponse {
-    /// Values of every `stop` line in `parameters`, unquoted.
+    /// Values of every `stop` line in `parameters`: Ollama prints each as Go's `%#v`
+    /// (a Go-quoted string), so the quoting is undone as Go would.
     pub fn stops(&self) -> Vec<String> {
         self.parameters
             .lines()
             .filter_map(|l| l.trim().strip_prefix("stop"))
-            .map(|v| v.trim().trim_matches('"').to_string())
+            .filter(|v| v.starts_with(char::is_whitespace))
+            .map(|v| go_unquote(v.trim()))
             .collect()
     }
 }
@@ -343,14 +353,24 @@ impl OllamaClient {
 
     /// The version, refused when older than [`MIN_VERSION`].
     pub async fn check_version(&self) -> Result<String, OllamaError> {
+        self.check_version_for(MIN_VERSION, "Backpropagate").await
+    }
+
+    /// The version, refused when older than `need` (what needs it named in the error).
+    pub async fn check_version_for(
+        &self,
+        need: (u32, u32, u32),
+        what: &str,
+    ) -> Result<String, OllamaError> {
         let version = self.version().await?;
         if let Some(v) = parse_version(&version) {
             // 0.0.0 is a source build: trust it.
-            if v < MIN_VERSION && v != (0, 0, 0) {
-                let (a, b, c) = MIN_VERSION;
+            if v < need.max(MIN_VERSION) && v != (0, 0, 0) {
+                let (a, b, c) = need.max(MIN_VERSION);
                 return Err(OllamaError::TooOld {
                     version,
                     need: format!("{a}.{b}.{c}"),
+                    what: what.to_string(),
                 });
             }
         }
@@ -612,10 +632,13 @@ impl OllamaClient {
             message: ChatMessage,
         }
         let what = "the chat request";
+        // A model with the thinking capability thinks by default and puts its reply
+        // in `message.thinking`; the check wants the plain answer.
         let body = serde_json::json!({
             "model": model,
             "messages": messages,
             "stream": false,
+            "think": false,
             "options": { "num_predict": max_tokens },
         });
         let request = self.http.post(self.url("/api/chat")).json(&body);
@@ -626,6 +649,56 @@ impl OllamaClient {
         let reply: Reply = self.decode(what, &body)?;
         Ok(reply.message)
     }
+}
+
+/// A Go-quoted string (`strconv.Quote`: `\"`, `\\`, `\n`, `\t`, `\r`, `\xNN`,
+/// `\uNNNN`, `\UNNNNNNNN` and the other single-letter escapes) back to its text; text
+/// that is not quoted is returned as it is.
+pub fn go_unquote(quoted: &str) -> String {
+    let Some(inner) = quoted.strip_prefix('"').and_then(|q| q.strip_suffix('"')) else {
+        return quoted.to_string();
+    };
+    let mut out = Vec::with_capacity(inner.len());
+    let mut chars = inner.chars();
+    let push = |out: &mut Vec<u8>, c: char| {
+        let mut buf = [0u8; 4];
+        out.extend_from_slice(c.encode_utf8(&mut buf).as_bytes());
+    };
+    while let Some(c) = chars.next() {
+        if c != '\\' {
+            push(&mut out, c);
+            continue;
+        }
+        let hex = |chars: &mut std::str::Chars, n: usize| -> Option<u32> {
+            let digits: String = chars.by_ref().take(n).collect();
+            (digits.len() == n).then(|| u32::from_str_radix(&digits, 16).ok())?
+        };
+        match chars.next() {
+            Some('n') => out.push(b'\n'),
+            Some('t') => out.push(b'\t'),
+            Some('r') => out.push(b'\r'),
+            Some('a') => out.push(0x07),
+            Some('b') => out.push(0x08),
+            Some('f') => out.push(0x0c),
+            Some('v') => out.push(0x0b),
+            // \xNN is one byte (Go quotes invalid UTF-8 that way).
+            Some('x') => match hex(&mut chars, 2) {
+                Some(b) => out.push(b as u8),
+                None => return quoted.to_string(),
+            },
+            Some('u') => match hex(&mut chars, 4).and_then(char::from_u32) {
+                Some(c) => push(&mut out, c),
+                None => return quoted.to_string(),
+            },
+            Some('U') => match hex(&mut chars, 8).and_then(char::from_u32) {
+                Some(c) => push(&mut out, c),
+                None => return quoted.to_string(),
+            },
+            Some(other) => push(&mut out, other),
+            None => return quoted.to_string(),
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// `s` cut to `max` characters, saying how long it was.
@@ -667,20 +740,20 @@ pub fn parse_host(value: &str) -> Result<String, OllamaError> {
         reason: reason.to_string(),
     };
     let v = value.trim();
-    let (scheme, rest) = match v.split_once("://") {
-        Some((s, r)) => (s.to_ascii_lowercase(), r),
-        None => ("http".to_string(), v),
+    // As Ollama reads it: no scheme is http on 11434; an explicit http:// or
+    // https:// without a port is that scheme's own port (80, 443).
+    let (scheme, rest, default_port) = match v.split_once("://") {
+        Some((s, r)) => match s.to_ascii_lowercase().as_str() {
+            "http" => ("http", r, "80"),
+            "https" => ("https", r, "443"),
+            other => {
+                return Err(bad(&format!(
+                    "unknown scheme `{other}` (use http or https)"
+                )))
+            }
+        },
+        None => ("http", v, "11434"),
     };
-    match scheme.as_str() {
-        "http" => {}
-        "https" => {
-            return Err(bad(
-                "this build talks plain http to Ollama; reach a remote Ollama over an SSH tunnel \
-                 (ssh -L 11434:127.0.0.1:11434 host) and use http://127.0.0.1:11434",
-            ))
-        }
-        other => return Err(bad(&format!("unknown scheme `{other}`"))),
-    }
     let (authority, path) = match rest.find('/') {
         Some(i) => (&rest[..i], rest[i..].trim_end_matches('/')),
         None => (rest, ""),
@@ -702,10 +775,10 @@ pub fn parse_host(value: &str) -> Result<String, OllamaError> {
         "[::]" => "[::1]".to_string(),
         _ => host,
     };
-    let port = if port.is_empty() { "11434" } else { port };
+    let port = if port.is_empty() { default_port } else { port };
     port.parse::<u16>()
         .map_err(|_| bad(&format!("port `{port}` is not a number from 1 to 65535")))?;
-    Ok(format!("http://{host}:{port}{path}"))
+    Ok(format!("{scheme}://{host}:{port}{path}"))
 }
 
 #[cfg(test)]
@@ -721,15 +794,21 @@ mod tests {
             ("gpu-box", "http://gpu-box:11434"),
             ("gpu-box:1234", "http://gpu-box:1234"),
             ("http://10.0.0.2:11434/", "http://10.0.0.2:11434"),
-            ("http://proxy/ollama/", "http://proxy:11434/ollama"),
+            // An explicit scheme without a port is the scheme's port, as in Ollama.
+            ("http://proxy/ollama/", "http://proxy:80/ollama"),
+            (
+                "https://ollama.example.com",
+                "https://ollama.example.com:443",
+            ),
+            ("HTTPS://box:8443/api/", "https://box:8443/api"),
             ("[::1]:9000", "http://[::1]:9000"),
         ];
         for (input, want) in cases {
             assert_eq!(parse_host(input).unwrap(), want, "{input:?}");
         }
         assert!(parse_host("gpu-box:port").is_err());
-        let https = parse_host("https://x").unwrap_err();
-        assert!(https.to_string().contains("https://x"));
+        let ftp = parse_host("ftp://x").unwrap_err();
+        assert!(ftp.to_string().contains("ftp://x"));
     }
 
     #[test]
@@ -757,5 +836,13 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(show.stops(), vec!["<|im_end|>", "<|endoftext|>"]);
+        // Go's %#v: escapes undone, and a `stopper` parameter is not a stop.
+        let show = ShowResponse {
+            parameters: "stop \"User:\\n\"\nstop \"\\\"end\\\"\\t\\u00e9\\x41\"\nstopper 1".into(),
+            ..Default::default()
+        };
+        assert_eq!(show.stops(), vec!["User:\n", "\"end\"\t\u{e9}A"]);
+        assert_eq!(go_unquote("plain"), "plain");
+        assert_eq!(go_unquote("\"broken\\u12\""), "\"broken\\u12\"");
     }
 }

@@ -17,8 +17,12 @@ pub enum OllamaError {
         what: String,
         detail: String,
     },
-    #[error("Ollama {version} is too old: Backpropagate needs {need} or newer")]
-    TooOld { version: String, need: String },
+    #[error("Ollama {version} is too old: {what} needs {need} or newer (update Ollama)")]
+    TooOld {
+        version: String,
+        need: String,
+        what: String,
+    },
     #[error("Ollama refused {what}: {message}")]
     Api {
         what: String,

@@ -96,11 +96,14 @@ pub fn push_run(run_dir: &Path, options: &PushOptions, sink: &dyn EventSink) -> 
 
     // Cheap checks first: a stopped Ollama or a taken name must not cost an export.
     let cancel = options.cancel.as_ref();
+    let arch = crate::model::ModelConfig::load(&info.model_dir.join("config.json"))?.arch;
+    let need = super::client::min_version_for(arch);
+    let what = format!("a {} model", arch.as_str());
     let version = net(
         &runtime,
         cancel,
         "the version check",
-        client.check_version(),
+        client.check_version_for(need, &what),
     )?;
     sink.emit(log(format!("Ollama {version} at {}", client.host())));
     if !options.overwrite
@@ -141,6 +144,11 @@ pub fn push_run(run_dir: &Path, options: &PushOptions, sink: &dyn EventSink) -> 
     request.parameters.insert(
         "stop".into(),
         Value::Array(template.stop.iter().cloned().map(Value::String).collect()),
+    );
+    // The context the model was trained for, not Ollama's default (2048 or 4096).
+    request.parameters.insert(
+        "num_ctx".into(),
+        Value::from(run.config()?.max_seq_len as u64),
     );
     let mut uploaded = 0;
     for (file, is_adapter) in files
