@@ -294,6 +294,12 @@ fn an_error_line_in_the_create_stream_is_reported() {
         }
         other => panic!("{other}"),
     }
+    // The hint says how much room Ollama needs, and where.
+    let hint = err.hint().unwrap();
+    assert!(
+        hint.contains("twice") && hint.contains("OLLAMA_MODELS"),
+        "{hint}"
+    );
     assert_eq!(snapshot(&run), before);
     no_partial_exports(&run);
 }
@@ -679,4 +685,77 @@ fn a_push_of_a_run_another_job_is_writing_is_refused_before_any_upload() {
     // Once the other job lets go, the same push goes through.
     drop(held);
     push_run(&run, &options("locked", &server), &Silent).unwrap();
+}
+
+/// Ollama 0.30+ validates the GGUF before creating: hundreds of identical status lines
+/// with byte counts, then a silent hash longer than one timeout. The push logs the
+/// status once, turns the counts into create progress, and waits the hash out.
+#[test]
+fn validation_lines_fold_into_one_log_and_progress_and_a_silent_hash_is_waited_out() {
+    let runs = tempfile::tempdir().unwrap();
+    let run = trained_run(Family::Qwen2, runs.path());
+    let server = StandIn::start(Faults {
+        validating_lines: 300,
+        silent_hash: Some(Duration::from_millis(2500)),
+        ..Faults::default()
+    })
+    .unwrap();
+    let mut o = options("validated", &server);
+    o.timeout = Duration::from_secs(1);
+    let events = Arc::new(Mutex::new(Vec::new()));
+    let sink = {
+        let events = events.clone();
+        move |e: Event| events.lock().unwrap().push(e)
+    };
+    push_run(&run, &o, &sink).unwrap();
+    let events = events.lock().unwrap();
+    let said = |text: &str| {
+        events
+            .iter()
+            .filter(|e| matches!(e, Event::Log { message, .. } if message.contains(text)))
+            .count()
+    };
+    assert_eq!(said("validating GGUF model"), 1);
+    assert_eq!(said("verifying conversion"), 1);
+    let progress: Vec<(u64, u64)> = events
+        .iter()
+        .filter_map(|e| match e {
+            Event::Progress { stage, done, total } if stage == "create" => Some((*done, *total)),
+            _ => None,
+        })
+        .collect();
+    let counted: Vec<_> = progress.iter().filter(|(_, t)| *t > 1).collect();
+    assert_eq!(counted.len(), 300, "one progress event per counted line");
+    assert!(counted.windows(2).all(|w| w[0].0 <= w[1].0));
+    let &&(done, total) = counted.last().unwrap();
+    assert_eq!(done, total);
+}
+
+/// A create whose stream goes quiet after the model was written: the timeout is
+/// checked against `/api/show`, and the model that is there counts as created.
+#[test]
+fn a_create_that_goes_silent_after_writing_the_model_still_succeeds() {
+    let runs = tempfile::tempdir().unwrap();
+    let run = trained_run(Family::Qwen2, runs.path());
+    let server = StandIn::start(Faults {
+        create_goes_silent: true,
+        ..Faults::default()
+    })
+    .unwrap();
+    let mut o = options("quiet", &server);
+    o.timeout = Duration::from_millis(300);
+    let warned = Arc::new(Mutex::new(false));
+    let sink = {
+        let warned = warned.clone();
+        move |e: Event| {
+            if let Event::Log { message, .. } = e {
+                if message.contains("stopped reporting") && message.contains("the model is there") {
+                    *warned.lock().unwrap() = true;
+                }
+            }
+        }
+    };
+    let report = push_run(&run, &o, &sink).unwrap();
+    assert_eq!(report.name, "quiet");
+    assert!(*warned.lock().unwrap());
 }

@@ -65,6 +65,15 @@ pub struct Faults {
     pub hang_show_of_existing: bool,
     /// `/api/chat` answers with this content instead of the fixed sentence.
     pub chat_reply: Option<String>,
+    /// Create validates each GGUF as Ollama 0.30+ does (`llama-quantize … COPY`): this
+    /// many `validating GGUF model` lines with `completed`/`total`, then `verifying
+    /// conversion`, then [`Faults::silent_hash`] without a line (the sha256 of the
+    /// copy), before the layers.
+    pub validating_lines: u32,
+    pub silent_hash: Option<Duration>,
+    /// The create stream ends silently (no `success`, no error) after writing the
+    /// manifest: the model exists but the client hears nothing more.
+    pub create_goes_silent: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -429,7 +438,20 @@ async fn create(State(s): State<Shared>, body: axum::body::Bytes) -> Response {
                     return;
                 }
             }
-            size += std::fs::metadata(path).map(|m| m.len()).unwrap_or(0);
+            let bytes = std::fs::metadata(path).map(|m| m.len()).unwrap_or(0);
+            size += bytes;
+            let n = s2.faults.validating_lines as u64;
+            for i in 1..=n {
+                let line = json!({"status": "validating GGUF model",
+                    "digest": "0000000000000000000", "total": bytes, "completed": bytes * i / n});
+                send(line).await;
+            }
+            if n > 0 {
+                send(json!({"status": "verifying conversion"})).await;
+            }
+            if let Some(pause) = s2.faults.silent_hash {
+                tokio::time::sleep(pause).await;
+            }
             send(json!({"status": format!("using existing layer {digest}")})).await;
         }
         if let Some(msg) = &s2.faults.create_error {
@@ -452,6 +474,11 @@ async fn create(State(s): State<Shared>, body: axum::body::Bytes) -> Response {
         };
         if let Ok(mut models) = s2.models.lock() {
             models.insert(model.name.clone(), model);
+        }
+        if s2.faults.create_goes_silent {
+            // Keep the stream open without a word, as a server stuck after the fact.
+            tokio::time::sleep(Duration::from_secs(3600)).await;
+            return;
         }
         send(json!({"status": "success"})).await;
     });

@@ -45,6 +45,9 @@ pub const MAX_STATUS_BYTES: usize = 16 << 20;
 /// A streamed create may take this many timeouts in all (each line still has to come
 /// within one timeout).
 pub const STREAM_TIMEOUTS: u32 = 10;
+/// A create's status line may take this many timeouts: Ollama 0.30+ hashes its
+/// validated copy of the GGUF without a word, minutes for a big model.
+pub const CREATE_IDLE_TIMEOUTS: u32 = 5;
 /// A chat may take this many timeouts: the first use of a model loads it.
 pub const CHAT_TIMEOUTS: u32 = 5;
 /// Most bytes read of an error reply; only its first [`SHOWN_ERROR_CHARS`] are shown.
@@ -75,6 +78,15 @@ pub struct CreateRequest {
     #[serde(skip_serializing_if = "serde_json::Map::is_empty")]
     pub parameters: serde_json::Map<String, Value>,
     pub stream: bool,
+}
+
+/// One line of a create's status stream.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CreateStatus {
+    pub status: String,
+    /// Bytes done and in all, on the lines of a phase that counts (validation).
+    pub completed: Option<u64>,
+    pub total: Option<u64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -472,11 +484,12 @@ impl OllamaClient {
     pub async fn create(
         &self,
         request: &CreateRequest,
-        mut on_status: impl FnMut(&str),
+        mut on_status: impl FnMut(&CreateStatus),
     ) -> Result<(), OllamaError> {
         let what = "creating the model";
         let limit = self.timeout;
-        let total_limit = limit * STREAM_TIMEOUTS;
+        let idle = limit * CREATE_IDLE_TIMEOUTS;
+        let total_limit = limit * STREAM_TIMEOUTS.max(CREATE_IDLE_TIMEOUTS);
         let end = Instant::now() + total_limit;
         let resp = self
             .step(
@@ -494,11 +507,11 @@ impl OllamaClient {
         let mut received = 0usize;
         let mut succeeded = false;
         loop {
-            let line_deadline = Instant::now() + limit;
+            let line_deadline = Instant::now() + idle;
             let next = if line_deadline < end {
                 tokio::time::timeout_at(line_deadline, body.next())
                     .await
-                    .map_err(|_| self.timed_out("creating the model (no status line)", limit))?
+                    .map_err(|_| self.timed_out("creating the model (no status line)", idle))?
             } else {
                 tokio::time::timeout_at(end, body.next())
                     .await
@@ -550,7 +563,7 @@ impl OllamaClient {
     fn status_line(
         &self,
         line: &[u8],
-        on_status: &mut impl FnMut(&str),
+        on_status: &mut impl FnMut(&CreateStatus),
     ) -> Result<bool, OllamaError> {
         let text = String::from_utf8_lossy(line);
         let text = text.trim();
@@ -569,7 +582,11 @@ impl OllamaClient {
             });
         }
         let status = v.get("status").and_then(Value::as_str).unwrap_or_default();
-        on_status(&shorten(status, SHOWN_ERROR_CHARS));
+        on_status(&CreateStatus {
+            status: shorten(status, SHOWN_ERROR_CHARS),
+            completed: v.get("completed").and_then(Value::as_u64),
+            total: v.get("total").and_then(Value::as_u64),
+        });
         Ok(status == "success")
     }
 

@@ -99,6 +99,17 @@ impl OllamaError {
             OllamaError::BadHost { .. } => {
                 Some("Set OLLAMA_HOST to host:port or http://host:port.".into())
             }
+            OllamaError::Api { message, .. } | OllamaError::Stream { message }
+                if message.to_ascii_lowercase().contains("no space") =>
+            {
+                Some(
+                    "The disk that holds Ollama's models (OLLAMA_MODELS) is full. Ollama needs \
+                     about twice the GGUF's size free while creating (0.30+ validates a copy \
+                     of the upload before it deletes the upload): free space there, or push a \
+                     smaller --quant (q4_k_m is about a third of f16)."
+                        .into(),
+                )
+            }
             OllamaError::Api { .. } | OllamaError::Stream { .. } | OllamaError::Protocol { .. } => {
                 Some("See Ollama's own log (`ollama serve` output) for details.".into())
             }

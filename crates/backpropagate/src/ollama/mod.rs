@@ -8,9 +8,10 @@ mod push;
 mod template;
 
 pub use client::{
-    host_setting, parse_host, parse_version, ChatMessage, CreateRequest, ModelEntry, OllamaClient,
-    ShowResponse, CHAT_TIMEOUTS, DEFAULT_HOST, MAX_REPLY_BYTES, MAX_STATUS_BYTES,
-    MAX_STATUS_LINE_BYTES, MIN_VERSION, STREAM_TIMEOUTS,
+    go_unquote, host_setting, min_version_for, parse_host, parse_version, ChatMessage,
+    CreateRequest, CreateStatus, ModelEntry, OllamaClient, ShowResponse, CHAT_TIMEOUTS,
+    CREATE_IDLE_TIMEOUTS, DEFAULT_HOST, MAX_REPLY_BYTES, MAX_STATUS_BYTES, MAX_STATUS_LINE_BYTES,
+    MIN_VERSION, STREAM_TIMEOUTS,
 };
 pub use error::OllamaError;
 pub use name::validate_name;

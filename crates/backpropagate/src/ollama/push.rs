@@ -172,10 +172,37 @@ pub fn push_run(run_dir: &Path, options: &PushOptions, sink: &dyn EventSink) -> 
         done: 0,
         total: 1,
     });
-    let create = client.create(&request, |status| {
-        sink.emit(log(format!("ollama: {status}")));
+    // Ollama 0.30+ sends hundreds of identical `validating GGUF model` lines with a
+    // byte count: each distinct status is logged once, the counts become progress.
+    let mut last = String::new();
+    let create = client.create(&request, |s| {
+        if s.status != last {
+            sink.emit(log(format!("ollama: {}", s.status)));
+            last = s.status.clone();
+        }
+        if let (Some(done), Some(total)) = (s.completed, s.total) {
+            sink.emit(Event::Progress {
+                stage: "create".into(),
+                done: done.min(total),
+                total: total.max(1),
+            });
+        }
     });
-    let result = net(&runtime, cancel, "creating the model", create);
+    let mut result = net(&runtime, cancel, "creating the model", create);
+    if let Err(OllamaError::Timeout { .. }) = &result {
+        // The model may be complete although the stream never said so: ask before
+        // calling the push a failure.
+        if let Ok(Some(_)) = runtime.block_on(client.show(&options.name)) {
+            sink.emit(Event::Log {
+                level: LogLevel::Warn,
+                message: format!(
+                    "Ollama stopped reporting while creating `{}`, but the model is there; checking it",
+                    options.name
+                ),
+            });
+            result = Ok(());
+        }
+    }
     if let Err(e) = result {
         if options.as_adapter {
             if let OllamaError::Stream { message } | OllamaError::Api { message, .. } = &e {
