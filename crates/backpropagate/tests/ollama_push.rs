@@ -759,3 +759,82 @@ fn a_create_that_goes_silent_after_writing_the_model_still_succeeds() {
     assert_eq!(report.name, "quiet");
     assert!(*warned.lock().unwrap());
 }
+
+/// Ollama 0.30–0.33 renders a model whose chat template mentions thinking or tools with
+/// that Jinja and `/api/show` returns it: the push counts that as success and says so
+/// once; a custom `--template` is warned to apply only with OLLAMA_GO_TEMPLATE=1.
+#[test]
+fn a_server_that_renders_the_models_own_template_is_a_success_said_once() {
+    // A Qwen3 fixture with a thinking-aware chat template, as Qwen3's own.
+    let model = tempfile::tempdir().unwrap();
+    backpropagate::fixture::write_fixture_model(
+        model.path(),
+        &backpropagate::fixture::FixtureSpec::new(Family::Qwen3),
+    )
+    .unwrap();
+    let config_path = model.path().join("tokenizer_config.json");
+    let mut config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&config_path).unwrap()).unwrap();
+    config["chat_template"] = "{%- for message in messages %}{{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>\\n' }}{%- endfor %}{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- if enable_thinking is defined and enable_thinking is false %}{{- '<think>\\n\\n</think>\\n\\n' }}{%- endif %}{%- endif %}".into();
+    std::fs::write(&config_path, config.to_string()).unwrap();
+    let runs = tempfile::tempdir().unwrap();
+    let run = Trainer::new(model.path().to_str().unwrap())
+        .batch_size(BatchSize::Fixed(2))
+        .runs_dir(runs.path())
+        .train(samples_dir().join("alpaca.jsonl"), 2)
+        .unwrap()
+        .run_dir;
+    let server = StandIn::start(Faults {
+        version: Some("0.33.0".into()),
+        prefer_chat_template: true,
+        ..Faults::default()
+    })
+    .unwrap();
+    let logs = Arc::new(Mutex::new(Vec::new()));
+    let sink = {
+        let logs = logs.clone();
+        move |e: Event| {
+            if let Event::Log { message, .. } = e {
+                logs.lock().unwrap().push(message);
+            }
+        }
+    };
+    push_run(&run, &options("thinker", &server), &sink).unwrap();
+    let count = |logs: &[String], text: &str| logs.iter().filter(|m| m.contains(text)).count();
+    {
+        let logs = logs.lock().unwrap();
+        assert_eq!(
+            count(&logs, "with the model's own chat template"),
+            1,
+            "{logs:?}"
+        );
+        assert_eq!(count(&logs, "differs"), 0, "{logs:?}");
+    }
+    let client = OllamaClient::new(&server.url()).unwrap();
+    let show = block(client.show("thinker")).unwrap().unwrap();
+    assert!(show.template.contains("<think>") && show.template.contains("{%"));
+    // Ollama's model_info: no chat template, no name, long arrays emptied.
+    assert!(show.model_info.get("tokenizer.chat_template").is_none());
+    assert!(show.model_info.get("general.name").is_none());
+    assert_eq!(
+        show.model_info["tokenizer.ggml.tokens"],
+        serde_json::json!([])
+    );
+
+    logs.lock().unwrap().clear();
+    let mut o = options("thinker2", &server);
+    o.template = Some("{{ .Prompt }}".into());
+    push_run(&run, &o, &sink).unwrap();
+    let logs = logs.lock().unwrap();
+    assert_eq!(count(&logs, "OLLAMA_GO_TEMPLATE=1"), 2, "{logs:?}");
+}
+
+#[test]
+fn only_0_30_and_later_prefer_the_models_own_template() {
+    use backpropagate::ollama::prefers_own_template;
+    let thinking = "{% if '<think>' in content %}{% endif %}";
+    assert!(prefers_own_template("0.30.0", thinking));
+    assert!(prefers_own_template("0.33.2", "{% if tools %}{% endif %}"));
+    assert!(!prefers_own_template("0.29.9", thinking));
+    assert!(!prefers_own_template("0.33.0", "{{ messages }}"));
+}

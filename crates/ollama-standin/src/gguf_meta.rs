@@ -92,16 +92,17 @@ fn value(r: &mut impl Read, ty: u32) -> io::Result<Value> {
         9 => {
             let inner = u32_(r)?;
             let n = u64_(r)?;
-            // Vocabularies are long; keep the count, not the items, past a limit.
+            // As Ollama's /api/show: arrays of more than 5 items (vocabularies) are
+            // shown empty.
             let mut items = Vec::new();
             for i in 0..n {
                 let v = value(r, inner)?;
-                if i < 64 {
+                if i < 5 {
                     items.push(v);
                 }
             }
-            if n > 64 {
-                Value::from(format!("[{n} items]"))
+            if n > 5 {
+                Value::Array(Vec::new())
             } else {
                 Value::Array(items)
             }

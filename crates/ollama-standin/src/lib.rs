@@ -74,6 +74,10 @@ pub struct Faults {
     /// The create stream ends silently (no `success`, no error) after writing the
     /// manifest: the model exists but the client hears nothing more.
     pub create_goes_silent: bool,
+    /// Ollama 0.30–0.33 (`PreferChatTemplate`): a model whose GGUF chat template
+    /// mentions tools, `tool_call` or `<think>` is rendered with that Jinja, and
+    /// `/api/show` returns it as `template`.
+    pub prefer_chat_template: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -84,6 +88,8 @@ struct Model {
     system: String,
     parameters: Map<String, Value>,
     model_info: Map<String, Value>,
+    /// The GGUF's `tokenizer.chat_template` (kept out of `model_info`, as Ollama does).
+    chat_template: String,
     size: u64,
     modified_at: String,
 }
@@ -462,6 +468,13 @@ async fn create(State(s): State<Shared>, body: axum::body::Bytes) -> Response {
             send(json!({"status": format!("creating new layer sha256:{}", hex_of(what))})).await;
         }
         send(json!({"status": "writing manifest"})).await;
+        // Ollama's model_info: no name, no chat template (arrays past 5 items are
+        // empty already: gguf_meta).
+        let chat_template = model_info
+            .remove("tokenizer.chat_template")
+            .and_then(|v| v.as_str().map(str::to_string))
+            .unwrap_or_default();
+        model_info.remove("general.name");
         let model = Model {
             name: full_name(&name),
             files: req.files.clone(),
@@ -469,6 +482,7 @@ async fn create(State(s): State<Shared>, body: axum::body::Bytes) -> Response {
             system: req.system.clone(),
             parameters: req.parameters.clone(),
             model_info,
+            chat_template,
             size,
             modified_at: now(),
         };
@@ -640,10 +654,19 @@ async fn show(State(s): State<Shared>, Json(req): Json<NameReq>) -> Response {
         return std::future::pending().await;
     }
     let params = parameters_text(&m.parameters);
+    let native = s.faults.prefer_chat_template
+        && ["tools", "tool_call", "<think>"]
+            .iter()
+            .any(|w| m.chat_template.contains(w));
+    let template = if native {
+        m.chat_template.clone()
+    } else {
+        m.template.clone()
+    };
     let mut modelfile = format!(
         "FROM {}\nTEMPLATE \"\"\"{}\"\"\"\n",
         m.files.keys().next().cloned().unwrap_or_default(),
-        m.template
+        template
     );
     if !m.system.is_empty() {
         modelfile.push_str(&format!("SYSTEM \"\"\"{}\"\"\"\n", m.system));
@@ -659,7 +682,7 @@ async fn show(State(s): State<Shared>, Json(req): Json<NameReq>) -> Response {
     Json(json!({
         "modelfile": modelfile,
         "parameters": params,
-        "template": m.template,
+        "template": template,
         "system": m.system,
         "details": {"format": "gguf", "family": m.model_info.get("general.architecture"),
                     "parameter_size": "", "quantization_level": m.model_info.get("general.file_type")},

@@ -9,7 +9,8 @@ use serde::Serialize;
 use serde_json::Value;
 
 use super::{
-    ollama_template, validate_name, CreateRequest, OllamaClient, OllamaError, TemplateFamily,
+    ollama_template, parse_version, validate_name, CreateRequest, OllamaClient, OllamaError,
+    TemplateFamily,
 };
 use crate::cancel::CancelToken;
 use crate::data::ChatTemplate;
@@ -122,6 +123,18 @@ pub fn push_run(run_dir: &Path, options: &PushOptions, sink: &dyn EventSink) -> 
     }
 
     let template = derive_template(&info.model_dir, options, sink)?;
+    let jinja = ChatTemplate::from_model_dir(&info.model_dir)?
+        .text()
+        .to_string();
+    let native = prefers_own_template(&version, &jinja);
+    if native && options.template.is_some() {
+        sink.emit(Event::Log {
+            level: LogLevel::Warn,
+            message: format!(
+                "Ollama {version} renders a model whose chat template mentions tools or thinking with that template itself and ignores TEMPLATE: your --template applies only where the server runs with OLLAMA_GO_TEMPLATE=1"
+            ),
+        });
+    }
 
     let (files, adapters) = if options.as_adapter {
         let base = gguf_export(&lock, ExportFormat::GgufBase, options.quant, sink)?;
@@ -224,7 +237,16 @@ pub fn push_run(run_dir: &Path, options: &PushOptions, sink: &dyn EventSink) -> 
         total: 1,
     });
 
-    verify(&runtime, &client, &options.name, &request, cancel, sink)?;
+    let own = native.then_some(jinja.as_str());
+    verify(
+        &runtime,
+        &client,
+        &options.name,
+        &request,
+        own,
+        cancel,
+        sink,
+    )?;
     sink.emit(log(format!(
         "`{}` is in Ollama: try it with `ollama run {}`",
         options.name, options.name
@@ -467,12 +489,24 @@ fn hash_with_progress(file: &Path, sink: &dyn EventSink) -> Result<String> {
     Ok(format!("{:x}", hasher.finalize()))
 }
 
-/// Reads the model back and checks the template and stops arrived as sent.
+/// Whether Ollama `version` renders a model with the Jinja chat template in its GGUF
+/// rather than the Go template it was given: from 0.30 (llama-server) when the
+/// template mentions tools or thinking (Ollama's `PreferChatTemplate`).
+pub fn prefers_own_template(version: &str, jinja: &str) -> bool {
+    let era = parse_version(version).is_some_and(|v| v >= (0, 30, 0) || v == (0, 0, 0));
+    era && ["tools", "tool_call", "<think>"]
+        .iter()
+        .any(|w| jinja.contains(w))
+}
+
+/// Reads the model back and checks the template and stops arrived as sent. `own`: the
+/// model's Jinja when this Ollama renders with it (then `/api/show` returns it).
 fn verify(
     runtime: &tokio::runtime::Runtime,
     client: &OllamaClient,
     name: &str,
     sent: &CreateRequest,
+    own: Option<&str>,
     cancel: Option<&CancelToken>,
     sink: &dyn EventSink,
 ) -> Result<()> {
@@ -493,7 +527,12 @@ fn verify(
             message: format!("Ollama said `success` but does not list `{name}`"),
         })?;
     let mut problems = Vec::new();
-    if sent.template.as_deref().is_some_and(|t| t != show.template) {
+    let renders_own = own.is_some_and(|j| j.trim() == show.template.trim());
+    if renders_own {
+        sink.emit(log(format!(
+            "Ollama renders `{name}` with the model's own chat template (the Jinja in the GGUF, the one it was trained with), as Ollama 0.30+ does for templates with tools or thinking; the Go template sent applies only with OLLAMA_GO_TEMPLATE=1"
+        )));
+    } else if sent.template.as_deref().is_some_and(|t| t != show.template) {
         problems.push("the template Ollama stored differs from the one sent".to_string());
     }
     let stops = show.stops();
