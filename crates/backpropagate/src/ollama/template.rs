@@ -106,6 +106,22 @@ pub fn ollama_template(chat_template: &str, eos: Option<&str>) -> OllamaTemplate
 
 /// `'<|im_start|>system\nYou are a helpful assistant.<|im_end|>'` inside the Jinja
 /// source is the default system prompt (Qwen2's template inserts it when none is given).
+/// The system prompt a ChatML template writes when the conversation has none, found by
+/// rendering it (Jinja) with one user turn: what training saw. Qwen2.5's default ("You
+/// are Qwen, created by Alibaba Cloud…") sits in a branch of the template that reading
+/// its first `<|im_start|>system` does not find.
+pub fn rendered_default_system(chat: &crate::data::ChatTemplate) -> Option<String> {
+    use crate::data::{Message, Role};
+    let marker = "\u{1}user turn\u{1}";
+    let text = chat
+        .render(&[Message::new(Role::User, marker)], false)
+        .ok()?;
+    let rest = text.trim_start().strip_prefix("<|im_start|>system\n")?;
+    let end = rest.find("<|im_end|>")?;
+    let system = &rest[..end];
+    (!system.is_empty() && !system.contains(marker)).then(|| system.to_string())
+}
+
 fn chatml_default_system(src: &str) -> Option<String> {
     let start = src
         .find("<|im_start|>system\\n")
@@ -127,6 +143,38 @@ fn chatml_default_system(src: &str) -> Option<String> {
 mod tests {
     use super::*;
     use crate::fixture::{LLAMA3_TEMPLATE, MISTRAL_TEMPLATE, QWEN2_TEMPLATE};
+
+    /// Qwen2.5's structure: the default system prompt only in the branch without tools
+    /// and without a system message. Reading the template text finds the branch that
+    /// inserts the user's system message; rendering finds the default.
+    #[test]
+    fn the_default_system_prompt_is_the_one_the_template_renders() {
+        let qwen25 = "{%- if tools %}{{- '<|im_start|>system\\n' }}{%- if messages[0]['role'] == 'system' %}{{- messages[0]['content'] }}{%- else %}{{- 'You are Qwen, created by Alibaba Cloud. You are a helpful assistant.' }}{%- endif %}{{- '<|im_end|>\\n' }}{%- else %}{%- if messages[0]['role'] == 'system' %}{{- '<|im_start|>system\\n' + messages[0]['content'] + '<|im_end|>\\n' }}{%- else %}{{- '<|im_start|>system\\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant.<|im_end|>\\n' }}{%- endif %}{%- endif %}{%- for message in messages %}{%- if message.role != 'system' %}{{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>\\n' }}{%- endif %}{%- endfor %}{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}";
+        assert_eq!(
+            chatml_default_system(qwen25),
+            None,
+            "reading the text misses it"
+        );
+        let chat = crate::data::ChatTemplate::new(
+            qwen25,
+            crate::data::TemplateSource::FallbackChatml,
+            Vec::new(),
+        )
+        .unwrap();
+        assert_eq!(
+            rendered_default_system(&chat).as_deref(),
+            Some("You are Qwen, created by Alibaba Cloud. You are a helpful assistant.")
+        );
+        // A template without a default system prompt has none.
+        let plain = "{%- for message in messages %}{{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>\\n' }}{%- endfor %}";
+        let chat = crate::data::ChatTemplate::new(
+            plain,
+            crate::data::TemplateSource::FallbackChatml,
+            Vec::new(),
+        )
+        .unwrap();
+        assert_eq!(rendered_default_system(&chat), None);
+    }
 
     #[test]
     fn chatml_keeps_qwen2_default_system_prompt() {
