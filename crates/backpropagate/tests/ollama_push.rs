@@ -838,3 +838,38 @@ fn only_0_30_and_later_prefer_the_models_own_template() {
     assert!(!prefers_own_template("0.29.9", thinking));
     assert!(!prefers_own_template("0.33.0", "{{ messages }}"));
 }
+
+/// A model Ollama creates but cannot load fails the push with Ollama's reason; one
+/// that loads says so.
+#[test]
+fn a_created_model_that_does_not_load_fails_the_push_with_the_reason() {
+    let runs = tempfile::tempdir().unwrap();
+    let run = trained_run(Family::Qwen2, runs.path());
+    let server = StandIn::start(Faults {
+        load_error: Some("loras are not yet implemented".into()),
+        ..Faults::default()
+    })
+    .unwrap();
+    let err = push_run(&run, &options("unloadable", &server), &Silent).unwrap_err();
+    let text = err.to_string();
+    assert!(
+        text.contains("cannot load it") && text.contains("loras are not yet implemented"),
+        "{text}"
+    );
+    let good = StandIn::start(Faults::default()).unwrap();
+    let logs = Arc::new(Mutex::new(Vec::new()));
+    let sink = {
+        let logs = logs.clone();
+        move |e: Event| {
+            if let Event::Log { message, .. } = e {
+                logs.lock().unwrap().push(message);
+            }
+        }
+    };
+    push_run(&run, &options("loads", &good), &sink).unwrap();
+    assert!(logs
+        .lock()
+        .unwrap()
+        .iter()
+        .any(|m| m.starts_with("loaded:")));
+}

@@ -78,6 +78,10 @@ pub struct Faults {
     /// mentions tools, `tool_call` or `<think>` is rendered with that Jinja, and
     /// `/api/show` returns it as `template`.
     pub prefer_chat_template: bool,
+    /// `/api/chat` fails with this error (HTTP 500), as a model that was created but
+    /// cannot be loaded (Ollama 0.12–0.29 with a qwen3 LoRA adapter: "loras are not
+    /// yet implemented").
+    pub load_error: Option<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -726,6 +730,9 @@ async fn chat(State(s): State<Shared>, Json(req): Json<ChatReq>) -> Response {
             format!("model '{}' not found, try pulling it first", req.model),
         );
     };
+    if let Some(msg) = &s.faults.load_error {
+        return error(StatusCode::INTERNAL_SERVER_ERROR, msg.clone());
+    }
     let family = m
         .model_info
         .get("general.architecture")

@@ -247,6 +247,36 @@ pub fn push_run(run_dir: &Path, options: &PushOptions, sink: &dyn EventSink) -> 
         cancel,
         sink,
     )?;
+    // A model can be created and still fail when first loaded (an adapter Ollama's
+    // engine cannot apply): one token of chat proves it runs.
+    let hello = [super::ChatMessage {
+        role: "user".into(),
+        content: "Hi".into(),
+    }];
+    if let Err(e) = net(
+        &runtime,
+        cancel,
+        "loading the model",
+        client.chat(&options.name, &hello, 1),
+    ) {
+        let why = match &e {
+            OllamaError::Api { message, .. } | OllamaError::Stream { message } => message.clone(),
+            other => other.to_string(),
+        };
+        let advice = if options.as_adapter {
+            " Ollama accepted the LoRA adapter but cannot apply it to this model (Ollama 0.12–0.29 runs qwen3 on an engine without adapters): push without --as-adapter to send one merged GGUF."
+        } else {
+            ""
+        };
+        return Err(OllamaError::Stream {
+            message: format!(
+                "`{}` was created but Ollama cannot load it: {why}.{advice}",
+                options.name
+            ),
+        }
+        .into());
+    }
+    sink.emit(log("loaded: Ollama answered a one-token chat".into()));
     sink.emit(log(format!(
         "`{}` is in Ollama: try it with `ollama run {}`",
         options.name, options.name
