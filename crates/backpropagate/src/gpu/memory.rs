@@ -238,7 +238,9 @@ fn parse_meminfo(text: &str) -> Option<u64> {
 /// k before and after rotation and v (3·kv), gate, up and their product (3·i), and one
 /// log-sum-exp per head. Padding takes nothing (only real tokens are computed), no
 /// attention scores are kept, and the LM head holds one 16 MiB chunk of logits plus two
-/// hidden-size rows per token; backward adds about one layer's worth at a time.
+/// hidden-size rows per token; backward adds about one layer's worth at a time, plus
+/// one linear's backward workspace (its input gradient, its dropped-out input and the
+/// LoRA term through the mask: 3 rows of the widest input).
 /// `linear_bits` is 16 for a bf16/f16 checkpoint, whose linears stay in 16 bits.
 /// `recomputed`: layers under gradient checkpointing (their input kept instead).
 /// `bf16_products`: the LM head is also held packed in bf16, once per orientation.
@@ -252,7 +254,8 @@ pub fn estimate_fused(
 ) -> Estimate {
     let s = shape;
     let saved = 6 * s.hidden + 3 * s.q_dim + 3 * s.kv_dim + 3 * s.intermediate + s.heads;
-    let per_token = 4 * (kept_per_token(s, saved, recomputed, 1) + 4 * s.hidden);
+    let workspace = 3 * s.intermediate.max(s.hidden);
+    let per_token = 4 * (kept_per_token(s, saved, recomputed, 1) + 4 * s.hidden + workspace);
     Estimate {
         fixed_bytes: ((s.params - s.dense_params) as f64 * linear_bits / 8.0).ceil() as u64
             + s.dense_params * 4
@@ -326,17 +329,24 @@ mod tests {
 
     #[test]
     fn the_fused_estimate_gives_the_hand_computed_numbers() {
-        // saved = 6·64 + 3·64 + 3·32 + 3·128 + 4 = 1060; per token 4 × (3 × 1060 + 256).
+        // saved = 6·64 + 3·64 + 3·32 + 3·128 + 4 = 1060; per token 4 × (3 × 1060 + 256
+        // + 3 · 128 of one linear's backward workspace).
         let e = estimate_fused(&SHAPE, 32, 8, 16.0, 0, false);
-        assert_eq!(e.per_sample_bytes, 32 * 4 * (3 * 1060 + 256));
+        assert_eq!(e.per_sample_bytes, 32 * 4 * (3 * 1060 + 256 + 384));
         // 200k 16-bit weights + 16 384 × 16 + the logits chunk + 96 MiB.
         assert_eq!(e.fixed_bytes, 400_000 + 262_144 + (32 << 20) + (96 << 20));
         // One of the two layers recomputed: it keeps its input (64), the other layer
         // its saved set, and three saved sets are live while it is recomputed.
         let one = estimate_fused(&SHAPE, 32, 8, 16.0, 1, false);
-        assert_eq!(one.per_sample_bytes, 32 * 4 * (1060 + 64 + 3 * 1060 + 256));
+        assert_eq!(
+            one.per_sample_bytes,
+            32 * 4 * (1060 + 64 + 3 * 1060 + 256 + 384)
+        );
         let all = estimate_fused(&SHAPE, 32, 8, 16.0, 2, false);
-        assert_eq!(all.per_sample_bytes, 32 * 4 * (2 * 64 + 3 * 1060 + 256));
+        assert_eq!(
+            all.per_sample_bytes,
+            32 * 4 * (2 * 64 + 3 * 1060 + 256 + 384)
+        );
         assert_eq!(all.fixed_bytes, e.fixed_bytes);
         // bf16 products add the LM head packed twice in bf16: 2 × 2 × 1000 × 64.
         let bf16 = estimate_fused(&SHAPE, 32, 8, 16.0, 0, true);
