@@ -38,6 +38,25 @@ fn options(name: &str, server: &StandIn) -> PushOptions {
     o
 }
 
+/// A sink that keeps every event, and the events it kept.
+fn recorder() -> (Arc<Mutex<Vec<Event>>>, impl Fn(Event) + Send + Sync) {
+    let events = Arc::new(Mutex::new(Vec::new()));
+    let kept = events.clone();
+    (events, move |e: Event| kept.lock().unwrap().push(e))
+}
+
+/// A sink that keeps every log message, and the messages it kept.
+fn log_recorder() -> (Arc<Mutex<Vec<String>>>, impl Fn(Event) + Send + Sync) {
+    let logs = Arc::new(Mutex::new(Vec::new()));
+    let kept = logs.clone();
+    let sink = move |e: Event| {
+        if let Event::Log { message, .. } = e {
+            kept.lock().unwrap().push(message);
+        }
+    };
+    (logs, sink)
+}
+
 fn block<T>(f: impl std::future::Future<Output = T>) -> T {
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -82,11 +101,7 @@ fn push_round_trip_sets_template_and_stops_and_reuses_blobs() {
     let runs = tempfile::tempdir().unwrap();
     let run = trained_run(Family::Qwen2, runs.path());
     let server = StandIn::start(Faults::default()).unwrap();
-    let events = Arc::new(Mutex::new(Vec::new()));
-    let sink = {
-        let events = events.clone();
-        move |e: Event| events.lock().unwrap().push(e)
-    };
+    let (events, sink) = recorder();
     let report = push_run(&run, &options("fixture-qwen2", &server), &sink).unwrap();
     assert_eq!(report.family, TemplateFamily::ChatMl);
     assert!(report.uploaded_bytes > 0);
@@ -265,11 +280,7 @@ fn server_dying_mid_upload_then_coming_back_resumes_the_push() {
 
     // Ollama restarts; pushing again reuses the export and completes.
     let _back = StandIn::start_at(addr, blobs.path().into(), Faults::default()).unwrap();
-    let events = Arc::new(Mutex::new(Vec::new()));
-    let sink = {
-        let events = events.clone();
-        move |e: Event| events.lock().unwrap().push(e)
-    };
+    let (events, sink) = recorder();
     let report = push_run(&run, &o, &sink).unwrap();
     assert!(report.uploaded_bytes > 64 * 1024);
     assert!(events.lock().unwrap().iter().any(
@@ -702,11 +713,7 @@ fn validation_lines_fold_into_one_log_and_progress_and_a_silent_hash_is_waited_o
     .unwrap();
     let mut o = options("validated", &server);
     o.timeout = Duration::from_secs(1);
-    let events = Arc::new(Mutex::new(Vec::new()));
-    let sink = {
-        let events = events.clone();
-        move |e: Event| events.lock().unwrap().push(e)
-    };
+    let (events, sink) = recorder();
     push_run(&run, &o, &sink).unwrap();
     let events = events.lock().unwrap();
     let said = |text: &str| {
@@ -744,20 +751,14 @@ fn a_create_that_goes_silent_after_writing_the_model_still_succeeds() {
     .unwrap();
     let mut o = options("quiet", &server);
     o.timeout = Duration::from_millis(300);
-    let warned = Arc::new(Mutex::new(false));
-    let sink = {
-        let warned = warned.clone();
-        move |e: Event| {
-            if let Event::Log { message, .. } = e {
-                if message.contains("stopped reporting") && message.contains("the model is there") {
-                    *warned.lock().unwrap() = true;
-                }
-            }
-        }
-    };
+    let (logs, sink) = log_recorder();
     let report = push_run(&run, &o, &sink).unwrap();
     assert_eq!(report.name, "quiet");
-    assert!(*warned.lock().unwrap());
+    assert!(logs
+        .lock()
+        .unwrap()
+        .iter()
+        .any(|m| m.contains("stopped reporting") && m.contains("the model is there")));
 }
 
 /// Ollama 0.30–0.33 renders a model whose chat template mentions thinking or tools with
@@ -790,15 +791,7 @@ fn a_server_that_renders_the_models_own_template_is_a_success_said_once() {
         ..Faults::default()
     })
     .unwrap();
-    let logs = Arc::new(Mutex::new(Vec::new()));
-    let sink = {
-        let logs = logs.clone();
-        move |e: Event| {
-            if let Event::Log { message, .. } = e {
-                logs.lock().unwrap().push(message);
-            }
-        }
-    };
+    let (logs, sink) = log_recorder();
     push_run(&run, &options("thinker", &server), &sink).unwrap();
     let count = |logs: &[String], text: &str| logs.iter().filter(|m| m.contains(text)).count();
     {
@@ -857,15 +850,7 @@ fn a_created_model_that_does_not_load_fails_the_push_with_the_reason() {
         "{text}"
     );
     let good = StandIn::start(Faults::default()).unwrap();
-    let logs = Arc::new(Mutex::new(Vec::new()));
-    let sink = {
-        let logs = logs.clone();
-        move |e: Event| {
-            if let Event::Log { message, .. } = e {
-                logs.lock().unwrap().push(message);
-            }
-        }
-    };
+    let (logs, sink) = log_recorder();
     push_run(&run, &options("loads", &good), &sink).unwrap();
     assert!(logs
         .lock()

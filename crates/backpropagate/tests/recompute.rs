@@ -12,36 +12,19 @@ use backpropagate::event::Event;
 use backpropagate::fixture::{write_fixture_model, Family, FixtureSpec};
 use backpropagate::lora::LoraSet;
 use backpropagate::model::{CausalLm, ModelConfig};
-use backpropagate::train::batch::{build, Row};
+use backpropagate::train::batch::Row;
 use backpropagate::train::Trainer;
 use candle_core::Device;
-use common::{fixture, give_b_values, lora_grads, losses, samples_dir};
-use rand::{Rng, SeedableRng};
+use common::{fixture, give_b_values, loss_and_grads, losses, random_rows, samples_dir};
+use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 
 fn rows(vocab: u32, rng: &mut ChaCha8Rng) -> Vec<Row> {
-    [31usize, 12, 20]
-        .into_iter()
-        .map(|len| {
-            let ids: Vec<u32> = (0..len).map(|_| rng.gen_range(3..vocab)).collect();
-            let labels = ids
-                .iter()
-                .enumerate()
-                .map(|(i, &t)| if i < 4 { -100 } else { t as i32 })
-                .collect();
-            Row::single(ids, labels)
-        })
-        .collect()
+    random_rows(vocab, rng, &[31, 12, 20], 4)
 }
 
-/// Loss and every LoRA gradient of one forward/backward, through `CausalLm::backward`.
 fn pass(model: &CausalLm, lora: &LoraSet, rows: &[Row]) -> (f32, Vec<Vec<f32>>) {
-    let refs: Vec<&Row> = rows.iter().collect();
-    let batch = build(&refs, 0, &Device::Cpu).unwrap();
-    let mut rng = ChaCha8Rng::seed_from_u64(11);
-    let loss = model.loss_sum(&batch, Some(&mut rng)).unwrap();
-    let values = lora_grads(&model.backward(&loss).unwrap(), lora);
-    (loss.to_scalar::<f32>().unwrap(), values)
+    loss_and_grads(model, lora, rows, 11)
 }
 
 #[test]

@@ -64,13 +64,18 @@ pub trait Element: Copy + Send + Sync {
     /// `src` as bf16 pairs (`out` holds `src.len()/2` rounded up; an odd last value
     /// is paired with 0).
     fn pairs_of(src: &[Self], out: &mut [u32]) {
-        let mut chunks = src.chunks_exact(2);
-        for (o, c) in out.iter_mut().zip(&mut chunks) {
-            *o = pair(c[0].bits(), c[1].bits());
-        }
-        if let [last] = chunks.remainder() {
-            out[src.len() / 2] = pair(last.bits(), 0);
-        }
+        scalar_pairs(src, out)
+    }
+}
+
+/// [`Element::pairs_of`] one pair at a time.
+fn scalar_pairs<T: Element>(src: &[T], out: &mut [u32]) {
+    let mut chunks = src.chunks_exact(2);
+    for (o, c) in out.iter_mut().zip(&mut chunks) {
+        *o = pair(c[0].bits(), c[1].bits());
+    }
+    if let [last] = chunks.remainder() {
+        out[src.len() / 2] = pair(last.bits(), 0);
     }
 }
 
@@ -81,29 +86,14 @@ impl Element for f32 {
     }
 
     fn pairs_of(src: &[f32], out: &mut [u32]) {
-        let whole = src.len() / 32 * 32;
         #[cfg(target_arch = "x86_64")]
         if supported() {
+            let whole = src.len() / 32 * 32;
             // SAFETY: the CPU has AVX512-BF16; `out` holds whole/2 pairs.
             unsafe { x86::round_f32(&src[..whole], &mut out[..whole / 2]) };
-            let rest = &src[whole..];
-            let mut chunks = rest.chunks_exact(2);
-            for (o, c) in out[whole / 2..].iter_mut().zip(&mut chunks) {
-                *o = pair(round_bits(c[0]), round_bits(c[1]));
-            }
-            if let [last] = chunks.remainder() {
-                out[src.len() / 2] = pair(round_bits(*last), 0);
-            }
-            return;
+            return scalar_pairs(&src[whole..], &mut out[whole / 2..]);
         }
-        let _ = whole;
-        let mut chunks = src.chunks_exact(2);
-        for (o, c) in out.iter_mut().zip(&mut chunks) {
-            *o = pair(round_bits(c[0]), round_bits(c[1]));
-        }
-        if let [last] = chunks.remainder() {
-            out[src.len() / 2] = pair(round_bits(*last), 0);
-        }
+        scalar_pairs(src, out)
     }
 }
 
@@ -183,10 +173,6 @@ impl<'a, T: Element> View<'a, T> {
     }
 }
 
-fn row_pairs<T: Element>(src: &[T], out: &mut [u32]) {
-    T::pairs_of(src, out)
-}
-
 /// Pairs along the inner dimension for `k` values.
 fn pairs(k: usize) -> usize {
     k.div_ceil(2)
@@ -218,7 +204,7 @@ impl Bf16Rows {
                 .take(a.rows)
                 .enumerate()
                 .for_each(|(i, out)| match a.row(i) {
-                    Some(src) => row_pairs(src, out),
+                    Some(src) => T::pairs_of(src, out),
                     None => {
                         for (p, out) in out.iter_mut().enumerate() {
                             // SAFETY: checked above; i < rows, 2p (+1 when tested) < cols.
@@ -271,7 +257,7 @@ impl PackedB {
                             let cols = 16.min(width - c0);
                             for c in 0..cols {
                                 let col = t.row(j0 + c0 + c).expect("unit stride");
-                                row_pairs(col, &mut block[c * kp..(c + 1) * kp]);
+                                T::pairs_of(col, &mut block[c * kp..(c + 1) * kp]);
                             }
                             for p0 in (0..kp).step_by(16) {
                                 for p in p0..(p0 + 16).min(kp) {
@@ -323,17 +309,9 @@ impl PackedB {
         })
     }
 
-    pub fn rows(&self) -> usize {
-        self.k
-    }
-
+    /// Columns of the packed matrix (`n`).
     pub fn cols(&self) -> usize {
         self.n
-    }
-
-    /// Bytes held.
-    pub fn bytes(&self) -> usize {
-        self.data.len() * 4
     }
 }
 

@@ -90,19 +90,8 @@ impl ChunkedLmLoss {
             let rows = chunk.min(n - first);
             let lg = &mut logits[..rows * vocab];
             let hc = &h[first * hidden..(first + rows) * hidden];
-            match &self.packs {
-                Some(p) => {
-                    let hc = Bf16Rows::new(View::rm(hc, rows, hidden))?;
-                    blas_bf16::matmul(lg, vocab, false, 1.0, &hc, &p.logits)?
-                }
-                None => matmul(
-                    lg,
-                    false,
-                    1.0,
-                    Mat::rm(hc, rows, hidden),
-                    Mat::t(w, vocab, hidden),
-                )?,
-            }
+            let packed = self.packs.as_ref().map(|p| &p.logits);
+            head_product(lg, (hc, rows, hidden), packed, Mat::t(w, vocab, hidden))?;
             let targets = &self.targets[first..first + rows];
             lg.par_chunks_mut(vocab)
                 .zip(nll[first..first + rows].par_iter_mut())
@@ -118,22 +107,28 @@ impl ChunkedLmLoss {
                 });
             if self.with_grad {
                 let gc = &mut grad[first * hidden..(first + rows) * hidden];
-                match &self.packs {
-                    Some(p) => {
-                        let lg = Bf16Rows::new(View::rm(lg, rows, vocab))?;
-                        blas_bf16::matmul(gc, hidden, false, 1.0, &lg, &p.grad)?
-                    }
-                    None => matmul(
-                        gc,
-                        false,
-                        1.0,
-                        Mat::rm(lg, rows, vocab),
-                        Mat::rm(w, vocab, hidden),
-                    )?,
-                }
+                let packed = self.packs.as_ref().map(|p| &p.grad);
+                head_product(gc, (lg, rows, vocab), packed, Mat::rm(w, vocab, hidden))?;
             }
         }
         Ok((nll, grad))
+    }
+}
+
+/// `dst = lhs · rhs` for the head (`lhs` row-major `rows × cols`): in bf16 against the
+/// head's pack when there is one, else in f32 against `rhs`.
+fn head_product(
+    dst: &mut [f32],
+    (lhs, rows, cols): (&[f32], usize, usize),
+    packed: Option<&PackedB>,
+    rhs: Mat,
+) -> Result<()> {
+    match packed {
+        Some(b) => {
+            let a = Bf16Rows::new(View::rm(lhs, rows, cols))?;
+            blas_bf16::matmul(dst, b.cols(), false, 1.0, &a, b)
+        }
+        None => matmul(dst, false, 1.0, Mat::rm(lhs, rows, cols), rhs),
     }
 }
 

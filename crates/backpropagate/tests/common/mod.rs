@@ -66,3 +66,42 @@ pub fn lora_grads(
         })
         .collect()
 }
+
+/// Single-sample rows of random ids in `3..vocab`, one per length in `lens`, whose
+/// first `prompt` tokens carry no loss.
+pub fn random_rows(
+    vocab: u32,
+    rng: &mut rand_chacha::ChaCha8Rng,
+    lens: &[usize],
+    prompt: usize,
+) -> Vec<backpropagate::train::batch::Row> {
+    use rand::Rng;
+    lens.iter()
+        .map(|&len| {
+            let ids: Vec<u32> = (0..len).map(|_| rng.gen_range(3..vocab)).collect();
+            let labels = ids
+                .iter()
+                .enumerate()
+                .map(|(i, &t)| if i < prompt { -100 } else { t as i32 })
+                .collect();
+            backpropagate::train::batch::Row::single(ids, labels)
+        })
+        .collect()
+}
+
+/// Loss and every LoRA gradient of one forward/backward through `CausalLm::backward`,
+/// dropout seeded with `seed`.
+pub fn loss_and_grads(
+    model: &backpropagate::model::CausalLm,
+    lora: &backpropagate::lora::LoraSet,
+    rows: &[backpropagate::train::batch::Row],
+    seed: u64,
+) -> (f32, Vec<Vec<f32>>) {
+    use rand::SeedableRng;
+    let refs: Vec<_> = rows.iter().collect();
+    let batch = backpropagate::train::batch::build(&refs, 0, &candle_core::Device::Cpu).unwrap();
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+    let loss = model.loss_sum(&batch, Some(&mut rng)).unwrap();
+    let grads = lora_grads(&model.backward(&loss).unwrap(), lora);
+    (loss.to_scalar::<f32>().unwrap(), grads)
+}
