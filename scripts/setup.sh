@@ -9,10 +9,11 @@ if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
 
 need=()
 # The desktop window builds on WebKitGTK; the UI tests drive Debian's Chromium, and the
-# desktop test drives the real window under Xvfb through WebKitWebDriver.
+# desktop test drives the real window under Xvfb through WebKitWebDriver. Go's own
+# text/template renders Ollama templates in the template-equality tests.
 for pkg in build-essential pkg-config python3 python3-venv curl ca-certificates \
     libwebkit2gtk-4.1-dev libgtk-3-dev librsvg2-dev \
-    chromium xvfb xauth webkit2gtk-driver; do
+    chromium xvfb xauth webkit2gtk-driver golang-go; do
     dpkg -s "$pkg" >/dev/null 2>&1 || need+=("$pkg")
 done
 if [ ${#need[@]} -gt 0 ]; then

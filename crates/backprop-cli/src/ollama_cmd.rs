@@ -75,6 +75,18 @@ pub enum OllamaCommand {
     },
     /// Delete a model from Ollama
     Rm { name: String },
+    /// Print the Modelfile a push would create (template, system prompt, stops,
+    /// num_ctx) for a run or a model folder, for `ollama create NAME -f Modelfile`
+    Modelfile {
+        /// A run (its id or folder) or a model folder (config.json, tokenizer files)
+        model: String,
+        /// The GGUF that FROM names
+        #[arg(long, default_value = "./model.gguf")]
+        from: String,
+        /// Print the template, system prompt and stops as JSON instead
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 /// Engine errors keep their hint as a `fix:` line.
@@ -215,7 +227,34 @@ pub fn push(args: &PushArgs) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// `backprop ollama modelfile`: needs no server.
+fn modelfile(model: &str, from: &str, json: bool) -> Result<ExitCode> {
+    let path = std::path::Path::new(model);
+    let (model_dir, num_ctx) = if path.join("config.json").is_file() {
+        (path.to_path_buf(), None)
+    } else {
+        let dir = resolve_run(&default_runs_dir(), model)?;
+        let run = backpropagate::run::RunDir::open(&dir).map_err(with_hint)?;
+        let info = run.info().map_err(with_hint)?;
+        let ctx = run.config().map_err(with_hint)?.max_seq_len;
+        (info.model_dir, Some(ctx))
+    };
+    let t = ollama::template_for_model(&model_dir).map_err(with_hint)?;
+    if let Some(w) = &t.warning {
+        eprintln!("warning: {w}");
+    }
+    if json {
+        println!("{}", serde_json::to_string(&t)?);
+    } else {
+        print!("{}", t.modelfile(from, num_ctx));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
 pub fn run(cmd: &OllamaCommand) -> Result<ExitCode> {
+    if let OllamaCommand::Modelfile { model, from, json } = cmd {
+        return modelfile(model, from, *json);
+    }
     let client = OllamaClient::from_env().map_err(ollama_err)?;
     let rt = runtime()?;
     match cmd {
@@ -273,6 +312,7 @@ pub fn run(cmd: &OllamaCommand) -> Result<ExitCode> {
             }
             println!("deleted {}", safe(name));
         }
+        OllamaCommand::Modelfile { model, from, json } => return modelfile(model, from, *json),
     }
     Ok(ExitCode::SUCCESS)
 }

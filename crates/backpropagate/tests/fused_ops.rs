@@ -265,8 +265,9 @@ fn quantized_and_frozen_only_linears_match_the_reference_decoder() {
     }
 }
 
-/// Segments longer than one block of query rows (64): the blocked attention, its
-/// causal prefixes and its summed dk/dv shares against the reference decoder.
+/// Segments longer than one block of query rows (64) and than one tile of keys (256):
+/// the blocked attention, its causal prefixes, its online softmax across key tiles and
+/// its summed dk/dv shares against the reference decoder.
 #[test]
 fn long_segments_over_several_attention_blocks_match_the_reference_decoder() {
     let dir = tempfile::tempdir().unwrap();
@@ -276,9 +277,9 @@ fn long_segments_over_several_attention_blocks_match_the_reference_decoder() {
     let lora = LoraSet::init(&config, &LoraConfig::default(), &mut rng, &Device::Cpu).unwrap();
     give_b_values(&lora, &mut rng);
     let mut model =
-        CausalLm::load(dir.path(), config.clone(), Some(&lora), 256, &Device::Cpu).unwrap();
+        CausalLm::load(dir.path(), config.clone(), Some(&lora), 1024, &Device::Cpu).unwrap();
     let vocab = config.vocab_size as u32;
-    let rows: Vec<Row> = [150usize, 70, 129]
+    let rows: Vec<Row> = [150usize, 70, 600]
         .into_iter()
         .map(|len| {
             let ids: Vec<u32> = (0..len).map(|_| rng.gen_range(3..vocab)).collect();

@@ -4,6 +4,11 @@
 //! taken or invalid name, adapters refused), and hostile servers (endless replies and
 //! status lines, an upload or create never answered): each ends within its cap or
 //! timeout with an error naming host and phase. Every failure leaves the run intact.
+//!
+//! Every test that pushes a model runs against each of the stand-in's profiles (one per
+//! Ollama release line: legacy ≤0.29, llama-server 0.30–0.33, no-adapters ≥0.34.1).
+//! Tests of transport faults (timeouts, caps, a dead port) and of checks made before
+//! any request run once: the eras do not differ there.
 
 mod common;
 
@@ -20,7 +25,22 @@ use backpropagate::ollama::{
 use backpropagate::train::Trainer;
 use backpropagate::Error;
 use common::{fixture, samples_dir};
-use ollama_standin::{Faults, StandIn};
+use ollama_standin::{Faults, Profile, StandIn};
+
+/// Runs `test` once per Ollama era, saying which on stderr (shown when a test fails).
+fn each_profile(mut test: impl FnMut(Profile)) {
+    for profile in Profile::ALL {
+        eprintln!("--- stand-in profile {}", profile.name());
+        test(profile);
+    }
+}
+
+fn era(profile: Profile) -> Faults {
+    Faults {
+        profile,
+        ..Faults::default()
+    }
+}
 
 fn trained_run(family: Family, runs: &Path) -> PathBuf {
     Trainer::new(fixture(family).to_str().unwrap())
@@ -100,12 +120,17 @@ fn no_partial_exports(run: &Path) {
 fn push_round_trip_sets_template_and_stops_and_reuses_blobs() {
     let runs = tempfile::tempdir().unwrap();
     let run = trained_run(Family::Qwen2, runs.path());
-    let server = StandIn::start(Faults::default()).unwrap();
+    each_profile(|profile| round_trip(&run, profile));
+}
+
+fn round_trip(run: &Path, profile: Profile) {
+    let run = run.to_path_buf();
+    let server = StandIn::start(era(profile)).unwrap();
     let (events, sink) = recorder();
     let report = push_run(&run, &options("fixture-qwen2", &server), &sink).unwrap();
     assert_eq!(report.family, TemplateFamily::ChatMl);
     assert!(report.uploaded_bytes > 0);
-    assert_eq!(report.ollama_version, ollama_standin::VERSION);
+    assert_eq!(report.ollama_version, profile.version());
 
     let events = events.lock().unwrap();
     let uploads: Vec<_> = events
@@ -152,8 +177,9 @@ fn push_round_trip_sets_template_and_stops_and_reuses_blobs() {
     assert_eq!(show.model_info["general.architecture"], "qwen2");
     assert_eq!(show.model_info["tokenizer.ggml.model"], "gpt2");
 
-    // The same name again: refused unless overwriting; the blob is not sent twice.
-    let again = push_run(&run, &options("fixture-qwen2", &server), &Silent).unwrap_err();
+    // The same name again, in any case (Ollama's names are case-insensitive):
+    // refused unless overwriting; the blob is not sent twice.
+    let again = push_run(&run, &options("Fixture-QWEN2", &server), &Silent).unwrap_err();
     assert!(
         matches!(again, Error::Ollama(OllamaError::NameTaken { .. })),
         "{again}"
@@ -182,24 +208,28 @@ fn push_round_trip_sets_template_and_stops_and_reuses_blobs() {
 #[test]
 fn every_family_gets_its_own_template() {
     let runs = tempfile::tempdir().unwrap();
-    let server = StandIn::start(Faults::default()).unwrap();
-    let client = OllamaClient::new(&server.url()).unwrap();
-    for (family, want, stop) in [
+    let families = [
         (Family::Llama, TemplateFamily::Llama3, "<|eot_id|>"),
         (Family::Mistral, TemplateFamily::Mistral, "[INST]"),
         (Family::Qwen3, TemplateFamily::ChatMl, "<|im_end|>"),
-    ] {
-        let run = trained_run(family, runs.path());
-        let name = format!("fixture-{family:?}").to_lowercase();
-        let report = push_run(&run, &options(&name, &server), &Silent).unwrap();
-        assert_eq!(report.family, want, "{family:?}");
-        let show = block(client.show(&name)).unwrap().unwrap();
-        assert!(
-            show.stops().iter().any(|s| s == stop),
-            "{family:?}: {:?}",
-            show.stops()
-        );
-    }
+    ]
+    .map(|(family, want, stop)| (family, want, stop, trained_run(family, runs.path())));
+    each_profile(|profile| {
+        let server = StandIn::start(era(profile)).unwrap();
+        let client = OllamaClient::new(&server.url()).unwrap();
+        for (family, want, stop, run) in &families {
+            let (family, want, stop, run) = (*family, *want, *stop, run.as_path());
+            let name = format!("fixture-{family:?}").to_lowercase();
+            let report = push_run(run, &options(&name, &server), &Silent).unwrap();
+            assert_eq!(report.family, want, "{family:?}");
+            let show = block(client.show(&name)).unwrap().unwrap();
+            assert!(
+                show.stops().iter().any(|s| s == stop),
+                "{family:?}: {:?}",
+                show.stops()
+            );
+        }
+    });
 }
 
 #[test]
@@ -247,45 +277,47 @@ fn invalid_names_fail_before_any_work() {
 
 #[test]
 fn server_dying_mid_upload_then_coming_back_resumes_the_push() {
-    let runs = tempfile::tempdir().unwrap();
-    let run = trained_run(Family::Qwen2, runs.path());
-    let before = snapshot(&run);
-    let blobs = tempfile::tempdir().unwrap();
-    let faults = Faults {
-        die_after_upload_bytes: Some(64 * 1024),
-        ..Faults::default()
-    };
-    let server =
-        StandIn::start_at("127.0.0.1:0".parse().unwrap(), blobs.path().into(), faults).unwrap();
-    let addr = server.addr;
-    let mut o = options("resumed", &server);
-    o.upload_attempts = 1;
-    let err = push_run(&run, &o, &Silent).unwrap_err();
-    assert!(
-        matches!(
-            err,
-            Error::Ollama(OllamaError::Connection { .. } | OllamaError::NotRunning { .. })
-        ),
-        "{err}"
-    );
-    assert!(err.hint().is_some());
-    assert_eq!(snapshot(&run), before);
-    no_partial_exports(&run);
-    // Wait for the server thread to finish dying before reusing its port.
-    let t0 = Instant::now();
-    while !server.is_dead() && t0.elapsed() < Duration::from_secs(10) {
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    assert!(server.is_dead());
+    each_profile(|profile| {
+        let runs = tempfile::tempdir().unwrap();
+        let run = trained_run(Family::Qwen2, runs.path());
+        let before = snapshot(&run);
+        let blobs = tempfile::tempdir().unwrap();
+        let faults = Faults {
+            die_after_upload_bytes: Some(64 * 1024),
+            ..era(profile)
+        };
+        let server =
+            StandIn::start_at("127.0.0.1:0".parse().unwrap(), blobs.path().into(), faults).unwrap();
+        let addr = server.addr;
+        let mut o = options("resumed", &server);
+        o.upload_attempts = 1;
+        let err = push_run(&run, &o, &Silent).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                Error::Ollama(OllamaError::Connection { .. } | OllamaError::NotRunning { .. })
+            ),
+            "{err}"
+        );
+        assert!(err.hint().is_some());
+        assert_eq!(snapshot(&run), before);
+        no_partial_exports(&run);
+        // Wait for the server thread to finish dying before reusing its port.
+        let t0 = Instant::now();
+        while !server.is_dead() && t0.elapsed() < Duration::from_secs(10) {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert!(server.is_dead());
 
-    // Ollama restarts; pushing again reuses the export and completes.
-    let _back = StandIn::start_at(addr, blobs.path().into(), Faults::default()).unwrap();
-    let (events, sink) = recorder();
-    let report = push_run(&run, &o, &sink).unwrap();
-    assert!(report.uploaded_bytes > 64 * 1024);
-    assert!(events.lock().unwrap().iter().any(
-        |e| matches!(e, Event::Log { message, .. } if message.starts_with("reusing the export"))
-    ));
+        // Ollama restarts; pushing again reuses the export and completes.
+        let _back = StandIn::start_at(addr, blobs.path().into(), era(profile)).unwrap();
+        let (events, sink) = recorder();
+        let report = push_run(&run, &o, &sink).unwrap();
+        assert!(report.uploaded_bytes > 64 * 1024);
+        assert!(events.lock().unwrap().iter().any(
+            |e| matches!(e, Event::Log { message, .. } if message.starts_with("reusing the export"))
+        ));
+    });
 }
 
 #[test]
@@ -293,26 +325,50 @@ fn an_error_line_in_the_create_stream_is_reported() {
     let runs = tempfile::tempdir().unwrap();
     let run = trained_run(Family::Qwen2, runs.path());
     let before = snapshot(&run);
-    let server = StandIn::start(Faults {
-        create_error: Some("write manifest: no space left on device".into()),
-        ..Faults::default()
-    })
-    .unwrap();
-    let err = push_run(&run, &options("m", &server), &Silent).unwrap_err();
-    match &err {
-        Error::Ollama(OllamaError::Stream { message }) => {
-            assert!(message.contains("no space left"))
+    each_profile(|profile| {
+        let server = StandIn::start(Faults {
+            create_error: Some("write manifest: no space left on device".into()),
+            ..era(profile)
+        })
+        .unwrap();
+        let err = push_run(&run, &options("m", &server), &Silent).unwrap_err();
+        match &err {
+            Error::Ollama(OllamaError::Stream { message }) => {
+                assert!(message.contains("no space left"))
+            }
+            other => panic!("{other}"),
         }
-        other => panic!("{other}"),
-    }
-    // The hint says how much room Ollama needs, and where.
-    let hint = err.hint().unwrap();
-    assert!(
-        hint.contains("twice") && hint.contains("OLLAMA_MODELS"),
-        "{hint}"
-    );
-    assert_eq!(snapshot(&run), before);
-    no_partial_exports(&run);
+        // The hint says how much room Ollama needs, and where.
+        let hint = err.hint().unwrap();
+        assert!(
+            hint.contains("twice") && hint.contains("OLLAMA_MODELS"),
+            "{hint}"
+        );
+        assert_eq!(snapshot(&run), before);
+        no_partial_exports(&run);
+    });
+}
+
+/// Ollama parses a TEMPLATE as a Go template at create: a broken `--template` fails
+/// the push with Go's message and a hint that names the option.
+#[test]
+fn a_broken_go_template_is_refused_at_create_with_a_hint() {
+    let runs = tempfile::tempdir().unwrap();
+    let run = trained_run(Family::Qwen2, runs.path());
+    each_profile(|profile| {
+        let server = StandIn::start(era(profile)).unwrap();
+        let mut o = options("broken-template", &server);
+        o.template = Some("{{ range .Messages }}{{ .Content }}".into());
+        let err = push_run(&run, &o, &Silent).unwrap_err();
+        assert!(
+            err.to_string().contains("template: :1: unexpected EOF"),
+            "{err}"
+        );
+        let hint = err.hint().unwrap();
+        assert!(hint.contains("--template"), "{hint}");
+        let client = OllamaClient::new(&server.url()).unwrap();
+        assert!(block(client.show("broken-template")).unwrap().is_none());
+    });
 }
 
 #[test]
@@ -341,13 +397,11 @@ fn unknown_digests_and_corrupt_uploads_are_refused_like_ollama_does() {
     };
     req.files
         .insert("model.gguf".into(), format!("sha256:{}", "ab".repeat(32)));
+    // A blob Ollama does not have fails while parsing: an error line after HTTP 200.
     let err = block(client.create(&req, |_| {})).unwrap_err();
     match err {
-        OllamaError::Api {
-            status, message, ..
-        } => {
-            assert_eq!(status, 400);
-            assert!(message.contains("no such file or directory"), "{message}");
+        OllamaError::Stream { message } => {
+            assert!(message.contains("no such file or directory"), "{message}")
         }
         other => panic!("{other}"),
     }
@@ -360,31 +414,61 @@ fn unknown_digests_and_corrupt_uploads_are_refused_like_ollama_does() {
     assert!(!block(client.has_blob(&wrong)).unwrap());
 }
 
+/// `--as-adapter` per era: 0.34.1+ refuses the adapter at create, with advice; earlier
+/// servers take it, and legacy ones then fail to load a qwen3 adapter (their Go
+/// engine has no LoRA), which the push reports with advice instead of a success.
 #[test]
-fn adapters_are_refused_by_current_ollama_with_advice() {
+fn adapters_per_era_accepted_refused_or_failing_at_load_with_advice() {
     let runs = tempfile::tempdir().unwrap();
-    let run = trained_run(Family::Qwen2, runs.path());
-    let server = StandIn::start(Faults::default()).unwrap();
-    let mut o = options("with-adapter", &server);
-    o.as_adapter = true;
-    let warned = Arc::new(Mutex::new(false));
-    let sink = {
-        let warned = warned.clone();
-        move |e: Event| {
-            if let Event::Log { message, .. } = e {
-                if message.contains("without --as-adapter") {
-                    *warned.lock().unwrap() = true;
-                }
+    let qwen2 = trained_run(Family::Qwen2, runs.path());
+    let qwen3 = trained_run(Family::Qwen3, runs.path());
+    each_profile(|profile| {
+        let server = StandIn::start(era(profile)).unwrap();
+        let mut o = options("with-adapter", &server);
+        o.as_adapter = true;
+        let (logs, sink) = log_recorder();
+        let result = push_run(&qwen2, &o, &sink);
+        if profile.accepts_adapters() {
+            let report = result.unwrap();
+            assert_eq!(report.files.len(), 2, "base and adapter");
+            let client = OllamaClient::new(&server.url()).unwrap();
+            let show = block(client.show("with-adapter")).unwrap().unwrap();
+            assert!(show.modelfile.contains("ADAPTER "), "{}", show.modelfile);
+        } else {
+            let err = result.unwrap_err();
+            assert!(
+                err.to_string()
+                    .contains("LoRA adapters are no longer supported"),
+                "{err}"
+            );
+            assert!(logs
+                .lock()
+                .unwrap()
+                .iter()
+                .any(|m| m.contains("without --as-adapter")));
+        }
+
+        let mut o = options("qwen3-adapter", &server);
+        o.as_adapter = true;
+        let result = push_run(&qwen3, &o, &Silent);
+        match profile {
+            Profile::Legacy => {
+                let text = result.unwrap_err().to_string();
+                assert!(
+                    text.contains("cannot load it")
+                        && text.contains("loras are not yet implemented")
+                        && text.contains("without --as-adapter"),
+                    "{text}"
+                );
+            }
+            Profile::LlamaServer => {
+                result.unwrap();
+            }
+            Profile::NoAdapters => {
+                assert!(result.is_err());
             }
         }
-    };
-    let err = push_run(&run, &o, &sink).unwrap_err();
-    assert!(
-        err.to_string()
-            .contains("LoRA adapters are no longer supported"),
-        "{err}"
-    );
-    assert!(*warned.lock().unwrap());
+    });
 }
 
 #[test]
@@ -700,42 +784,53 @@ fn a_push_of_a_run_another_job_is_writing_is_refused_before_any_upload() {
 
 /// Ollama 0.30+ validates the GGUF before creating: hundreds of identical status lines
 /// with byte counts, then a silent hash longer than one timeout. The push logs the
-/// status once, turns the counts into create progress, and waits the hash out.
+/// status once, turns the counts into create progress, and waits the hash out. A
+/// legacy server sends no counted lines, and the push needs none.
 #[test]
 fn validation_lines_fold_into_one_log_and_progress_and_a_silent_hash_is_waited_out() {
     let runs = tempfile::tempdir().unwrap();
     let run = trained_run(Family::Qwen2, runs.path());
-    let server = StandIn::start(Faults {
-        validating_lines: 300,
-        silent_hash: Some(Duration::from_millis(2500)),
-        ..Faults::default()
-    })
-    .unwrap();
-    let mut o = options("validated", &server);
-    o.timeout = Duration::from_secs(1);
-    let (events, sink) = recorder();
-    push_run(&run, &o, &sink).unwrap();
-    let events = events.lock().unwrap();
-    let said = |text: &str| {
-        events
-            .iter()
-            .filter(|e| matches!(e, Event::Log { message, .. } if message.contains(text)))
-            .count()
-    };
-    assert_eq!(said("validating GGUF model"), 1);
-    assert_eq!(said("verifying conversion"), 1);
-    let progress: Vec<(u64, u64)> = events
-        .iter()
-        .filter_map(|e| match e {
-            Event::Progress { stage, done, total } if stage == "create" => Some((*done, *total)),
-            _ => None,
+    each_profile(|profile| {
+        let server = StandIn::start(Faults {
+            silent_hash: Some(Duration::from_millis(2500)),
+            ..era(profile)
         })
-        .collect();
-    let counted: Vec<_> = progress.iter().filter(|(_, t)| *t > 1).collect();
-    assert_eq!(counted.len(), 300, "one progress event per counted line");
-    assert!(counted.windows(2).all(|w| w[0].0 <= w[1].0));
-    let &&(done, total) = counted.last().unwrap();
-    assert_eq!(done, total);
+        .unwrap();
+        let mut o = options("validated", &server);
+        o.timeout = Duration::from_secs(1);
+        let (events, sink) = recorder();
+        push_run(&run, &o, &sink).unwrap();
+        let events = events.lock().unwrap();
+        let said = |text: &str| {
+            events
+                .iter()
+                .filter(|e| matches!(e, Event::Log { message, .. } if message.contains(text)))
+                .count()
+        };
+        let lines = if profile.llama_server() {
+            ollama_standin::VALIDATING_LINES as usize
+        } else {
+            0
+        };
+        assert_eq!(said("validating GGUF model"), lines.min(1));
+        assert_eq!(said("verifying conversion"), lines.min(1));
+        let progress: Vec<(u64, u64)> = events
+            .iter()
+            .filter_map(|e| match e {
+                Event::Progress { stage, done, total } if stage == "create" => {
+                    Some((*done, *total))
+                }
+                _ => None,
+            })
+            .collect();
+        let counted: Vec<_> = progress.iter().filter(|(_, t)| *t > 1).collect();
+        assert_eq!(counted.len(), lines, "one progress event per counted line");
+        assert!(counted.windows(2).all(|w| w[0].0 <= w[1].0));
+        if let Some(&&(done, total)) = counted.last() {
+            assert_eq!(done, total);
+        }
+        assert_eq!(progress.last(), Some(&(1, 1)), "create ends complete");
+    });
 }
 
 /// A create whose stream goes quiet after the model was written: the timeout is
@@ -744,26 +839,29 @@ fn validation_lines_fold_into_one_log_and_progress_and_a_silent_hash_is_waited_o
 fn a_create_that_goes_silent_after_writing_the_model_still_succeeds() {
     let runs = tempfile::tempdir().unwrap();
     let run = trained_run(Family::Qwen2, runs.path());
-    let server = StandIn::start(Faults {
-        create_goes_silent: true,
-        ..Faults::default()
-    })
-    .unwrap();
-    let mut o = options("quiet", &server);
-    o.timeout = Duration::from_millis(300);
-    let (logs, sink) = log_recorder();
-    let report = push_run(&run, &o, &sink).unwrap();
-    assert_eq!(report.name, "quiet");
-    assert!(logs
-        .lock()
-        .unwrap()
-        .iter()
-        .any(|m| m.contains("stopped reporting") && m.contains("the model is there")));
+    each_profile(|profile| {
+        let server = StandIn::start(Faults {
+            create_goes_silent: true,
+            ..era(profile)
+        })
+        .unwrap();
+        let mut o = options("quiet", &server);
+        o.timeout = Duration::from_millis(300);
+        let (logs, sink) = log_recorder();
+        let report = push_run(&run, &o, &sink).unwrap();
+        assert_eq!(report.name, "quiet");
+        assert!(logs
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|m| m.contains("stopped reporting") && m.contains("the model is there")));
+    });
 }
 
-/// Ollama 0.30–0.33 renders a model whose chat template mentions thinking or tools with
+/// Ollama 0.30+ renders a model whose chat template mentions thinking or tools with
 /// that Jinja and `/api/show` returns it: the push counts that as success and says so
-/// once; a custom `--template` is warned to apply only with OLLAMA_GO_TEMPLATE=1.
+/// once; a custom `--template` is warned to apply only with OLLAMA_GO_TEMPLATE=1. A
+/// legacy server uses our Go template, and the push checks that instead.
 #[test]
 fn a_server_that_renders_the_models_own_template_is_a_success_said_once() {
     // A Qwen3 fixture with a thinking-aware chat template, as Qwen3's own.
@@ -785,41 +883,47 @@ fn a_server_that_renders_the_models_own_template_is_a_success_said_once() {
         .train(samples_dir().join("alpaca.jsonl"), 2)
         .unwrap()
         .run_dir;
-    let server = StandIn::start(Faults {
-        version: Some("0.33.0".into()),
-        prefer_chat_template: true,
-        ..Faults::default()
-    })
-    .unwrap();
-    let (logs, sink) = log_recorder();
-    push_run(&run, &options("thinker", &server), &sink).unwrap();
-    let count = |logs: &[String], text: &str| logs.iter().filter(|m| m.contains(text)).count();
-    {
+    each_profile(|profile| {
+        let server = StandIn::start(era(profile)).unwrap();
+        let native = profile.llama_server();
+        let (logs, sink) = log_recorder();
+        push_run(&run, &options("thinker", &server), &sink).unwrap();
+        let count = |logs: &[String], text: &str| logs.iter().filter(|m| m.contains(text)).count();
+        {
+            let logs = logs.lock().unwrap();
+            assert_eq!(
+                count(&logs, "with the model's own chat template"),
+                usize::from(native),
+                "{logs:?}"
+            );
+            assert_eq!(count(&logs, "differs"), 0, "{logs:?}");
+        }
+        let client = OllamaClient::new(&server.url()).unwrap();
+        let show = block(client.show("thinker")).unwrap().unwrap();
+        if native {
+            assert!(show.template.contains("<think>") && show.template.contains("{%"));
+        } else {
+            assert!(show.template.contains("<|im_start|>") && !show.template.contains("{%"));
+        }
+        // Ollama's model_info: no chat template, no name, long arrays emptied.
+        assert!(show.model_info.get("tokenizer.chat_template").is_none());
+        assert!(show.model_info.get("general.name").is_none());
+        assert_eq!(
+            show.model_info["tokenizer.ggml.tokens"],
+            serde_json::json!([])
+        );
+
+        logs.lock().unwrap().clear();
+        let mut o = options("thinker2", &server);
+        o.template = Some("{{ .Prompt }}".into());
+        push_run(&run, &o, &sink).unwrap();
         let logs = logs.lock().unwrap();
         assert_eq!(
-            count(&logs, "with the model's own chat template"),
-            1,
+            count(&logs, "OLLAMA_GO_TEMPLATE=1"),
+            2 * usize::from(native),
             "{logs:?}"
         );
-        assert_eq!(count(&logs, "differs"), 0, "{logs:?}");
-    }
-    let client = OllamaClient::new(&server.url()).unwrap();
-    let show = block(client.show("thinker")).unwrap().unwrap();
-    assert!(show.template.contains("<think>") && show.template.contains("{%"));
-    // Ollama's model_info: no chat template, no name, long arrays emptied.
-    assert!(show.model_info.get("tokenizer.chat_template").is_none());
-    assert!(show.model_info.get("general.name").is_none());
-    assert_eq!(
-        show.model_info["tokenizer.ggml.tokens"],
-        serde_json::json!([])
-    );
-
-    logs.lock().unwrap().clear();
-    let mut o = options("thinker2", &server);
-    o.template = Some("{{ .Prompt }}".into());
-    push_run(&run, &o, &sink).unwrap();
-    let logs = logs.lock().unwrap();
-    assert_eq!(count(&logs, "OLLAMA_GO_TEMPLATE=1"), 2, "{logs:?}");
+    });
 }
 
 #[test]
@@ -838,23 +942,25 @@ fn only_0_30_and_later_prefer_the_models_own_template() {
 fn a_created_model_that_does_not_load_fails_the_push_with_the_reason() {
     let runs = tempfile::tempdir().unwrap();
     let run = trained_run(Family::Qwen2, runs.path());
-    let server = StandIn::start(Faults {
-        load_error: Some("loras are not yet implemented".into()),
-        ..Faults::default()
-    })
-    .unwrap();
-    let err = push_run(&run, &options("unloadable", &server), &Silent).unwrap_err();
-    let text = err.to_string();
-    assert!(
-        text.contains("cannot load it") && text.contains("loras are not yet implemented"),
-        "{text}"
-    );
-    let good = StandIn::start(Faults::default()).unwrap();
-    let (logs, sink) = log_recorder();
-    push_run(&run, &options("loads", &good), &sink).unwrap();
-    assert!(logs
-        .lock()
-        .unwrap()
-        .iter()
-        .any(|m| m.starts_with("loaded:")));
+    each_profile(|profile| {
+        let server = StandIn::start(Faults {
+            load_error: Some("loras are not yet implemented".into()),
+            ..era(profile)
+        })
+        .unwrap();
+        let err = push_run(&run, &options("unloadable", &server), &Silent).unwrap_err();
+        let text = err.to_string();
+        assert!(
+            text.contains("cannot load it") && text.contains("loras are not yet implemented"),
+            "{text}"
+        );
+        let good = StandIn::start(era(profile)).unwrap();
+        let (logs, sink) = log_recorder();
+        push_run(&run, &options("loads", &good), &sink).unwrap();
+        assert!(logs
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|m| m.starts_with("loaded:")));
+    });
 }

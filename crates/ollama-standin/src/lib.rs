@@ -6,6 +6,14 @@
 //! names. It does not run models: `chat` answers with a fixed sentence naming the model
 //! and the template it would use.
 //!
+//! It plays one [`Profile`] at a time, one per Ollama release line whose behaviour our
+//! client must meet (`legacy` ≤0.29, `llama-server` 0.30–0.33, `no-adapters` ≥0.34.1);
+//! push tests run against each. Across all profiles, as Ollama's source has it: a
+//! TEMPLATE is parsed as a Go template at create, a missing blob is an error line after
+//! `parsing GGUF` (HTTP 200), errors after the first line are bare `{"error": …}` lines,
+//! an empty `files` or `adapters` map is "unknown type", names resolve
+//! case-insensitively, and `/api/show` reports `capabilities` and trims `model_info`.
+//!
 //! Faults for tests: a slow server, an error line in the create stream, dying (all
 //! connections dropped) after some upload bytes, and hostile servers: replies that never
 //! end, a status line that never ends, a status stream that never ends, an upload that
@@ -14,6 +22,7 @@
 //! escape sequences).
 
 mod gguf_meta;
+mod go_template;
 
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -34,17 +43,72 @@ use serde::Deserialize;
 use serde_json::{json, Map, Value};
 use sha2::{Digest, Sha256};
 
-pub const VERSION: &str = "0.13.0";
+/// The Ollama release line the stand-in behaves as (`../shared/notes/ollama.md`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Profile {
+    /// 0.12–0.29: the Modelfile's Go template is always used, adapters are accepted,
+    /// and qwen3 runs on Ollama's Go engine, which cannot apply an adapter: the model is
+    /// created and fails at its first load ("loras are not yet implemented").
+    Legacy,
+    /// 0.30–0.33: every GGUF runs in llama.cpp's llama-server. A GGUF chat template
+    /// that mentions tools, `tool_call` or `<think>` is rendered natively and is what
+    /// `/api/show` returns (`PreferChatTemplate`); create re-validates each GGUF
+    /// (`llama-quantize … COPY`: [`VALIDATING_LINES`] counted status lines, `verifying
+    /// conversion`, then a silent hash of the copy); adapters are accepted.
+    LlamaServer,
+    /// 0.34.1 and later: as `LlamaServer`, but adapters are refused.
+    #[default]
+    NoAdapters,
+}
+
+/// The `validating GGUF model` lines a llama-server-era create sends per GGUF.
+pub const VALIDATING_LINES: u64 = 300;
+
+impl Profile {
+    pub const ALL: [Profile; 3] = [Profile::Legacy, Profile::LlamaServer, Profile::NoAdapters];
+
+    /// The version `/api/version` reports.
+    pub fn version(self) -> &'static str {
+        match self {
+            Profile::Legacy => "0.29.0",
+            Profile::LlamaServer => "0.33.0",
+            Profile::NoAdapters => "0.34.1",
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Profile::Legacy => "legacy",
+            Profile::LlamaServer => "llama-server",
+            Profile::NoAdapters => "no-adapters",
+        }
+    }
+
+    pub fn parse(name: &str) -> Option<Profile> {
+        Profile::ALL.into_iter().find(|p| p.name() == name)
+    }
+
+    pub fn accepts_adapters(self) -> bool {
+        self != Profile::NoAdapters
+    }
+
+    /// Runs GGUFs in llama-server: native chat templates, validation at create.
+    pub fn llama_server(self) -> bool {
+        self != Profile::Legacy
+    }
+}
 
 #[derive(Debug, Clone, Default)]
 pub struct Faults {
+    /// The Ollama release line to behave as.
+    pub profile: Profile,
     /// Every reply waits this long first.
     pub delay: Option<Duration>,
     /// `create` streams a few status lines, then `{"error": this}`.
     pub create_error: Option<String>,
     /// The whole server dies (connections dropped) once this many upload bytes arrived.
     pub die_after_upload_bytes: Option<u64>,
-    /// Reported by `/api/version` (default [`VERSION`]).
+    /// Reported by `/api/version` (default: the profile's version).
     pub version: Option<String>,
     /// `/api/tags`, `/api/show` and `/api/chat` answer 200 with a JSON body that never ends.
     pub endless_replies: bool,
@@ -65,22 +129,14 @@ pub struct Faults {
     pub hang_show_of_existing: bool,
     /// `/api/chat` answers with this content instead of the fixed sentence.
     pub chat_reply: Option<String>,
-    /// Create validates each GGUF as Ollama 0.30+ does (`llama-quantize … COPY`): this
-    /// many `validating GGUF model` lines with `completed`/`total`, then `verifying
-    /// conversion`, then [`Faults::silent_hash`] without a line (the sha256 of the
-    /// copy), before the layers.
-    pub validating_lines: u32,
+    /// How long the silent hash after a llama-server-era validation takes (default
+    /// 100 ms).
     pub silent_hash: Option<Duration>,
     /// The create stream ends silently (no `success`, no error) after writing the
     /// manifest: the model exists but the client hears nothing more.
     pub create_goes_silent: bool,
-    /// Ollama 0.30–0.33 (`PreferChatTemplate`): a model whose GGUF chat template
-    /// mentions tools, `tool_call` or `<think>` is rendered with that Jinja, and
-    /// `/api/show` returns it as `template`.
-    pub prefer_chat_template: bool,
     /// `/api/chat` fails with this error (HTTP 500), as a model that was created but
-    /// cannot be loaded (Ollama 0.12–0.29 with a qwen3 LoRA adapter: "loras are not
-    /// yet implemented").
+    /// cannot be loaded.
     pub load_error: Option<String>,
 }
 
@@ -88,6 +144,7 @@ pub struct Faults {
 struct Model {
     name: String,
     files: BTreeMap<String, String>,
+    adapters: BTreeMap<String, String>,
     template: String,
     system: String,
     parameters: Map<String, Value>,
@@ -229,7 +286,11 @@ async fn delay(s: &Inner) {
 
 async fn version(State(s): State<Shared>) -> Response {
     delay(&s).await;
-    let v = s.faults.version.clone().unwrap_or_else(|| VERSION.into());
+    let v = s
+        .faults
+        .version
+        .clone()
+        .unwrap_or_else(|| s.faults.profile.version().into());
     Json(json!({ "version": v })).into_response()
 }
 
@@ -321,10 +382,8 @@ struct CreateReq {
     model: String,
     #[serde(default)]
     name: String,
-    #[serde(default)]
-    files: BTreeMap<String, String>,
-    #[serde(default)]
-    adapters: BTreeMap<String, String>,
+    files: Option<BTreeMap<String, String>>,
+    adapters: Option<BTreeMap<String, String>>,
     #[serde(default)]
     template: String,
     #[serde(default)]
@@ -361,6 +420,11 @@ fn full_name(name: &str) -> String {
     }
 }
 
+/// Names resolve case-insensitively: the store's key of a name.
+fn key(name: &str) -> String {
+    full_name(name).to_lowercase()
+}
+
 async fn create(State(s): State<Shared>, body: axum::body::Bytes) -> Response {
     delay(&s).await;
     if s.faults.hang_create {
@@ -387,13 +451,22 @@ async fn create(State(s): State<Shared>, body: axum::body::Bytes) -> Response {
         Ok(r) => r,
         Err(e) => return error(StatusCode::BAD_REQUEST, e.to_string()),
     };
-    if !req.adapters.is_empty() {
+    // Ollama tells the two kinds of create apart by which map is present: an empty
+    // one matches neither.
+    if req.files.as_ref().is_some_and(BTreeMap::is_empty)
+        || req.adapters.as_ref().is_some_and(BTreeMap::is_empty)
+    {
+        return error(StatusCode::BAD_REQUEST, "unknown type");
+    }
+    let files = req.files.clone().unwrap_or_default();
+    let adapters = req.adapters.clone().unwrap_or_default();
+    if !adapters.is_empty() && !s.faults.profile.accepts_adapters() {
         return error(
             StatusCode::BAD_REQUEST,
             "LoRA adapters are no longer supported",
         );
     }
-    for k in req.files.keys() {
+    for k in files.keys().chain(adapters.keys()) {
         if k.starts_with('/') || k.contains("..") {
             return error(StatusCode::BAD_REQUEST, "file path must be relative");
         }
@@ -406,24 +479,22 @@ async fn create(State(s): State<Shared>, body: axum::body::Bytes) -> Response {
     if !valid_name(&name) {
         return error(StatusCode::BAD_REQUEST, "invalid model name");
     }
-    if req.files.is_empty() && req.from.is_empty() {
+    if files.is_empty() && req.from.is_empty() {
         return error(
             StatusCode::BAD_REQUEST,
             "neither 'from' or 'files' was specified",
         );
     }
-    let mut paths = Vec::new();
-    for digest in req.files.values() {
+    let mut blobs = Vec::new();
+    for (digest, adapter) in files
+        .values()
+        .map(|d| (d, false))
+        .chain(adapters.values().map(|d| (d, true)))
+    {
         let Some(path) = blob_file(&s, digest) else {
             return error(StatusCode::BAD_REQUEST, "invalid digest format");
         };
-        if !path.is_file() {
-            return error(
-                StatusCode::BAD_REQUEST,
-                format!("open {}: no such file or directory", path.display()),
-            );
-        }
-        paths.push(path);
+        blobs.push((path, digest.clone(), adapter));
     }
 
     let (tx, rx) = tokio::sync::mpsc::channel::<Value>(16);
@@ -434,32 +505,40 @@ async fn create(State(s): State<Shared>, body: axum::body::Bytes) -> Response {
             async move { tx.send(v).await.is_ok() }
         };
         send(json!({"status": "parsing GGUF"})).await;
+        let profile = s2.faults.profile;
         let mut model_info = Map::new();
         let mut size = 0;
-        for (path, digest) in paths.iter().zip(req.files.values()) {
+        for (path, digest, adapter) in &blobs {
+            // A blob that was never uploaded fails here, after the first line: Ollama
+            // opens it while parsing, so the error is a line, not an HTTP status.
+            if !path.is_file() {
+                let msg = format!("open {}: no such file or directory", path.display());
+                send(json!({ "error": msg })).await;
+                return;
+            }
             match gguf_meta::read(path) {
-                Ok(meta) => {
+                Ok(meta) if !adapter => {
                     model_info = meta.kv;
                     model_info.insert("general.tensor_count".into(), json!(meta.tensor_count));
                     model_info.insert("general.gguf_version".into(), json!(meta.version));
                 }
+                Ok(_) => {}
                 Err(e) => {
-                    send(json!({"error": e.to_string(), "status": 400})).await;
+                    send(json!({ "error": e.to_string() })).await;
                     return;
                 }
             }
             let bytes = std::fs::metadata(path).map(|m| m.len()).unwrap_or(0);
             size += bytes;
-            let n = s2.faults.validating_lines as u64;
-            for i in 1..=n {
-                let line = json!({"status": "validating GGUF model",
-                    "digest": "0000000000000000000", "total": bytes, "completed": bytes * i / n});
-                send(line).await;
-            }
-            if n > 0 {
+            if profile.llama_server() {
+                let n = VALIDATING_LINES;
+                for i in 1..=n {
+                    let line = json!({"status": "validating GGUF model",
+                        "digest": "0000000000000000000", "total": bytes, "completed": bytes * i / n});
+                    send(line).await;
+                }
                 send(json!({"status": "verifying conversion"})).await;
-            }
-            if let Some(pause) = s2.faults.silent_hash {
+                let pause = s2.faults.silent_hash.unwrap_or(Duration::from_millis(100));
                 tokio::time::sleep(pause).await;
             }
             send(json!({"status": format!("using existing layer {digest}")})).await;
@@ -467,6 +546,12 @@ async fn create(State(s): State<Shared>, body: axum::body::Bytes) -> Response {
         if let Some(msg) = &s2.faults.create_error {
             send(json!({"error": msg})).await;
             return;
+        }
+        if !req.template.is_empty() {
+            if let Err(msg) = go_template::check(&req.template) {
+                send(json!({ "error": msg })).await;
+                return;
+            }
         }
         for what in ["template", "system", "params"] {
             send(json!({"status": format!("creating new layer sha256:{}", hex_of(what))})).await;
@@ -481,7 +566,8 @@ async fn create(State(s): State<Shared>, body: axum::body::Bytes) -> Response {
         model_info.remove("general.name");
         let model = Model {
             name: full_name(&name),
-            files: req.files.clone(),
+            files,
+            adapters,
             template: req.template.clone(),
             system: req.system.clone(),
             parameters: req.parameters.clone(),
@@ -491,7 +577,7 @@ async fn create(State(s): State<Shared>, body: axum::body::Bytes) -> Response {
             modified_at: now(),
         };
         if let Ok(mut models) = s2.models.lock() {
-            models.insert(model.name.clone(), model);
+            models.insert(key(&name), model);
         }
         if s2.faults.create_goes_silent {
             // Keep the stream open without a word, as a server stuck after the fact.
@@ -588,8 +674,9 @@ struct NameReq {
 }
 
 impl NameReq {
+    /// The store's key of the name asked for.
     fn get(&self) -> String {
-        full_name(if self.model.is_empty() {
+        key(if self.model.is_empty() {
             &self.name
         } else {
             &self.model
@@ -658,20 +745,15 @@ async fn show(State(s): State<Shared>, Json(req): Json<NameReq>) -> Response {
         return std::future::pending().await;
     }
     let params = parameters_text(&m.parameters);
-    let native = s.faults.prefer_chat_template
-        && ["tools", "tool_call", "<think>"]
-            .iter()
-            .any(|w| m.chat_template.contains(w));
-    let template = if native {
-        m.chat_template.clone()
-    } else {
-        m.template.clone()
-    };
+    let template = template_in_use(&s, &m).to_string();
     let mut modelfile = format!(
         "FROM {}\nTEMPLATE \"\"\"{}\"\"\"\n",
         m.files.keys().next().cloned().unwrap_or_default(),
         template
     );
+    for adapter in m.adapters.keys() {
+        modelfile.push_str(&format!("ADAPTER {adapter}\n"));
+    }
     if !m.system.is_empty() {
         modelfile.push_str(&format!("SYSTEM \"\"\"{}\"\"\"\n", m.system));
     }
@@ -691,8 +773,38 @@ async fn show(State(s): State<Shared>, Json(req): Json<NameReq>) -> Response {
         "details": {"format": "gguf", "family": m.model_info.get("general.architecture"),
                     "parameter_size": "", "quantization_level": m.model_info.get("general.file_type")},
         "model_info": m.model_info,
+        "capabilities": capabilities(&template),
     }))
     .into_response()
+}
+
+/// The template Ollama renders prompts with: the Modelfile's Go template, except in
+/// the llama-server era for a chat template that mentions tools or thinking, which
+/// llama-server renders itself (`PreferChatTemplate`).
+fn template_in_use<'a>(s: &Inner, m: &'a Model) -> &'a str {
+    let native = s.faults.profile.llama_server()
+        && ["tools", "tool_call", "<think>"]
+            .iter()
+            .any(|w| m.chat_template.contains(w));
+    if native {
+        &m.chat_template
+    } else if m.template.is_empty() {
+        "{{ .Prompt }}"
+    } else {
+        &m.template
+    }
+}
+
+/// What `/api/show` says a model can do, read from its template as Ollama does.
+fn capabilities(template: &str) -> Vec<&'static str> {
+    let mut out = vec!["completion"];
+    if template.contains(".Tools") || template.contains("tools") {
+        out.push("tools");
+    }
+    if template.contains(".Think") || template.contains("<think>") {
+        out.push("thinking");
+    }
+    out
 }
 
 async fn delete(State(s): State<Shared>, Json(req): Json<NameReq>) -> Response {
@@ -724,7 +836,7 @@ async fn chat(State(s): State<Shared>, Json(req): Json<ChatReq>) -> Response {
             "application/json",
         );
     }
-    let Some(m) = lookup(&s, &full_name(&req.model)) else {
+    let Some(m) = lookup(&s, &key(&req.model)) else {
         return error(
             StatusCode::NOT_FOUND,
             format!("model '{}' not found, try pulling it first", req.model),
@@ -738,12 +850,18 @@ async fn chat(State(s): State<Shared>, Json(req): Json<ChatReq>) -> Response {
         .get("general.architecture")
         .and_then(Value::as_str)
         .unwrap_or("?");
+    if s.faults.profile == Profile::Legacy && family == "qwen3" && !m.adapters.is_empty() {
+        return error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "llama runner process has terminated: loras are not yet implemented",
+        );
+    }
     let content = s.faults.chat_reply.clone().unwrap_or_else(|| {
         format!(
             "stand-in reply from {} ({family}, {} messages, template {} chars)",
             m.name,
             req.messages.len(),
-            m.template.len()
+            template_in_use(&s, &m).len()
         )
     });
     Json(json!({

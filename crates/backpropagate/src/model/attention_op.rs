@@ -9,11 +9,12 @@
 //! the scores and probabilities (2·heads·t values per token) for backward; here each
 //! (segment, k/v head, block of 64 query rows) is one task over its query heads that
 //! sees only the keys its rows may attend to, only the log-sum-exp of each score row
-//! is kept, and backward recomputes the probabilities. A task's scores are 64 × (its
-//! causal prefix) values whatever the segment's length, and sums run in a fixed order,
-//! so results do not depend on thread timing. (Keys are not tiled with an online
-//! softmax as FlashAttention does on GPUs: a 64-row block of a 32k-token segment is
-//! 8 MiB, and a whole prefix per row keeps the softmax exact and simple.)
+//! is kept, and backward recomputes the probabilities. Within a task the query heads
+//! that share a k/v head are stacked into one matrix and the keys are taken in tiles
+//! of 256 with an online softmax (FlashAttention's scheme), so every product is one
+//! GEMM of cache-sized operands: a task's working set is a few hundred KiB whatever
+//! the segment's length. Sums run in a fixed order, so results do not depend on
+//! thread timing.
 
 use std::sync::{Arc, Mutex};
 
@@ -23,7 +24,6 @@ use rayon::prelude::*;
 use super::blas::{matmul_serial, Mat};
 use super::cpu_values::{values, with_values};
 use super::fast_exp;
-use super::fused::exp_shifted_in_place;
 use super::profile::{self, Part};
 
 pub struct Attention {
@@ -107,6 +107,11 @@ impl Attention {
 /// and a task's scores are `BLOCK_ROWS × i1` values, not the segment's n × n.
 const BLOCK_ROWS: usize = 64;
 
+/// Keys per tile within a task: a tile's scores for the task's stacked rows
+/// (n_rep · 64 × 256 values, 192 KiB for three query heads per k/v head) stay in a
+/// core's L2 cache, where whole causal prefixes of long segments did not.
+const KEY_TILE: usize = 256;
+
 /// Query rows `i0..i1` of the segment starting at `s0`, against k/v head `g`.
 #[derive(Clone, Copy)]
 struct Task {
@@ -119,14 +124,6 @@ struct Task {
 impl Task {
     fn rows(&self) -> usize {
         self.i1 - self.i0
-    }
-}
-
-/// Probabilities of one head's block of query rows: `s` (m × i1) holds `q kᵀ` on
-/// entry, then each row's causal softmax; returns the rows' log-sum-exps in `lse`.
-fn block_softmax(s: &mut [f32], i0: usize, i1: usize, lse: &mut [f32]) {
-    for (ii, (row, l)) in s.chunks_mut(i1).zip(lse).enumerate() {
-        *l = causal_softmax(row, i0 + ii);
     }
 }
 
@@ -151,24 +148,7 @@ impl CustomOp3 for Attention {
         let tasks = self.tasks(kv);
         let per_task: Vec<(Vec<f32>, Vec<f32>)> = tasks
             .par_iter()
-            .map(|task| -> Result<(Vec<f32>, Vec<f32>)> {
-                let Task { s0, g, i0, i1, .. } = *task;
-                let m = task.rows();
-                let vg = Mat::rows_apart(&v[(s0 * kv + g) * d..], i1, d, kv * d);
-                let kt = Mat::t(&k[(g * t + s0) * d..][..i1 * d], i1, d);
-                let mut out = vec![0f32; n_rep * m * d];
-                let mut lse = vec![0f32; n_rep * m];
-                let mut s = vec![0f32; m * i1];
-                for r in 0..n_rep {
-                    let hi = g * n_rep + r;
-                    let qh = Mat::rm(&q[(hi * t + s0 + i0) * d..][..m * d], m, d);
-                    matmul_serial(&mut s, false, 1.0, qh, kt)?;
-                    block_softmax(&mut s, i0, i1, &mut lse[r * m..(r + 1) * m]);
-                    let o = &mut out[r * m * d..(r + 1) * m * d];
-                    matmul_serial(o, false, 1.0, Mat::rm(&s, m, i1), vg)?;
-                }
-                Ok((out, lse))
-            })
+            .map(|task| block_forward(task, n_rep, (kv, t, d), (q, k, v)))
             .collect::<Result<_>>()?;
         let mut out = vec![0f32; t * h * d];
         let mut lse = vec![0f32; h * t];
@@ -192,7 +172,7 @@ impl CustomOp3 for Attention {
         q: &Tensor,
         k: &Tensor,
         v: &Tensor,
-        _out: &Tensor,
+        out: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let _span = profile::span(Part::Attention);
@@ -214,25 +194,33 @@ impl CustomOp3 for Attention {
         with_values(q, |q| {
             with_values(k, |k| {
                 with_values(v, |v| {
-                    with_values(grad, |go| {
-                        for wave in tasks.chunks(wave) {
-                            let grads: Vec<_> = wave
-                                .par_iter()
-                                .map(|task| {
-                                    block_backward(task, n_rep, (h, kv, t, d), (q, k, v, go), &lse)
-                                })
-                                .collect::<Result<_>>()?;
-                            for (task, (gq, gk, gv)) in wave.iter().zip(&grads) {
-                                add_shares(
-                                    task,
-                                    n_rep,
-                                    (h, kv, t, d),
-                                    (gq, gk, gv),
-                                    (&mut dq, &mut dk, &mut dv),
-                                );
+                    with_values(out, |o| {
+                        with_values(grad, |go| {
+                            for wave in tasks.chunks(wave) {
+                                let grads: Vec<_> = wave
+                                    .par_iter()
+                                    .map(|task| {
+                                        block_backward(
+                                            task,
+                                            n_rep,
+                                            (h, kv, t, d),
+                                            (q, k, v, go),
+                                            (o, &lse),
+                                        )
+                                    })
+                                    .collect::<Result<_>>()?;
+                                for (task, (gq, gk, gv)) in wave.iter().zip(&grads) {
+                                    add_shares(
+                                        task,
+                                        n_rep,
+                                        (h, kv, t, d),
+                                        (gq, gk, gv),
+                                        (&mut dq, &mut dk, &mut dv),
+                                    );
+                                }
                             }
-                        }
-                        Ok(())
+                            Ok(())
+                        })
                     })
                 })
             })
@@ -270,33 +258,132 @@ fn add_shares(
     }
 }
 
-/// One task's backward: the probabilities recomputed from the scores and the saved
-/// log-sum-exps, then dq for its rows and its shares of dk and dv (keys 0..i1).
+/// The query rows of one task for its `n_rep` heads, stacked head by head into one
+/// (n_rep·m) × d matrix, so each product with the group's keys and values is one
+/// larger GEMM instead of `n_rep` small ones. `rows(hi)` gives head `hi`'s m rows.
+fn stack<'a>(
+    task: &Task,
+    n_rep: usize,
+    d: usize,
+    head_rows: impl Fn(usize, usize) -> &'a [f32],
+) -> Vec<f32> {
+    let m = task.rows();
+    let mut out = Vec::with_capacity(n_rep * m * d);
+    for r in 0..n_rep {
+        let hi = task.g * n_rep + r;
+        for i in 0..m {
+            out.extend_from_slice(&head_rows(hi, task.s0 + task.i0 + i)[..d]);
+        }
+    }
+    out
+}
+
+/// Keys a stacked row sees in the tile `j0..j0 + w`: row `ii` of a head is query
+/// position `i0 + ii` and attends to keys up to and including itself.
+fn live_keys(i0: usize, ii: usize, j0: usize, w: usize) -> usize {
+    (i0 + ii + 1).saturating_sub(j0).min(w)
+}
+
+/// One task's forward: for each tile of keys, the stacked scores `q kᵀ`, an online
+/// softmax (running row maximum and sum, earlier output rescaled when the maximum
+/// grows) and the output accumulated from `p v`. Returns the task's output rows
+/// (head by head) and their log-sum-exps.
+fn block_forward(
+    task: &Task,
+    n_rep: usize,
+    (kv, t, d): (usize, usize, usize),
+    (q, k, v): (&[f32], &[f32], &[f32]),
+) -> Result<(Vec<f32>, Vec<f32>)> {
+    let Task { s0, g, i0, i1 } = *task;
+    let m = task.rows();
+    let rows = n_rep * m;
+    let qs = stack(task, n_rep, d, |hi, pos| &q[(hi * t + pos) * d..]);
+    let mut out = vec![0f32; rows * d];
+    let mut max = vec![f32::NEG_INFINITY; rows];
+    let mut sum = vec![0f32; rows];
+    let mut s = vec![0f32; rows * KEY_TILE.min(i1)];
+    for j0 in (0..i1).step_by(KEY_TILE) {
+        let w = KEY_TILE.min(i1 - j0);
+        let s = &mut s[..rows * w];
+        let kt = Mat::t(&k[(g * t + s0 + j0) * d..][..w * d], w, d);
+        matmul_serial(s, false, 1.0, Mat::rm(&qs, rows, d), kt)?;
+        for (row, ((sr, o), (mx, l))) in s
+            .chunks_mut(w)
+            .zip(out.chunks_mut(d))
+            .zip(max.iter_mut().zip(sum.iter_mut()))
+            .enumerate()
+        {
+            let (live, future) = sr.split_at_mut(live_keys(i0, row % m, j0, w));
+            future.fill(0.0);
+            if live.is_empty() {
+                continue;
+            }
+            let new = mx.max(fast_exp::max(live));
+            if new == f32::NEG_INFINITY {
+                live.fill(0.0);
+                continue;
+            }
+            let tile_sum = fast_exp::exp_shifted_in_place(live, new);
+            if *mx != new {
+                let scale = fast_exp::exp(*mx - new);
+                *l *= scale;
+                o.iter_mut().for_each(|x| *x *= scale);
+                *mx = new;
+            }
+            *l += tile_sum;
+        }
+        let vg = Mat::rows_apart(&v[((s0 + j0) * kv + g) * d..], w, d, kv * d);
+        matmul_serial(&mut out, true, 1.0, Mat::rm(s, rows, w), vg)?;
+    }
+    let mut lse = vec![f32::NEG_INFINITY; rows];
+    for ((o, l), (&mx, &sm)) in out.chunks_mut(d).zip(&mut lse).zip(max.iter().zip(&sum)) {
+        if sm > 0.0 {
+            let inv = 1.0 / sm;
+            o.iter_mut().for_each(|x| *x *= inv);
+            *l = mx + sm.ln();
+        }
+    }
+    Ok((out, lse))
+}
+
+/// One task's backward, tile of keys by tile: the probabilities recomputed from the
+/// scores and the saved log-sum-exps, then dq for its rows and its shares of dk and
+/// dv (keys 0..i1). The softmax's row term Σ p·dp equals the row's dO·O, so it is
+/// taken from the output once and each tile needs only its own keys.
 fn block_backward(
     task: &Task,
     n_rep: usize,
     (h, kv, t, d): (usize, usize, usize, usize),
     (q, k, v, go): (&[f32], &[f32], &[f32], &[f32]),
-    lse: &[f32],
+    (o, lse): (&[f32], &[f32]),
 ) -> Result<(Vec<f32>, Vec<f32>, Vec<f32>)> {
-    let Task { s0, g, i0, i1, .. } = *task;
+    let Task { s0, g, i0, i1 } = *task;
     let m = task.rows();
-    let kd = &k[(g * t + s0) * d..][..i1 * d];
-    let vg = &v[(s0 * kv + g) * d..];
-    let mut dq = vec![0f32; n_rep * m * d];
+    let rows = n_rep * m;
+    let qs = stack(task, n_rep, d, |hi, pos| &q[(hi * t + pos) * d..]);
+    let gs = stack(task, n_rep, d, |hi, pos| &go[(pos * h + hi) * d..]);
+    let os = stack(task, n_rep, d, |hi, pos| &o[(pos * h + hi) * d..]);
+    let row_dot: Vec<f32> = gs
+        .chunks(d)
+        .zip(os.chunks(d))
+        .map(|(g, o)| fast_exp::dot(g, o))
+        .collect();
+    let row_lse: Vec<f32> = (0..rows)
+        .map(|row| lse[(g * n_rep + row / m) * t + s0 + i0 + row % m])
+        .collect();
+    let mut dq = vec![0f32; rows * d];
     let mut dk = vec![0f32; i1 * d];
     let mut dv = vec![0f32; i1 * d];
-    let mut p = vec![0f32; m * i1];
-    let mut dp = vec![0f32; m * i1];
-    for r in 0..n_rep {
-        let hi = g * n_rep + r;
-        let qd = &q[(hi * t + s0 + i0) * d..][..m * d];
-        // This head's output gradient for the block: m rows, h·d apart.
-        let gm = Mat::rows_apart(&go[((s0 + i0) * h + hi) * d..], m, d, h * d);
-        matmul_serial(&mut p, false, 1.0, Mat::rm(qd, m, d), Mat::t(kd, i1, d))?;
-        let l = &lse[hi * t + s0 + i0..][..m];
-        for (ii, (row, &l)) in p.chunks_mut(i1).zip(l).enumerate() {
-            let (live, future) = row.split_at_mut(i0 + ii + 1);
+    let tile = KEY_TILE.min(i1);
+    let (mut p, mut dp) = (vec![0f32; rows * tile], vec![0f32; rows * tile]);
+    for j0 in (0..i1).step_by(KEY_TILE) {
+        let w = KEY_TILE.min(i1 - j0);
+        let (p, dp) = (&mut p[..rows * w], &mut dp[..rows * w]);
+        let kd = &k[(g * t + s0 + j0) * d..][..w * d];
+        let vg = &v[((s0 + j0) * kv + g) * d..];
+        matmul_serial(p, false, 1.0, Mat::rm(&qs, rows, d), Mat::t(kd, w, d))?;
+        for (row, (pr, &l)) in p.chunks_mut(w).zip(&row_lse).enumerate() {
+            let (live, future) = pr.split_at_mut(live_keys(i0, row % m, j0, w));
             future.fill(0.0);
             if l == f32::NEG_INFINITY {
                 live.fill(0.0);
@@ -304,30 +391,19 @@ fn block_backward(
                 live.iter_mut().for_each(|s| *s = fast_exp::exp(*s - l));
             }
         }
-        // dP = dO vᵀ; dS = P ⊙ (dP − rowsum(P ⊙ dP)).
-        let vt = Mat::t_rows_apart(vg, i1, d, kv * d);
-        matmul_serial(&mut dp, false, 1.0, gm, vt)?;
-        for (pr, dr) in p.chunks(i1).zip(dp.chunks_mut(i1)) {
-            let dot = fast_exp::dot(pr, dr);
+        // dP = dO vᵀ; dS = P ⊙ (dP − dO·O).
+        let vt = Mat::t_rows_apart(vg, w, d, kv * d);
+        matmul_serial(dp, false, 1.0, Mat::rm(&gs, rows, d), vt)?;
+        for ((pr, dr), &dot) in p.chunks(w).zip(dp.chunks_mut(w)).zip(&row_dot) {
             for (ds, &pv) in dr.iter_mut().zip(pr) {
                 *ds = pv * (*ds - dot);
             }
         }
-        matmul_serial(&mut dv, true, 1.0, Mat::t(&p, m, i1), gm)?;
-        let dqr = &mut dq[r * m * d..(r + 1) * m * d];
-        matmul_serial(dqr, false, 1.0, Mat::rm(&dp, m, i1), Mat::rm(kd, i1, d))?;
-        matmul_serial(&mut dk, true, 1.0, Mat::t(&dp, m, i1), Mat::rm(qd, m, d))?;
+        let dvt = &mut dv[j0 * d..][..w * d];
+        matmul_serial(dvt, true, 1.0, Mat::t(p, rows, w), Mat::rm(&gs, rows, d))?;
+        matmul_serial(&mut dq, true, 1.0, Mat::rm(dp, rows, w), Mat::rm(kd, w, d))?;
+        let dkt = &mut dk[j0 * d..][..w * d];
+        matmul_serial(dkt, true, 1.0, Mat::t(dp, rows, w), Mat::rm(&qs, rows, d))?;
     }
     Ok((dq, dk, dv))
-}
-
-/// Softmax of score row `i` over its first i + 1 entries (the causal prefix), in
-/// place, the rest zeroed; returns the log-sum-exp.
-fn causal_softmax(row: &mut [f32], i: usize) -> f32 {
-    let (live, future) = row.split_at_mut(i + 1);
-    future.fill(0.0);
-    let (max, sum) = exp_shifted_in_place(live);
-    let inv = 1.0 / sum;
-    live.iter_mut().for_each(|v| *v *= inv);
-    max + sum.ln()
 }

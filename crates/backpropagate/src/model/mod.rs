@@ -2,7 +2,9 @@
 //! hooks, and the differentiable ops it is built from.
 
 mod attention_any;
-mod attention_op;
+/// Public for `benches/attention.rs` only; the decoder is its one user.
+#[doc(hidden)]
+pub mod attention_op;
 pub mod blas;
 pub mod blas_bf16;
 mod config;

@@ -67,7 +67,9 @@ pub struct OllamaClient {
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct CreateRequest {
     pub model: String,
-    /// File name → `sha256:<hex>` of a blob already uploaded.
+    /// File name → `sha256:<hex>` of a blob already uploaded. Left out when empty:
+    /// Ollama refuses an empty map ("unknown type").
+    #[serde(skip_serializing_if = "std::collections::BTreeMap::is_empty")]
     pub files: std::collections::BTreeMap<String, String>,
     #[serde(skip_serializing_if = "std::collections::BTreeMap::is_empty")]
     pub adapters: std::collections::BTreeMap<String, String>,

@@ -110,6 +110,14 @@ impl OllamaError {
                         .into(),
                 )
             }
+            OllamaError::Api { message, .. } | OllamaError::Stream { message }
+                if message.starts_with("template:") =>
+            {
+                Some(
+                    "Ollama could not parse the TEMPLATE as a Go template (text/template                      syntax: every `{{ if }}`, `{{ range }}` and `{{ with }}` needs its                      `{{ end }}`): fix the file given to --template, or push without                      --template to use the one derived from the model's chat template."
+                        .into(),
+                )
+            }
             OllamaError::Api { .. } | OllamaError::Stream { .. } | OllamaError::Protocol { .. } => {
                 Some("See Ollama's own log (`ollama serve` output) for details.".into())
             }

@@ -15,5 +15,5 @@ pub use client::{
 };
 pub use error::OllamaError;
 pub use name::validate_name;
-pub use push::{prefers_own_template, push_run, PushOptions, PushReport};
+pub use push::{prefers_own_template, push_run, template_for_model, PushOptions, PushReport};
 pub use template::{ollama_template, OllamaTemplate, TemplateFamily};

@@ -332,18 +332,7 @@ fn derive_template(
     options: &PushOptions,
     sink: &dyn EventSink,
 ) -> Result<super::OllamaTemplate> {
-    let chat = ChatTemplate::from_model_dir(model_dir)?;
-    let mut t = ollama_template(chat.text(), chat.special("eos_token"));
-    if matches!(t.family, TemplateFamily::ChatMl | TemplateFamily::Qwen3) {
-        if let Some(system) = super::template::rendered_default_system(&chat) {
-            t.system = Some(system);
-        }
-    }
-    for eos in generation_eos_tokens(model_dir) {
-        if !t.stop.contains(&eos) {
-            t.stop.push(eos);
-        }
-    }
+    let mut t = template_for_model(model_dir)?;
     if let Some(custom) = &options.template {
         t.template = custom.clone();
         t.warning = None;
@@ -358,6 +347,25 @@ fn derive_template(
             "chat template: {:?}, stops {:?}",
             t.family, t.stop
         )));
+    }
+    Ok(t)
+}
+
+/// What a push sends Ollama for a model folder: the Go template of its chat template's
+/// family, the system prompt that template writes when a conversation has none, and
+/// every end-of-turn marker as a stop (`backprop ollama modelfile` prints it).
+pub fn template_for_model(model_dir: &Path) -> Result<super::OllamaTemplate> {
+    let chat = ChatTemplate::from_model_dir(model_dir)?;
+    let mut t = ollama_template(chat.text(), chat.special("eos_token"));
+    if matches!(t.family, TemplateFamily::ChatMl | TemplateFamily::Qwen3) {
+        if let Some(system) = super::template::rendered_default_system(&chat) {
+            t.system = Some(system);
+        }
+    }
+    for eos in generation_eos_tokens(model_dir) {
+        if !t.stop.contains(&eos) {
+            t.stop.push(eos);
+        }
     }
     Ok(t)
 }

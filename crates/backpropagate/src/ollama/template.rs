@@ -47,6 +47,26 @@ const MISTRAL: &str = "{{- range $i, $m := .Messages }}\n{{- if eq $m.Role \"use
 
 const GENERIC: &str = "{{- range .Messages }}{{ if eq .Role \"system\" }}{{ .Content }}\n\n{{ else if eq .Role \"user\" }}### User:\n{{ .Content }}\n\n{{ else }}### Assistant:\n{{ .Content }}\n\n{{ end }}{{ end }}### Assistant:\n";
 
+impl OllamaTemplate {
+    /// A Modelfile for `ollama create -f` with this template, its system prompt and
+    /// stops, `num_ctx` when given, and `FROM from` (a GGUF path).
+    pub fn modelfile(&self, from: &str, num_ctx: Option<usize>) -> String {
+        // Modelfile strings in """ cannot hold """; Ollama's own templates never do.
+        let mut out = format!("FROM {from}\nTEMPLATE \"\"\"{}\"\"\"\n", self.template);
+        if let Some(system) = &self.system {
+            out.push_str(&format!("SYSTEM \"\"\"{system}\"\"\"\n"));
+        }
+        for stop in &self.stop {
+            let quoted = serde_json::to_string(stop).unwrap_or_default();
+            out.push_str(&format!("PARAMETER stop {quoted}\n"));
+        }
+        if let Some(n) = num_ctx {
+            out.push_str(&format!("PARAMETER num_ctx {n}\n"));
+        }
+        out
+    }
+}
+
 /// Recognises the chat template's family by its markers and returns the Ollama form.
 /// `eos` is the tokenizer's end-of-sequence token, always a stop.
 pub fn ollama_template(chat_template: &str, eos: Option<&str>) -> OllamaTemplate {
