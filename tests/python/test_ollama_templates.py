@@ -16,6 +16,8 @@ from transformers import AutoTokenizer
 
 from conftest import ROOT
 
+TEMPLATES = ROOT / "tests" / "python" / "chat_templates"
+
 REAL = pathlib.Path(os.environ.get("BACKPROP_REAL_MODEL", "/nonexistent"))
 
 CONVERSATIONS = [
@@ -62,7 +64,9 @@ def hf_prompt(tok, messages):
     left out when the tokenizer adds BOS itself: Ollama's templates never write it, and
     llama.cpp adds it as a token because our GGUF's add_bos follows transformers
     (test_gguf). SmolLM2's bos_token is `<|im_start|>`, which stays."""
-    text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    # Thinking off: what a fine-tune without reasoning data is served with (Qwen3).
+    text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True,
+                                   enable_thinking=False)
     adds_bos = tok.bos_token_id is not None and tok("a")["input_ids"][:1] == [tok.bos_token_id]
     if adds_bos and text.startswith(tok.bos_token):
         text = text[len(tok.bos_token):]
@@ -100,3 +104,30 @@ def test_go_template_gives_smollm2_its_trained_prompt(backprop, go_render):
     ours = check_equal(backprop, go_render, REAL)
     assert ours["family"] == "chatml"
     assert ours["system"] == "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
+
+
+# (fixture family, real template file, the family our push recognises)
+REAL_TEMPLATES = [
+    ("llama", "llama3.1.jinja", "llama31"),
+    ("qwen3", "qwen3.jinja", "qwen3"),
+    ("mistral", "mistral-small-3.1.jinja", "mistraltekken"),
+]
+
+
+@pytest.mark.parametrize("family,template,want", REAL_TEMPLATES, ids=[t[2] for t in REAL_TEMPLATES])
+def test_go_templates_give_the_trained_prompt_for_real_family_templates(
+        backprop, go_render, tmp_path, family, template, want):
+    model = tmp_path / family
+    backprop("fixture", model, "--family", family)
+    config_path = model / "tokenizer_config.json"
+    config = json.loads(config_path.read_text())
+    config["chat_template"] = (TEMPLATES / template).read_text()
+    config_path.write_text(json.dumps(config))
+    ours = check_equal(backprop, go_render, model)
+    assert ours["family"] == want
+    if want == "llama31":
+        assert "Cutting Knowledge Date: December 2023\nToday Date: 26 Jul 2024" in ours["template"]
+    if want == "qwen3":
+        assert ours["template"].endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")
+    if want == "mistraltekken":
+        assert ours["system"].startswith("You are Mistral Small 3")

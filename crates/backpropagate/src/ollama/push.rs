@@ -356,12 +356,8 @@ fn derive_template(
 /// every end-of-turn marker as a stop (`backprop ollama modelfile` prints it).
 pub fn template_for_model(model_dir: &Path) -> Result<super::OllamaTemplate> {
     let chat = ChatTemplate::from_model_dir(model_dir)?;
-    let mut t = ollama_template(chat.text(), chat.special("eos_token"));
-    if matches!(t.family, TemplateFamily::ChatMl | TemplateFamily::Qwen3) {
-        if let Some(system) = super::template::rendered_default_system(&chat) {
-            t.system = Some(system);
-        }
-    }
+    let mut t =
+        ollama_template(chat.text(), chat.special("eos_token")).with_rendered_defaults(&chat);
     for eos in generation_eos_tokens(model_dir) {
         if !t.stop.contains(&eos) {
             t.stop.push(eos);

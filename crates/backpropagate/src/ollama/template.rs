@@ -17,8 +17,14 @@ pub enum TemplateFamily {
     Qwen3,
     /// `<|start_header_id|>role<|end_header_id|>` ... `<|eot_id|>`.
     Llama3,
+    /// Llama 3.1+: Llama 3 whose template always writes a system header with
+    /// "Cutting Knowledge Date" and "Today Date" lines.
+    Llama31,
     /// `[INST] ... [/INST]` with no system role (Mistral Instruct v0.1–v0.3).
     Mistral,
+    /// Mistral's tekken form: `[SYSTEM_PROMPT]…[/SYSTEM_PROMPT]`, then `[INST]…[/INST]`
+    /// without spaces (Mistral Small 3 and later).
+    MistralTekken,
     /// Not recognised: a plain transcript template, with a warning.
     Generic,
 }
@@ -37,13 +43,35 @@ pub struct OllamaTemplate {
 
 const CHATML: &str = "{{- range .Messages }}<|im_start|>{{ .Role }}\n{{ .Content }}<|im_end|>\n{{ end }}<|im_start|>assistant\n";
 
-// Qwen3 without tools runs on plain ChatML; what differs is recognising it.
-const QWEN3: &str = CHATML;
+// Qwen3's Jinja gives the last assistant turn of every training sample an empty think
+// block, so a fine-tune without reasoning data learns to open each reply with one; the
+// prompt ends with it, as the Jinja renders with thinking off, or replies show it.
+const QWEN3: &str = "{{- range .Messages }}<|im_start|>{{ .Role }}\n{{ .Content }}<|im_end|>\n{{ end }}<|im_start|>assistant\n<think>\n\n</think>\n\n";
 
 const LLAMA3: &str = "{{- range .Messages }}<|start_header_id|>{{ .Role }}<|end_header_id|>\n\n{{ .Content }}<|eot_id|>\n{{- end }}<|start_header_id|>assistant<|end_header_id|>\n\n";
 
 // Mistral has no system role: the system prompt goes before the first user turn.
 const MISTRAL: &str = "{{- range $i, $m := .Messages }}\n{{- if eq $m.Role \"user\" }}[INST] {{ if and $.System (eq $i 1) }}{{ $.System }}\n\n{{ end }}{{ $m.Content }} [/INST]\n{{- else if eq $m.Role \"assistant\" }}{{ $m.Content }}</s>\n{{- end }}\n{{- end }}";
+
+/// Llama 3.1+: the system header is always written, with the lines the Jinja puts
+/// before the system prompt (`preamble`, found by rendering it).
+fn llama31(preamble: &str) -> String {
+    format!(
+        "<|start_header_id|>system<|end_header_id|>\n\n{preamble}{{{{ .System }}}}<|eot_id|>\
+         {{{{- range .Messages }}}}{{{{ if ne .Role \"system\" }}}}<|start_header_id|>{{{{ .Role }}}}<|end_header_id|>\n\n\
+         {{{{ .Content }}}}<|eot_id|>{{{{ end }}}}{{{{ end }}}}<|start_header_id|>assistant<|end_header_id|>\n\n"
+    )
+}
+
+/// Mistral tekken: the system prompt (a conversation's own, else SYSTEM) in its own
+/// block, turns without spaces, each reply closed by the EOS token.
+fn mistral_tekken(eos: &str) -> String {
+    format!(
+        "[SYSTEM_PROMPT]{{{{ $.System }}}}[/SYSTEM_PROMPT]{{{{- range .Messages }}}}\
+         {{{{- if eq .Role \"user\" }}}}[INST]{{{{ .Content }}}}[/INST]\
+         {{{{- else if eq .Role \"assistant\" }}}}{{{{ .Content }}}}{eos}{{{{- end }}}}{{{{- end }}}}"
+    )
+}
 
 const GENERIC: &str = "{{- range .Messages }}{{ if eq .Role \"system\" }}{{ .Content }}\n\n{{ else if eq .Role \"user\" }}### User:\n{{ .Content }}\n\n{{ else }}### Assistant:\n{{ .Content }}\n\n{{ end }}{{ end }}### Assistant:\n";
 
@@ -71,37 +99,61 @@ impl OllamaTemplate {
 /// `eos` is the tokenizer's end-of-sequence token, always a stop.
 pub fn ollama_template(chat_template: &str, eos: Option<&str>) -> OllamaTemplate {
     let has = |m: &str| chat_template.contains(m);
-    let (family, template, mut stop, system) = if has("<|start_header_id|>") {
-        (
-            TemplateFamily::Llama3,
-            LLAMA3,
-            vec!["<|eot_id|>", "<|start_header_id|>", "<|end_header_id|>"],
-            None,
-        )
-    } else if has("<|im_start|>") && has("<think>") {
-        (
-            TemplateFamily::Qwen3,
-            QWEN3,
-            vec!["<|im_end|>", "<|im_start|>"],
-            chatml_default_system(chat_template),
-        )
-    } else if has("<|im_start|>") {
-        (
-            TemplateFamily::ChatMl,
-            CHATML,
-            vec!["<|im_end|>", "<|im_start|>"],
-            chatml_default_system(chat_template),
-        )
-    } else if has("[INST]") {
-        (
-            TemplateFamily::Mistral,
-            MISTRAL,
-            vec!["[INST]", "[/INST]"],
-            None,
-        )
-    } else {
-        (TemplateFamily::Generic, GENERIC, vec!["### User:"], None)
-    };
+    let eos_text = eos
+        .filter(|e| !e.is_empty() && !e.contains("{{"))
+        .unwrap_or("</s>");
+    let (family, template, mut stop, system) =
+        if has("<|start_header_id|>") && has("Cutting Knowledge Date") {
+            (
+                TemplateFamily::Llama31,
+                // Completed with the rendered preamble by `with_rendered_defaults`.
+                LLAMA3.to_string(),
+                vec!["<|eot_id|>", "<|start_header_id|>", "<|end_header_id|>"],
+                None,
+            )
+        } else if has("<|start_header_id|>") {
+            (
+                TemplateFamily::Llama3,
+                LLAMA3.to_string(),
+                vec!["<|eot_id|>", "<|start_header_id|>", "<|end_header_id|>"],
+                None,
+            )
+        } else if has("<|im_start|>") && has("<think>") {
+            (
+                TemplateFamily::Qwen3,
+                QWEN3.to_string(),
+                vec!["<|im_end|>", "<|im_start|>"],
+                chatml_default_system(chat_template),
+            )
+        } else if has("<|im_start|>") {
+            (
+                TemplateFamily::ChatMl,
+                CHATML.to_string(),
+                vec!["<|im_end|>", "<|im_start|>"],
+                chatml_default_system(chat_template),
+            )
+        } else if has("[SYSTEM_PROMPT]") && has("[INST]") {
+            (
+                TemplateFamily::MistralTekken,
+                mistral_tekken(eos_text),
+                vec!["[INST]", "[/INST]"],
+                None,
+            )
+        } else if has("[INST]") {
+            (
+                TemplateFamily::Mistral,
+                MISTRAL.to_string(),
+                vec!["[INST]", "[/INST]"],
+                None,
+            )
+        } else {
+            (
+                TemplateFamily::Generic,
+                GENERIC.to_string(),
+                vec!["### User:"],
+                None,
+            )
+        };
     let mut stop: Vec<String> = stop.drain(..).map(String::from).collect();
     if let Some(eos) = eos.filter(|e| !e.is_empty()) {
         if !stop.iter().any(|s| s == eos) {
@@ -117,11 +169,65 @@ pub fn ollama_template(chat_template: &str, eos: Option<&str>) -> OllamaTemplate
     });
     OllamaTemplate {
         family,
-        template: template.to_string(),
+        template,
         system,
         stop,
         warning,
     }
+}
+
+impl OllamaTemplate {
+    /// Fills in what only rendering the model's Jinja tells: the system prompt it writes
+    /// when a conversation has none (ChatML, Qwen3, tekken), and Llama 3.1's header
+    /// lines. A Llama 3.1 template that does not render falls back to plain Llama 3,
+    /// with a warning.
+    pub fn with_rendered_defaults(mut self, chat: &crate::data::ChatTemplate) -> Self {
+        match self.family {
+            TemplateFamily::ChatMl | TemplateFamily::Qwen3 => {
+                if let Some(system) = rendered_default_system(chat) {
+                    self.system = Some(system);
+                }
+            }
+            TemplateFamily::MistralTekken => {
+                self.system = rendered_between(chat, "[SYSTEM_PROMPT]", "[/SYSTEM_PROMPT]")
+                    .filter(|s| !s.is_empty());
+            }
+            TemplateFamily::Llama31 => {
+                let header = "<|start_header_id|>system<|end_header_id|>\n\n";
+                match rendered_between(chat, header, "<|eot_id|>") {
+                    Some(preamble) if !preamble.contains("{{") => {
+                        self.template = llama31(&preamble);
+                    }
+                    _ => {
+                        self.family = TemplateFamily::Llama3;
+                        self.warning = Some(
+                            "the model's Llama 3.1 chat template did not render its system \
+                             header (knowledge and date lines), so it was pushed with the plain \
+                             Llama 3 template: replies may differ slightly from training; pass \
+                             --template FILE to set the header yourself"
+                                .into(),
+                        );
+                    }
+                }
+            }
+            _ => {}
+        }
+        self
+    }
+}
+
+/// The text the Jinja writes between `open` and `close` for a conversation of one user
+/// turn with no system message (what training saw there), if the template renders.
+fn rendered_between(chat: &crate::data::ChatTemplate, open: &str, close: &str) -> Option<String> {
+    use crate::data::{Message, Role};
+    let marker = "\u{1}user turn\u{1}";
+    let text = chat
+        .render(&[Message::new(Role::User, marker)], false)
+        .ok()?;
+    let start = text.find(open)? + open.len();
+    let end = start + text[start..].find(close)?;
+    let between = &text[start..end];
+    (!between.contains(marker)).then(|| between.to_string())
 }
 
 /// `'<|im_start|>system\nYou are a helpful assistant.<|im_end|>'` inside the Jinja
@@ -131,15 +237,7 @@ pub fn ollama_template(chat_template: &str, eos: Option<&str>) -> OllamaTemplate
 /// are Qwen, created by Alibaba Cloud…") sits in a branch of the template that reading
 /// its first `<|im_start|>system` does not find.
 pub fn rendered_default_system(chat: &crate::data::ChatTemplate) -> Option<String> {
-    use crate::data::{Message, Role};
-    let marker = "\u{1}user turn\u{1}";
-    let text = chat
-        .render(&[Message::new(Role::User, marker)], false)
-        .ok()?;
-    let rest = text.trim_start().strip_prefix("<|im_start|>system\n")?;
-    let end = rest.find("<|im_end|>")?;
-    let system = &rest[..end];
-    (!system.is_empty() && !system.contains(marker)).then(|| system.to_string())
+    rendered_between(chat, "<|im_start|>system\n", "<|im_end|>").filter(|s| !s.is_empty())
 }
 
 fn chatml_default_system(src: &str) -> Option<String> {
@@ -219,6 +317,34 @@ mod tests {
     fn qwen3_thinking_template_is_its_own_family() {
         let src = "{%- for m in messages %}<|im_start|>{{ m.role }}\n{% if '<think>' in m.content %}{% endif %}{{ m.content }}<|im_end|>\n{%- endfor %}";
         assert_eq!(ollama_template(src, None).family, TemplateFamily::Qwen3);
+    }
+
+    fn chat(src: &str) -> crate::data::ChatTemplate {
+        crate::data::ChatTemplate::new(src, crate::data::TemplateSource::FallbackChatml, Vec::new())
+            .unwrap()
+    }
+
+    /// Llama 3.1's header lines and tekken's default system prompt come from rendering
+    /// the real templates (tests/python checks the prompts against transformers).
+    #[test]
+    fn llama31_header_and_tekken_system_come_from_rendering() {
+        let src = include_str!("../../../../tests/python/chat_templates/llama3.1.jinja");
+        let t = ollama_template(src, Some("<|eot_id|>")).with_rendered_defaults(&chat(src));
+        assert_eq!(t.family, TemplateFamily::Llama31);
+        assert!(t.template.starts_with("<|start_header_id|>system<|end_header_id|>\n\nCutting Knowledge Date: December 2023\nToday Date: 26 Jul 2024\n\n{{ .System }}<|eot_id|>"), "{}", t.template);
+        assert!(t.warning.is_none());
+
+        let src = include_str!("../../../../tests/python/chat_templates/mistral-small-3.1.jinja");
+        let t = ollama_template(src, Some("</s>")).with_rendered_defaults(&chat(src));
+        assert_eq!(t.family, TemplateFamily::MistralTekken);
+        assert!(t.system.unwrap().starts_with("You are Mistral Small 3"));
+        assert!(t.template.contains("{{ .Content }}</s>"));
+
+        // A 3.1 template that cannot render its header falls back to Llama 3, saying so.
+        let broken = "<|start_header_id|>{{ raise_exception('no') }}Cutting Knowledge Date";
+        let t = ollama_template(broken, None).with_rendered_defaults(&chat(broken));
+        assert_eq!(t.family, TemplateFamily::Llama3);
+        assert!(t.warning.unwrap().contains("--template"));
     }
 
     #[test]
