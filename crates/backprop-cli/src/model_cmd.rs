@@ -18,6 +18,12 @@ pub enum ModelCommand {
         /// `org/name` or `org/name@revision`
         repo: String,
     },
+    /// Read a GGUF file into a model folder (what `--model file.gguf` trains from, read
+    /// once per file into the cache) and print the folder
+    Import {
+        /// A .gguf file (llama, qwen2 or qwen3 with a byte-level BPE vocabulary)
+        gguf: std::path::PathBuf,
+    },
 }
 
 struct Bytes(Mutex<Option<(String, ProgressBar)>>);
@@ -71,6 +77,19 @@ pub fn run(cmd: &ModelCommand) -> Result<ExitCode> {
             if let Some((_, b)) = sink.0.lock().unwrap_or_else(|e| e.into_inner()).take() {
                 b.finish();
             }
+            println!("{}", crate::print::safe(&dir.display().to_string()));
+            Ok(ExitCode::SUCCESS)
+        }
+        ModelCommand::Import { gguf } => {
+            if !backpropagate::gguf_base::is_gguf(gguf) {
+                anyhow::bail!("{} is not a .gguf file", gguf.display());
+            }
+            let dir = backpropagate::gguf_base::import(
+                gguf,
+                &backpropagate::gguf_base::bases_dir(),
+                &backpropagate::event::Silent,
+            )
+            .map_err(crate::ollama_cmd::with_hint)?;
             println!("{}", crate::print::safe(&dir.display().to_string()));
             Ok(ExitCode::SUCCESS)
         }

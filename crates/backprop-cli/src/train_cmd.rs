@@ -18,7 +18,8 @@ use indicatif::{ProgressBar, ProgressStyle};
 
 #[derive(Args)]
 pub struct TrainArgs {
-    /// Model folder (Hugging Face layout: config.json, tokenizer.json, *.safetensors)
+    /// Model: a folder (Hugging Face layout: config.json, tokenizer.json, *.safetensors),
+    /// a repo id (org/name[@revision]) or a .gguf file
     #[arg(long, required_unless_present_any = ["resume", "config"])]
     pub model: Option<String>,
     /// JSONL training data

@@ -21,6 +21,7 @@ pub mod event;
 pub mod export;
 pub mod fixture;
 pub mod fsx;
+pub mod gguf_base;
 pub mod gpu;
 pub mod hub;
 pub mod lora;

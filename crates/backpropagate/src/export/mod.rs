@@ -5,7 +5,7 @@
 //! the run's lock ([`RunLock`]) while it works, so two exports of one run, or an export
 //! during training, never write the same files at once: the second fails fast.
 
-mod base_reader;
+pub(crate) mod base_reader;
 mod gguf;
 pub(crate) mod gguf_file;
 mod merged;

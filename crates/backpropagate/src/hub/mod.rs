@@ -81,6 +81,10 @@ pub fn resolve_tokenizer(
 
 fn resolve(model: &str, want: Want, options: &HubOptions, sink: &dyn EventSink) -> Result<PathBuf> {
     match ModelSpec::parse(model) {
+        // A GGUF file is read once into a model folder (crate::gguf_base).
+        ModelSpec::Local(p) if crate::gguf_base::is_gguf(&p) => {
+            crate::gguf_base::import(&p, &crate::gguf_base::bases_dir(), sink)
+        }
         ModelSpec::Local(p) => Ok(p),
         ModelSpec::Repo { id, revision } => download::snapshot(&id, &revision, want, options, sink),
     }

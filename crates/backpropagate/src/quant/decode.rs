@@ -33,6 +33,7 @@ pub fn decode(bytes: &[u8], ty: GgmlType, out: &mut [f32]) {
         GgmlType::Bf16 => |b, o| o[0] = bf16::from_le_bytes([b[0], b[1]]).to_f32(),
         GgmlType::Q8_0 => q8_0,
         GgmlType::Q4_0 => q4_0,
+        GgmlType::Q4_1 => q4_1,
         GgmlType::Q5_0 => q5_0,
         GgmlType::Q5_1 => q5_1,
         GgmlType::Q4K => q4_k,
@@ -63,6 +64,15 @@ fn q4_0(b: &[u8], y: &mut [f32]) {
         let q = b[2 + j];
         y[j] = ((q & 0x0f) as i32 - 8) as f32 * d;
         y[j + 16] = ((q >> 4) as i32 - 8) as f32 * d;
+    }
+}
+
+fn q4_1(b: &[u8], y: &mut [f32]) {
+    let (d, m) = (half(b), half(&b[2..]));
+    for j in 0..16 {
+        let q = b[4 + j];
+        y[j] = (q & 0x0f) as f32 * d + m;
+        y[j + 16] = (q >> 4) as f32 * d + m;
     }
 }
 
@@ -188,6 +198,7 @@ mod tests {
         for (ours, theirs) in [
             (GgmlType::Q8_0, GgmlDType::Q8_0),
             (GgmlType::Q4_0, GgmlDType::Q4_0),
+            (GgmlType::Q4_1, GgmlDType::Q4_1),
             (GgmlType::Q5_0, GgmlDType::Q5_0),
             (GgmlType::Q5_1, GgmlDType::Q5_1),
             (GgmlType::Q4K, GgmlDType::Q4K),

