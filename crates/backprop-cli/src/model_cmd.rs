@@ -18,11 +18,13 @@ pub enum ModelCommand {
         /// `org/name` or `org/name@revision`
         repo: String,
     },
-    /// Read a GGUF file into a model folder (what `--model file.gguf` trains from, read
-    /// once per file into the cache) and print the folder
+    /// Read a GGUF file, or a model of the local Ollama store (`ollama:NAME[:TAG]`), into
+    /// a model folder (what `--model` trains from, read once per file into the cache)
+    /// and print the folder
     Import {
-        /// A .gguf file (llama, qwen2 or qwen3 with a byte-level BPE vocabulary)
-        gguf: std::path::PathBuf,
+        /// A .gguf file, or `ollama:NAME[:TAG]` (llama, qwen2 or qwen3 with a byte-level
+        /// BPE vocabulary)
+        model: String,
     },
 }
 
@@ -80,15 +82,17 @@ pub fn run(cmd: &ModelCommand) -> Result<ExitCode> {
             println!("{}", crate::print::safe(&dir.display().to_string()));
             Ok(ExitCode::SUCCESS)
         }
-        ModelCommand::Import { gguf } => {
-            if !backpropagate::gguf_base::is_gguf(gguf) {
-                anyhow::bail!("{} is not a .gguf file", gguf.display());
+        ModelCommand::Import { model } => {
+            use backpropagate::gguf_base;
+            let bases = gguf_base::bases_dir();
+            let sink = backpropagate::event::Silent;
+            let dir = if let Some(name) = model.strip_prefix(gguf_base::OLLAMA_PREFIX) {
+                gguf_base::import_ollama(name, &gguf_base::ollama_stores(), &bases, &sink)
+            } else if gguf_base::is_gguf(std::path::Path::new(model)) {
+                gguf_base::import(std::path::Path::new(model), &bases, &sink)
+            } else {
+                anyhow::bail!("{model} is neither a .gguf file nor ollama:NAME[:TAG]");
             }
-            let dir = backpropagate::gguf_base::import(
-                gguf,
-                &backpropagate::gguf_base::bases_dir(),
-                &backpropagate::event::Silent,
-            )
             .map_err(crate::ollama_cmd::with_hint)?;
             println!("{}", crate::print::safe(&dir.display().to_string()));
             Ok(ExitCode::SUCCESS)

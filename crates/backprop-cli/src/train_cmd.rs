@@ -19,7 +19,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 #[derive(Args)]
 pub struct TrainArgs {
     /// Model: a folder (Hugging Face layout: config.json, tokenizer.json, *.safetensors),
-    /// a repo id (org/name[@revision]) or a .gguf file
+    /// a repo id (org/name[@revision]), a .gguf file or ollama:NAME[:TAG]
     #[arg(long, required_unless_present_any = ["resume", "config"])]
     pub model: Option<String>,
     /// JSONL training data

@@ -226,3 +226,117 @@ fn truncated_and_hostile_files_are_refused_naming_the_file() {
     }
     assert!(!bases.join("x").exists());
 }
+
+/// A fake Ollama store laid out as Ollama writes it: manifests per host/namespace/
+/// model/tag naming blobs by digest.
+fn ollama_store(root: &Path, gguf: &Path) -> String {
+    use sha2::{Digest, Sha256};
+    let bytes = std::fs::read(gguf).unwrap();
+    let hex = format!("{:x}", Sha256::digest(&bytes));
+    let blobs = root.join("blobs");
+    std::fs::create_dir_all(&blobs).unwrap();
+    std::fs::write(blobs.join(format!("sha256-{hex}")), &bytes).unwrap();
+    let template = b"{{ .Prompt }}";
+    let thex = format!("{:x}", Sha256::digest(template));
+    std::fs::write(blobs.join(format!("sha256-{thex}")), template).unwrap();
+    let manifest = |layers: &str| {
+        format!(
+            r#"{{"schemaVersion":2,"mediaType":"application/vnd.docker.distribution.manifest.v2+json","config":{{"mediaType":"application/vnd.docker.container.image.v1+json","digest":"sha256:{thex}","size":1}},"layers":[{layers}]}}"#
+        )
+    };
+    let model = format!(
+        r#"{{"mediaType":"application/vnd.ollama.image.model","digest":"sha256:{hex}","size":{}}}"#,
+        bytes.len()
+    );
+    let tmpl = format!(
+        r#"{{"mediaType":"application/vnd.ollama.image.template","digest":"sha256:{thex}","size":13}}"#
+    );
+    let other = |kind: &str| {
+        format!(
+            r#"{{"mediaType":"application/vnd.ollama.image.{kind}","digest":"sha256:{thex}","size":13}}"#
+        )
+    };
+    let lib = root.join("manifests/registry.ollama.ai/library");
+    for (name, layers) in [
+        ("tiny", format!("{model},{tmpl}")),
+        ("seeing", format!("{model},{},{tmpl}", other("projector"))),
+        ("adapted", format!("{model},{},{tmpl}", other("adapter"))),
+        ("gone", model.replace(&hex, &"0".repeat(64))),
+    ] {
+        std::fs::create_dir_all(lib.join(name)).unwrap();
+        std::fs::write(lib.join(name).join("latest"), manifest(&layers)).unwrap();
+    }
+    hex
+}
+
+#[test]
+fn ollama_models_resolve_through_the_store_with_clear_errors() {
+    let runs = tempfile::tempdir().unwrap();
+    let run = Trainer::new(fixture(Family::Qwen2).to_str().unwrap())
+        .batch_size(BatchSize::Fixed(2))
+        .runs_dir(runs.path())
+        .train(samples_dir().join("alpaca.jsonl"), 1)
+        .unwrap()
+        .run_dir;
+    let out = export(
+        &run,
+        &ExportOptions {
+            format: ExportFormat::GgufBase,
+            quant: GgufQuant::F32,
+            ..Default::default()
+        },
+        &Silent,
+    )
+    .unwrap();
+    let file = std::fs::read_dir(&out)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.extension().is_some_and(|e| e == "gguf"))
+        .unwrap();
+    let store = tempfile::tempdir().unwrap();
+    ollama_store(store.path(), &file);
+    let stores = vec![store.path().to_path_buf()];
+    let bases = tempfile::tempdir().unwrap();
+
+    // Names resolve as Ollama's do: default tag, case-insensitive.
+    let dir = gguf_base::import_ollama("TINY", &stores, bases.path(), &Silent).unwrap();
+    let config = ModelConfig::load(&dir.join("config.json")).unwrap();
+    assert_eq!(config.arch.as_str(), "qwen2");
+    let again = gguf_base::import_ollama("tiny:latest", &stores, bases.path(), &Silent).unwrap();
+    assert_eq!(again, dir);
+    // Ollama's files are only read.
+    assert!(
+        std::fs::read_dir(store.path().join("blobs"))
+            .unwrap()
+            .count()
+            == 2
+    );
+
+    let err = |name: &str, stores: &[std::path::PathBuf]| {
+        gguf_base::import_ollama(name, stores, bases.path(), &Silent)
+            .unwrap_err()
+            .to_string()
+    };
+    let e = err("seeing", &stores);
+    assert!(e.contains("vision model"), "{e}");
+    let e = err("adapted", &stores);
+    assert!(e.contains("LoRA adapter"), "{e}");
+    let e = err("gone", &stores);
+    assert!(
+        e.contains("does not have it") && e.contains("ollama pull gone:latest"),
+        "{e}"
+    );
+    let e = err("absent:7b", &stores);
+    assert!(
+        e.contains("has no model `absent:7b`") && e.contains("tiny:latest"),
+        "{e}"
+    );
+    let e = err("../../etc:passwd", &stores);
+    assert!(e.contains("not an Ollama model name"), "{e}");
+    let nowhere = vec![store.path().join("missing")];
+    let e = err("tiny", &nowhere);
+    assert!(
+        e.contains("no Ollama model store") && e.contains("OLLAMA_MODELS"),
+        "{e}"
+    );
+}

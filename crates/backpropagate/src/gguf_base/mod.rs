@@ -9,6 +9,7 @@
 //! q4_0, q4_1, q5_0, q5_1, q8_0, q4_k, q5_k, q6_k), so training, resume and every export
 //! work as for a Hugging Face folder; `--quant` trains a QLoRA base from them.
 
+mod ollama_store;
 mod reader;
 mod tokenizer;
 
@@ -55,20 +56,43 @@ fn identity(gguf: &Path) -> Result<Json> {
     Ok(json!({"path": full.to_string_lossy(), "size": meta.len(), "modified_ns": modified}))
 }
 
+/// The prefix of models in the local Ollama store: `ollama:NAME[:TAG]`.
+pub const OLLAMA_PREFIX: &str = "ollama:";
+
+/// The model folder for `ollama:NAME[:TAG]` (the GGUF blob of that model in the local
+/// Ollama store, read like a GGUF file), looking in `stores` (default:
+/// [`ollama_stores`]).
+pub fn import_ollama(
+    name: &str,
+    stores: &[PathBuf],
+    bases: &Path,
+    sink: &dyn EventSink,
+) -> Result<PathBuf> {
+    let (blob, label) = ollama_store::resolve(name, stores)?;
+    import_as(&blob, &format!("ollama-{label}"), bases, sink)
+}
+
+pub use ollama_store::stores as ollama_stores;
+
 /// The model folder for `gguf`, read into `bases` first unless a folder read from the
 /// same unchanged file is there already.
 pub fn import(gguf: &Path, bases: &Path, sink: &dyn EventSink) -> Result<PathBuf> {
+    let stem = gguf
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    import_as(gguf, &stem, bases, sink)
+}
+
+/// [`import`] into a folder named after `label`.
+fn import_as(gguf: &Path, label: &str, bases: &Path, sink: &dyn EventSink) -> Result<PathBuf> {
     let id = identity(gguf)?;
     let key: String = Sha256::digest(id.to_string().as_bytes())
         .iter()
         .take(8)
         .map(|b| format!("{b:02x}"))
         .collect();
-    let stem = gguf
-        .file_stem()
-        .map(|s| s.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let safe: String = stem
+    let safe: String = label
         .chars()
         .map(|c| {
             if c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.') {

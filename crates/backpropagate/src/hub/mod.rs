@@ -80,6 +80,11 @@ pub fn resolve_tokenizer(
 }
 
 fn resolve(model: &str, want: Want, options: &HubOptions, sink: &dyn EventSink) -> Result<PathBuf> {
+    use crate::gguf_base;
+    if let Some(name) = model.strip_prefix(gguf_base::OLLAMA_PREFIX) {
+        let stores = gguf_base::ollama_stores();
+        return gguf_base::import_ollama(name, &stores, &gguf_base::bases_dir(), sink);
+    }
     match ModelSpec::parse(model) {
         // A GGUF file is read once into a model folder (crate::gguf_base).
         ModelSpec::Local(p) if crate::gguf_base::is_gguf(&p) => {
