@@ -42,6 +42,20 @@ def test_greedy_answer_matches_transformers(backprop, reference):
     assert "Paris" in tok.decode(ours_new)
 
 
+def test_text_reply_matches_transformers_and_stops_at_the_end_of_the_turn(backprop, reference):
+    """`debug generate --prompt` (what the demo's before/after uses): the chat template,
+    greedy decoding and the stop at `<|im_end|>`, as transformers' generate does."""
+    tok, model = reference
+    ids = tok.apply_chat_template(PROMPT, add_generation_prompt=True)
+    with torch.no_grad():
+        ref = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                             max_new_tokens=40, do_sample=False, eos_token_id=tok.eos_token_id)
+    want = tok.decode(ref[0][len(ids):], skip_special_tokens=True).strip()
+    ours = backprop("debug", "generate", "--model", REAL, "--prompt", PROMPT[0]["content"],
+                    "--max-new", "40").stdout.strip()
+    assert ours == want
+
+
 def test_lora_training_lowers_the_loss(backprop, tmp_path):
     runs = tmp_path / "runs"
     data = pathlib.Path(__file__).parents[2] / "assets" / "samples" / "messages.jsonl"

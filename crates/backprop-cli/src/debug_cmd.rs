@@ -24,9 +24,13 @@ pub struct GenerateArgs {
     model: PathBuf,
     #[arg(long)]
     adapter: Option<PathBuf>,
-    /// Prompt token ids, comma-separated
-    #[arg(long, value_delimiter = ',')]
+    /// Prompt token ids, comma-separated (prints the new ids as JSON)
+    #[arg(long, value_delimiter = ',', required_unless_present = "prompt")]
     prompt_ids: Vec<u32>,
+    /// A user message instead: rendered with the chat template, the reply printed as
+    /// text (greedy, up to --max-new tokens or the end of the turn)
+    #[arg(long, conflicts_with = "prompt_ids")]
+    prompt: Option<String>,
     #[arg(long, default_value_t = 16)]
     max_new: usize,
 }
@@ -67,6 +71,17 @@ pub fn run(cmd: &DebugCommand) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         DebugCommand::Generate(a) => {
+            if let Some(prompt) = &a.prompt {
+                let reply = backpropagate::train::probe::answer(
+                    &a.model,
+                    a.adapter.as_deref(),
+                    prompt,
+                    a.max_new,
+                )
+                .map_err(crate::ollama_cmd::with_hint)?;
+                println!("{}", crate::print::safe(&reply));
+                return Ok(ExitCode::SUCCESS);
+            }
             let ids = generate_greedy(&a.model, a.adapter.as_deref(), &a.prompt_ids, a.max_new)?;
             println!("{}", serde_json::to_string(&ids)?);
             Ok(ExitCode::SUCCESS)

@@ -108,6 +108,40 @@ pub fn generate_greedy(
     Ok(ids[prompt.len()..].to_vec())
 }
 
+/// The model's greedy reply (base + `adapter` when given) to one user message, rendered
+/// with its chat template, up to `max_new` tokens or its end-of-turn token: a quick
+/// look at what training changed, without Ollama.
+pub fn answer(
+    model_dir: &Path,
+    adapter_dir: Option<&Path>,
+    prompt: &str,
+    max_new: usize,
+) -> Result<String> {
+    use crate::data::{Encoder, Message, Role};
+    let encoder = Encoder::from_model_dir(model_dir)?;
+    let text = encoder
+        .template()
+        .render(&[Message::new(Role::User, prompt)], true)
+        .map_err(|e| {
+            crate::error::Error::model(model_dir, format!("chat template: {}", e.message))
+        })?;
+    let tok = encoder.tokenizer();
+    let ids = tok
+        .encode(text.as_str(), false)
+        .map_err(|e| {
+            crate::error::Error::model(model_dir, format!("cannot encode the prompt: {e}"))
+        })?
+        .get_ids()
+        .to_vec();
+    let mut out = generate_greedy(model_dir, adapter_dir, &ids, max_new)?;
+    if let Some(end) = out.iter().position(|&t| Some(t) == encoder.eos_id()) {
+        out.truncate(end);
+    }
+    tok.decode(&out, true)
+        .map(|s| s.trim().to_string())
+        .map_err(|e| crate::error::Error::model(model_dir, format!("cannot decode the reply: {e}")))
+}
+
 /// Mean token loss of base + `adapter` on every sample of `data` (dropout off), in
 /// micro-batches of 8 — the held-out measure the forgetting comparison uses.
 pub fn evaluate_adapter(
