@@ -6,7 +6,7 @@
 //! during training, never write the same files at once: the second fails fast.
 
 pub(crate) mod base_reader;
-mod gguf;
+pub(crate) mod gguf;
 pub(crate) mod gguf_file;
 mod merged;
 pub(crate) mod pre_tokenizer;

@@ -244,38 +244,17 @@ fn llama3_scaling(g: &GgufFile, t: &TensorEntry, config: &Json) -> Result<Json> 
     ))
 }
 
-/// Our (Hugging Face) name for a llama.cpp tensor name.
+/// Our (Hugging Face) name for a llama.cpp tensor name: the exporter's table, read the
+/// other way.
 fn hf_name(gguf: &str) -> Option<String> {
-    let fixed = match gguf {
-        "token_embd.weight" => Some("model.embed_tokens.weight"),
-        "output_norm.weight" => Some("model.norm.weight"),
-        "output.weight" => Some("lm_head.weight"),
-        _ => None,
-    };
-    if let Some(f) = fixed {
-        return Some(f.to_string());
+    use crate::export::gguf::{LAYER_NAMES, MODEL_NAMES};
+    if let Some((h, _)) = MODEL_NAMES.iter().find(|(_, g)| *g == gguf) {
+        return Some(h.to_string());
     }
     let rest = gguf.strip_prefix("blk.")?;
     let (layer, name) = rest.split_once('.')?;
     layer.parse::<usize>().ok()?;
-    let mapped = match name {
-        "attn_norm.weight" => "input_layernorm.weight",
-        "ffn_norm.weight" => "post_attention_layernorm.weight",
-        "attn_q.weight" => "self_attn.q_proj.weight",
-        "attn_k.weight" => "self_attn.k_proj.weight",
-        "attn_v.weight" => "self_attn.v_proj.weight",
-        "attn_output.weight" => "self_attn.o_proj.weight",
-        "attn_q.bias" => "self_attn.q_proj.bias",
-        "attn_k.bias" => "self_attn.k_proj.bias",
-        "attn_v.bias" => "self_attn.v_proj.bias",
-        "attn_output.bias" => "self_attn.o_proj.bias",
-        "attn_q_norm.weight" => "self_attn.q_norm.weight",
-        "attn_k_norm.weight" => "self_attn.k_norm.weight",
-        "ffn_gate.weight" => "mlp.gate_proj.weight",
-        "ffn_up.weight" => "mlp.up_proj.weight",
-        "ffn_down.weight" => "mlp.down_proj.weight",
-        _ => return None,
-    };
+    let (mapped, _) = LAYER_NAMES.iter().find(|(_, g)| *g == name)?;
     Some(format!("model.layers.{layer}.{mapped}"))
 }
 
