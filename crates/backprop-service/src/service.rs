@@ -943,12 +943,22 @@ fn local_model(model: &str) -> Result<PathBuf> {
         });
     }
     let path = PathBuf::from(model);
+    // A GGUF file or an Ollama model is read once into a model folder (gguf_base).
+    if model.starts_with(backpropagate::gguf_base::OLLAMA_PREFIX)
+        || backpropagate::gguf_base::is_gguf(&path)
+    {
+        return Ok(resolve_model(
+            model,
+            &HubOptions::from_env(),
+            &backpropagate::event::Silent,
+        )?);
+    }
     if path.join("config.json").is_file() {
         return Ok(path);
     }
     if path.exists() {
         return Err(bad(format!("{model} has no config.json")).hint(
-            "Pick the folder that holds config.json, tokenizer.json and the .safetensors files.",
+            "Pick the folder that holds config.json, tokenizer.json and the .safetensors files, or a .gguf file.",
         ));
     }
     Err(ServiceError::new(
