@@ -171,6 +171,24 @@ fn training_from_a_gguf_path_works() {
         .info()
         .unwrap();
     assert!(info.model_dir.starts_with(home.path().join("bases")));
+
+    // The folder is a cache: deleted, it is read again from the file for an export.
+    std::fs::remove_dir_all(home.path().join("bases")).unwrap();
+    let adapter = ExportOptions {
+        format: ExportFormat::Merged,
+        ..Default::default()
+    };
+    export(&summary.run_dir, &adapter, &Silent).unwrap();
+    assert!(info.model_dir.join("config.json").is_file());
+    // A file that changed since would give other weights: refused.
+    std::fs::remove_dir_all(home.path().join("bases")).unwrap();
+    let bytes = std::fs::read(&file).unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(20));
+    std::fs::write(&file, &bytes).unwrap();
+    let err = export(&summary.run_dir, &adapter, &Silent)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("has changed since the run started"), "{err}");
 }
 
 #[test]

@@ -131,6 +131,7 @@ pub fn export_locked(
 ) -> Result<PathBuf> {
     let run = RunDir::open(lock.run_dir())?;
     let info = run.info()?;
+    crate::gguf_base::ensure_base(&info.model_dir, &run.config()?.model, sink)?;
     let adapter = adapter_source(&run, info.status, sink)?;
     let name = export_name(options);
     let exports = run.path().join("exports");

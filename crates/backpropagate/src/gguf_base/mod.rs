@@ -74,6 +74,33 @@ pub fn import_ollama(
 
 pub use ollama_store::stores as ollama_stores;
 
+/// A run's model folder read from a GGUF file or an Ollama model (`spec`, as the run
+/// was started with) is only a cache: when it is gone, the file is read again. If the
+/// file changed since, it would read into another folder, and the run (whose adapter
+/// belongs to the old weights) is refused instead. Other models are left alone.
+pub fn ensure_base(model_dir: &Path, spec: &str, sink: &dyn EventSink) -> Result<()> {
+    if model_dir.join("config.json").is_file() {
+        return Ok(());
+    }
+    let restored = if let Some(name) = spec.strip_prefix(OLLAMA_PREFIX) {
+        import_ollama(name, &ollama_stores(), &bases_dir(), sink)?
+    } else if is_gguf(Path::new(spec)) {
+        import(Path::new(spec), &bases_dir(), sink)?
+    } else {
+        return Ok(());
+    };
+    if restored != model_dir {
+        return Err(Error::model(
+            model_dir,
+            format!(
+                "this run's base was read from {spec}, which has changed since the run started (it now reads into {}): the run's adapter belongs to the old weights; restore that file, or start a new run",
+                restored.display()
+            ),
+        ));
+    }
+    Ok(())
+}
+
 /// The model folder for `gguf`, read into `bases` first unless a folder read from the
 /// same unchanged file is there already.
 pub fn import(gguf: &Path, bases: &Path, sink: &dyn EventSink) -> Result<PathBuf> {

@@ -95,6 +95,7 @@ pub fn push_run(run_dir: &Path, options: &PushOptions, sink: &dyn EventSink) -> 
         .map_err(|e| Error::io(run_dir, e))?;
     let client = options.client()?;
 
+    crate::gguf_base::ensure_base(&info.model_dir, &run.config()?.model, sink)?;
     // Cheap checks first: a stopped Ollama or a taken name must not cost an export.
     let cancel = options.cancel.as_ref();
     let arch = crate::model::ModelConfig::load(&info.model_dir.join("config.json"))?.arch;

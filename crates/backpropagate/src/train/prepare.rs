@@ -46,6 +46,7 @@ impl Session {
         sink: &dyn EventSink,
         memory_limit: Option<u64>,
     ) -> Result<Self> {
+        crate::gguf_base::ensure_base(&info.model_dir, &config.model, sink)?;
         let model_config = ModelConfig::load(
             &crate::model_dir::ModelDir::open(&info.model_dir)?
                 .require("config.json", "the model architecture")?,
