@@ -40,32 +40,33 @@ fn tensors(dir: &Path) -> Vec<(String, Vec<usize>, Vec<f32>)> {
     out
 }
 
+/// Our GGUF of `family`'s fixture (the base of a one-step run, exported as `quant`).
+fn our_gguf(family: Family, quant: GgufQuant, runs: &Path) -> std::path::PathBuf {
+    let run = Trainer::new(fixture(family).to_str().unwrap())
+        .batch_size(BatchSize::Fixed(2))
+        .runs_dir(runs)
+        .train(samples_dir().join("alpaca.jsonl"), 1)
+        .unwrap()
+        .run_dir;
+    let options = ExportOptions {
+        format: ExportFormat::GgufBase,
+        quant,
+        ..Default::default()
+    };
+    let out = export(&run, &options, &Silent).unwrap();
+    std::fs::read_dir(&out)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.extension().is_some_and(|e| e == "gguf"))
+        .unwrap()
+}
+
 #[test]
 fn our_gguf_of_every_family_reads_back_into_the_same_model() {
     for family in Family::ALL {
         let runs = tempfile::tempdir().unwrap();
         let model = fixture(family);
-        let run = Trainer::new(model.to_str().unwrap())
-            .batch_size(BatchSize::Fixed(2))
-            .runs_dir(runs.path())
-            .train(samples_dir().join("alpaca.jsonl"), 1)
-            .unwrap()
-            .run_dir;
-        let out = export(
-            &run,
-            &ExportOptions {
-                format: ExportFormat::GgufBase,
-                quant: GgufQuant::F32,
-                ..Default::default()
-            },
-            &Silent,
-        )
-        .unwrap();
-        let file = std::fs::read_dir(&out)
-            .unwrap()
-            .map(|e| e.unwrap().path())
-            .find(|p| p.extension().is_some_and(|e| e == "gguf"))
-            .unwrap();
+        let file = our_gguf(family, GgufQuant::F32, runs.path());
         let bases = tempfile::tempdir().unwrap();
         let dir = gguf_base::import(&file, bases.path(), &Silent).unwrap();
 
@@ -137,27 +138,7 @@ fn our_gguf_of_every_family_reads_back_into_the_same_model() {
 #[test]
 fn training_from_a_gguf_path_works() {
     let runs = tempfile::tempdir().unwrap();
-    let run = Trainer::new(fixture(Family::Qwen2).to_str().unwrap())
-        .batch_size(BatchSize::Fixed(2))
-        .runs_dir(runs.path())
-        .train(samples_dir().join("alpaca.jsonl"), 1)
-        .unwrap()
-        .run_dir;
-    let out = export(
-        &run,
-        &ExportOptions {
-            format: ExportFormat::GgufBase,
-            quant: GgufQuant::Q8_0,
-            ..Default::default()
-        },
-        &Silent,
-    )
-    .unwrap();
-    let file = std::fs::read_dir(&out)
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .find(|p| p.extension().is_some_and(|e| e == "gguf"))
-        .unwrap();
+    let file = our_gguf(Family::Qwen2, GgufQuant::Q8_0, runs.path());
     let home = tempfile::tempdir().unwrap();
     std::env::set_var("BACKPROP_HOME", home.path());
     let summary = Trainer::new(file.to_str().unwrap())
@@ -290,27 +271,7 @@ fn ollama_store(root: &Path, gguf: &Path) -> String {
 #[test]
 fn ollama_models_resolve_through_the_store_with_clear_errors() {
     let runs = tempfile::tempdir().unwrap();
-    let run = Trainer::new(fixture(Family::Qwen2).to_str().unwrap())
-        .batch_size(BatchSize::Fixed(2))
-        .runs_dir(runs.path())
-        .train(samples_dir().join("alpaca.jsonl"), 1)
-        .unwrap()
-        .run_dir;
-    let out = export(
-        &run,
-        &ExportOptions {
-            format: ExportFormat::GgufBase,
-            quant: GgufQuant::F32,
-            ..Default::default()
-        },
-        &Silent,
-    )
-    .unwrap();
-    let file = std::fs::read_dir(&out)
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .find(|p| p.extension().is_some_and(|e| e == "gguf"))
-        .unwrap();
+    let file = our_gguf(Family::Qwen2, GgufQuant::F32, runs.path());
     let store = tempfile::tempdir().unwrap();
     ollama_store(store.path(), &file);
     let stores = vec![store.path().to_path_buf()];

@@ -66,9 +66,8 @@ pub fn q5_0_block(x: &[f32], out: &mut [u8]) {
     out[2..6].copy_from_slice(&qh.to_le_bytes());
 }
 
-/// 32 values → d, m (f16), 32 high bits, 16 bytes of low nibbles; codes from the minimum.
-/// ggml's `quantize_row_q4_1_ref`: d = (max - min) / 15, m = min, 4-bit codes.
-pub fn q4_1_block(x: &[f32], out: &mut [u8]) {
+/// The smallest and largest value of a block, as ggml's `_1` quantizers scan it.
+fn min_max(x: &[f32]) -> (f32, f32) {
     let (mut min, mut max) = (f32::MAX, -f32::MAX);
     for &v in x {
         if v < min {
@@ -78,6 +77,12 @@ pub fn q4_1_block(x: &[f32], out: &mut [u8]) {
             max = v;
         }
     }
+    (min, max)
+}
+
+/// ggml's `quantize_row_q4_1_ref`: d = (max - min) / 15, m = min, 4-bit codes.
+pub fn q4_1_block(x: &[f32], out: &mut [u8]) {
+    let (min, max) = min_max(x);
     let d = (max - min) / 15.0;
     let id = if d != 0.0 { 1.0 / d } else { 0.0 };
     out[..2].copy_from_slice(&fp16(d));
@@ -89,16 +94,9 @@ pub fn q4_1_block(x: &[f32], out: &mut [u8]) {
     }
 }
 
+/// 32 values → d, m (f16), 32 high bits, 16 bytes of low nibbles; codes from the minimum.
 pub fn q5_1_block(x: &[f32], out: &mut [u8]) {
-    let (mut min, mut max) = (f32::MAX, -f32::MAX);
-    for &v in x {
-        if v < min {
-            min = v;
-        }
-        if v > max {
-            max = v;
-        }
-    }
+    let (min, max) = min_max(x);
     let d = (max - min) / 31.0;
     let id = if d != 0.0 { 1.0 / d } else { 0.0 };
     out[..2].copy_from_slice(&fp16(d));
