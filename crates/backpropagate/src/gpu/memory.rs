@@ -125,7 +125,7 @@ pub fn estimate(
 ) -> Estimate {
     let s = shape;
     let saved = 10 * s.hidden + 2 * s.kv_dim + 3 * s.intermediate + 7 * lora_r;
-    let kept = kept_per_token(s, saved, recomputed, 0);
+    let kept = kept_per_token(s, saved, recomputed, s.hidden, 0);
     // The LM head runs a chunk of rows at a time (`ChunkedLmLossAny`): per token only
     // its hidden-state gradient and loss are kept.
     let per_token = activation_bytes * (kept + s.hidden) + 4;
@@ -158,16 +158,23 @@ const ATTENTION_COPIES: u64 = 8;
 const RECOMPUTE_LIVE: u64 = 3;
 
 /// Values kept per token across the layers: `saved` for each layer that is not
-/// recomputed, its input (h) for each that is, plus the one layer being recomputed (or
-/// `backward_extra` layers of backward work when none is).
-fn kept_per_token(s: &Shape, saved: u64, recomputed: u64, backward_extra: u64) -> u64 {
+/// recomputed, `checkpoint` for each that is (its input, h, and on the fused path its
+/// attention output), plus the one layer being recomputed (or `backward_extra` layers
+/// of backward work when none is).
+fn kept_per_token(
+    s: &Shape,
+    saved: u64,
+    recomputed: u64,
+    checkpoint: u64,
+    backward_extra: u64,
+) -> u64 {
     let c = recomputed.min(s.layers);
     let live = if c > 0 {
         RECOMPUTE_LIVE
     } else {
         backward_extra
     };
-    (s.layers - c) * saved + c * s.hidden + live * saved
+    (s.layers - c) * saved + c * checkpoint + live * saved
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -242,7 +249,8 @@ fn parse_meminfo(text: &str) -> Option<u64> {
 /// one linear's backward workspace (its input gradient, its dropped-out input and the
 /// LoRA term through the mask: 3 rows of the widest input).
 /// `linear_bits` is 16 for a bf16/f16 checkpoint, whose linears stay in 16 bits.
-/// `recomputed`: layers under gradient checkpointing (their input kept instead).
+/// `recomputed`: layers under gradient checkpointing (their input kept instead, and
+/// their attention output and log-sum-exps: `model/attention_op.rs`, `KeptAttention`).
 /// `bf16_products`: the LM head is also held packed in bf16, once per orientation.
 pub fn estimate_fused(
     shape: &Shape,
@@ -255,7 +263,9 @@ pub fn estimate_fused(
     let s = shape;
     let saved = 6 * s.hidden + 3 * s.q_dim + 3 * s.kv_dim + 3 * s.intermediate + s.heads;
     let workspace = 3 * s.intermediate.max(s.hidden);
-    let per_token = 4 * (kept_per_token(s, saved, recomputed, 1) + 4 * s.hidden + workspace);
+    let checkpoint = s.hidden + s.q_dim + s.heads;
+    let per_token =
+        4 * (kept_per_token(s, saved, recomputed, checkpoint, 1) + 4 * s.hidden + workspace);
     Estimate {
         fixed_bytes: ((s.params - s.dense_params) as f64 * linear_bits / 8.0).ceil() as u64
             + s.dense_params * 4
@@ -335,17 +345,18 @@ mod tests {
         assert_eq!(e.per_sample_bytes, 32 * 4 * (3 * 1060 + 256 + 384));
         // 200k 16-bit weights + 16 384 × 16 + the logits chunk + 96 MiB.
         assert_eq!(e.fixed_bytes, 400_000 + 262_144 + (32 << 20) + (96 << 20));
-        // One of the two layers recomputed: it keeps its input (64), the other layer
-        // its saved set, and three saved sets are live while it is recomputed.
+        // One of the two layers recomputed: it keeps its input (64) and its attention
+        // output and log-sum-exps (64 + 4), the other layer its saved set, and three
+        // saved sets are live while it is recomputed.
         let one = estimate_fused(&SHAPE, 32, 8, 16.0, 1, false);
         assert_eq!(
             one.per_sample_bytes,
-            32 * 4 * (1060 + 64 + 3 * 1060 + 256 + 384)
+            32 * 4 * (1060 + 132 + 3 * 1060 + 256 + 384)
         );
         let all = estimate_fused(&SHAPE, 32, 8, 16.0, 2, false);
         assert_eq!(
             all.per_sample_bytes,
-            32 * 4 * (2 * 64 + 3 * 1060 + 256 + 384)
+            32 * 4 * (2 * 132 + 3 * 1060 + 256 + 384)
         );
         assert_eq!(all.fixed_bytes, e.fixed_bytes);
         // bf16 products add the LM head packed twice in bf16: 2 × 2 × 1000 × 64.

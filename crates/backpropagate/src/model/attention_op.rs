@@ -33,7 +33,18 @@ pub struct Attention {
     n_rep: usize,
     /// (heads, t) log-sum-exp of each score row, from the forward.
     lse: Mutex<Option<Vec<f32>>>,
+    kept: Option<Arc<KeptAttention>>,
 }
+
+/// A checkpointed layer's attention output and log-sum-exps from its first forward,
+/// handed to the same layer's recomputation in backward so that it skips the
+/// attention forward: at long context that is the costliest part of recomputing a
+/// layer (the scores grow with the square of the length, the rest linearly), and it
+/// costs `heads · (head_dim + 1)` values per token, about one more layer input. The
+/// recomputed q, k and v are bit for bit the first pass's (same inputs, same dropout
+/// seeds), so the kept output is exactly what the recomputation would give.
+#[derive(Default)]
+pub struct KeptAttention(Mutex<Option<(Vec<f32>, Vec<f32>)>>);
 
 /// The sizes of one call: query heads, k/v heads, positions, head dim.
 #[derive(Clone, Copy)]
@@ -50,7 +61,15 @@ impl Attention {
             segments,
             n_rep,
             lse: Mutex::new(None),
+            kept: None,
         }
+    }
+
+    /// The op of a checkpointed layer: its first forward leaves its output in `kept`,
+    /// and the recomputation takes it from there instead of computing it again.
+    pub fn keeping(mut self, kept: Arc<KeptAttention>) -> Self {
+        self.kept = Some(kept);
+        self
     }
 
     fn dims(&self, q: &Layout, k: &Layout, v: &Layout) -> Result<Dims> {
@@ -143,6 +162,15 @@ impl CustomOp3 for Attention {
     ) -> Result<(CpuStorage, Shape)> {
         let _span = profile::span(Part::Attention);
         let Dims { h, kv, t, d } = self.dims(ql, kl, vl)?;
+        let shape = Shape::from((1, t, h * d));
+        let slot = self.kept.as_ref().map(|k| &k.0);
+        if let Some((out, lse)) = slot.and_then(|s| s.lock().expect("attention lock").take()) {
+            if out.len() != t * h * d || lse.len() != h * t {
+                bail!("fused attention: the kept output does not match the recomputation");
+            }
+            *self.lse.lock().expect("attention lock") = Some(lse);
+            return Ok((CpuStorage::F32(out), shape));
+        }
         let (q, k, v) = (values(qs, ql)?, values(ks, kl)?, values(vs, vl)?);
         let n_rep = self.n_rep;
         let tasks = self.tasks(kv);
@@ -163,8 +191,11 @@ impl CustomOp3 for Attention {
                 }
             }
         }
+        if let Some(slot) = slot {
+            *slot.lock().expect("attention lock") = Some((out.clone(), lse.clone()));
+        }
         *self.lse.lock().expect("attention lock") = Some(lse);
-        Ok((CpuStorage::F32(out), Shape::from((1, t, h * d))))
+        Ok((CpuStorage::F32(out), shape))
     }
 
     fn bwd(
@@ -284,11 +315,54 @@ fn live_keys(i0: usize, ii: usize, j0: usize, w: usize) -> usize {
     (i0 + ii + 1).saturating_sub(j0).min(w)
 }
 
+/// Whether the per-tile loops (exp, maxima, sums, masks) can run compiled for AVX-512.
+/// Checked once per task; the detection is cached by the standard library.
+fn avx512() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::is_x86_feature_detected!("avx512f")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// [`block_forward_any`] compiled for AVX-512: the same IEEE operations on 16 lanes
+/// (no fused multiply-adds are formed, and the lane sums keep their order), so the
+/// results are bit for bit those of the baseline build, at a quarter of the
+/// instructions for the exponentials that dominate the loops between products.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn block_forward_avx512(
+    task: &Task,
+    n_rep: usize,
+    dims: (usize, usize, usize),
+    qkv: (&[f32], &[f32], &[f32]),
+) -> Result<(Vec<f32>, Vec<f32>)> {
+    block_forward_any(task, n_rep, dims, qkv)
+}
+
+fn block_forward(
+    task: &Task,
+    n_rep: usize,
+    dims: (usize, usize, usize),
+    qkv: (&[f32], &[f32], &[f32]),
+) -> Result<(Vec<f32>, Vec<f32>)> {
+    #[cfg(target_arch = "x86_64")]
+    if avx512() {
+        // SAFETY: the CPU has AVX-512 F.
+        return unsafe { block_forward_avx512(task, n_rep, dims, qkv) };
+    }
+    block_forward_any(task, n_rep, dims, qkv)
+}
+
 /// One task's forward: for each tile of keys, the stacked scores `q kᵀ`, an online
 /// softmax (running row maximum and sum, earlier output rescaled when the maximum
 /// grows) and the output accumulated from `p v`. Returns the task's output rows
 /// (head by head) and their log-sum-exps.
-fn block_forward(
+#[inline(always)]
+fn block_forward_any(
     task: &Task,
     n_rep: usize,
     (kv, t, d): (usize, usize, usize),
@@ -346,17 +420,49 @@ fn block_forward(
     Ok((out, lse))
 }
 
+type Grads = (Vec<f32>, Vec<f32>, Vec<f32>);
+
+/// [`block_backward_any`] compiled for AVX-512, bit for bit the same (see
+/// [`block_forward_avx512`]).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn block_backward_avx512(
+    task: &Task,
+    n_rep: usize,
+    dims: (usize, usize, usize, usize),
+    qkvg: (&[f32], &[f32], &[f32], &[f32]),
+    saved: (&[f32], &[f32]),
+) -> Result<Grads> {
+    block_backward_any(task, n_rep, dims, qkvg, saved)
+}
+
+fn block_backward(
+    task: &Task,
+    n_rep: usize,
+    dims: (usize, usize, usize, usize),
+    qkvg: (&[f32], &[f32], &[f32], &[f32]),
+    saved: (&[f32], &[f32]),
+) -> Result<Grads> {
+    #[cfg(target_arch = "x86_64")]
+    if avx512() {
+        // SAFETY: the CPU has AVX-512 F.
+        return unsafe { block_backward_avx512(task, n_rep, dims, qkvg, saved) };
+    }
+    block_backward_any(task, n_rep, dims, qkvg, saved)
+}
+
 /// One task's backward, tile of keys by tile: the probabilities recomputed from the
 /// scores and the saved log-sum-exps, then dq for its rows and its shares of dk and
 /// dv (keys 0..i1). The softmax's row term Σ p·dp equals the row's dO·O, so it is
 /// taken from the output once and each tile needs only its own keys.
-fn block_backward(
+#[inline(always)]
+fn block_backward_any(
     task: &Task,
     n_rep: usize,
     (h, kv, t, d): (usize, usize, usize, usize),
     (q, k, v, go): (&[f32], &[f32], &[f32], &[f32]),
     (o, lse): (&[f32], &[f32]),
-) -> Result<(Vec<f32>, Vec<f32>, Vec<f32>)> {
+) -> Result<Grads> {
     let Task { s0, g, i0, i1 } = *task;
     let m = task.rows();
     let rows = n_rep * m;
@@ -406,4 +512,141 @@ fn block_backward(
         matmul_serial(dkt, true, 1.0, Mat::t(dp, rows, w), Mat::rm(&qs, rows, d))?;
     }
     Ok((dq, dk, dv))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var};
+
+    const H: usize = 6;
+    const KV: usize = 2;
+    const D: usize = 16;
+
+    /// Two segments over several query blocks and key tiles (the second segment's
+    /// last block sees keys across a tile boundary).
+    fn inputs() -> (Arc<Vec<(usize, usize)>>, Var, Var, Var) {
+        let dev = Device::Cpu;
+        let t = 70 + 300;
+        let seeded = |n: usize, salt: usize| -> Vec<f32> {
+            (0..n)
+                .map(|i| (((i * 7919 + salt * 104_729) % 2003) as f32 / 1001.5 - 1.0) * 0.7)
+                .collect()
+        };
+        let var = |data: Vec<f32>, shape: (usize, usize, usize, usize)| {
+            Var::from_tensor(&Tensor::from_vec(data, shape, &dev).unwrap()).unwrap()
+        };
+        (
+            Arc::new(vec![(0, 70), (70, 300)]),
+            var(seeded(H * t * D, 1), (1, H, t, D)),
+            var(seeded(KV * t * D, 2), (1, KV, t, D)),
+            var(seeded(t * KV * D, 3), (1, t, KV, D)),
+        )
+    }
+
+    fn bits(t: &Tensor) -> Vec<u32> {
+        let v = t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        v.iter().map(|x| x.to_bits()).collect()
+    }
+
+    /// Output and (dq, dk, dv) of the op under a fixed upstream gradient.
+    fn run(op: Attention, q: &Var, k: &Var, v: &Var) -> (Vec<u32>, Vec<Vec<u32>>) {
+        let out = q.apply_op3(k, v, op).unwrap();
+        let weights = Tensor::arange(0f32, out.elem_count() as f32, out.device())
+            .unwrap()
+            .reshape(out.shape())
+            .unwrap()
+            .affine(1e-4, -0.3)
+            .unwrap()
+            .sin()
+            .unwrap();
+        let grads = (&out * weights)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        let g = |x: &Var| bits(grads.get(x.as_tensor()).unwrap());
+        (bits(&out), vec![g(q), g(k), g(v)])
+    }
+
+    #[test]
+    fn a_kept_output_is_handed_to_the_recomputation_once_and_changes_nothing() {
+        let (segments, q, k, v) = inputs();
+        let plain = run(Attention::new(segments.clone(), H / KV), &q, &k, &v);
+        let kept = Arc::new(KeptAttention::default());
+        let first = run(
+            Attention::new(segments.clone(), H / KV).keeping(kept.clone()),
+            &q,
+            &k,
+            &v,
+        );
+        assert_eq!(first, plain);
+        assert!(
+            kept.0.lock().unwrap().is_some(),
+            "the first pass keeps its output"
+        );
+        let again = run(
+            Attention::new(segments.clone(), H / KV).keeping(kept.clone()),
+            &q,
+            &k,
+            &v,
+        );
+        assert_eq!(again, plain, "the recomputation's output and gradients");
+        assert!(kept.0.lock().unwrap().is_none(), "taken, not copied");
+        // Proof that the second pass took the kept output rather than computing: fed
+        // other queries, it still returns the first pass's output.
+        let (_, q2, _, _) = inputs();
+        let other = Var::from_tensor(&(q2.as_tensor() * 0.5).unwrap()).unwrap();
+        let op = Attention::new(segments.clone(), H / KV).keeping(kept.clone());
+        let _ = q.apply_op3(&k, &v, op).unwrap();
+        let out = other
+            .apply_op3(&k, &v, Attention::new(segments, H / KV).keeping(kept))
+            .unwrap();
+        assert_eq!(bits(&out), plain.0);
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn the_avx512_build_of_the_tile_loops_gives_the_baseline_bits() {
+        if !avx512() {
+            eprintln!("skipped: this CPU has no AVX-512");
+            return;
+        }
+        let (segments, q, k, v) = inputs();
+        let t = q.dims()[2];
+        let op = Attention::new(segments.clone(), H / KV);
+        let task_list = op.tasks(KV);
+        let data = |x: &Var| x.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let (q, k, v) = (data(&q), data(&k), data(&v));
+        let go: Vec<f32> = (0..t * H * D)
+            .map(|i| ((i % 97) as f32 - 48.0) / 50.0)
+            .collect();
+        for task in &task_list {
+            let plain = block_forward_any(task, H / KV, (KV, t, D), (&q, &k, &v)).unwrap();
+            // SAFETY: checked above that the CPU has AVX-512 F.
+            let wide =
+                unsafe { block_forward_avx512(task, H / KV, (KV, t, D), (&q, &k, &v)) }.unwrap();
+            assert_eq!(plain, wide);
+            // Backward reads the whole output and log-sum-exps; a task's own rows are
+            // enough for its recomputed probabilities, the rest may stay zero.
+            let mut o = vec![0f32; t * H * D];
+            let mut lse = vec![f32::NEG_INFINITY; H * t];
+            let m = task.rows();
+            for r in 0..H / KV {
+                let hi = task.g * (H / KV) + r;
+                for i in 0..m {
+                    let pos = task.s0 + task.i0 + i;
+                    o[(pos * H + hi) * D..][..D].copy_from_slice(&plain.0[(r * m + i) * D..][..D]);
+                    lse[hi * t + pos] = plain.1[r * m + i];
+                }
+            }
+            let dims = (H, KV, t, D);
+            let back = block_backward_any(task, H / KV, dims, (&q, &k, &v, &go), (&o, &lse));
+            // SAFETY: as above.
+            let wide_back =
+                unsafe { block_backward_avx512(task, H / KV, dims, (&q, &k, &v, &go), (&o, &lse)) };
+            assert_eq!(back.unwrap(), wide_back.unwrap());
+        }
+    }
 }

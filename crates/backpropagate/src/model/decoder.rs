@@ -11,7 +11,7 @@ use rand::Rng;
 use rand_chacha::ChaCha8Rng;
 
 use super::attention_any::blocked_attention;
-use super::attention_op::Attention;
+use super::attention_op::{Attention, KeptAttention};
 use super::blas_bf16::{self, Products};
 use super::config::ModelConfig;
 use super::frozen_linear::FrozenLinear;
@@ -202,12 +202,15 @@ impl Layer {
     }
 
     /// One pass through the layer: `h` in, `h` out, with `seeds` from [`Layer::draw_seeds`].
+    /// `kept` is a checkpointed layer's attention output, shared by its first pass and
+    /// its recomputation (fused ops only).
     fn forward(
         &self,
         h: &Tensor,
         pass: &LayerPass,
         seeds: &[Option<u64>],
         track: bool,
+        kept: Option<&Arc<KeptAttention>>,
     ) -> CResult<Tensor> {
         let seed = |i: usize| seeds.get(i).copied().flatten();
         match pass {
@@ -255,7 +258,10 @@ impl Layer {
                 };
                 let q = q.contiguous()?.apply_op1(rope(1.0 / (d as f32).sqrt()))?;
                 let k = k.contiguous()?.apply_op1(rope(1.0))?;
-                let op = Attention::new(p.segments.clone(), p.heads / p.kv);
+                let mut op = Attention::new(p.segments.clone(), p.heads / p.kv);
+                if let Some(kept) = kept {
+                    op = op.keeping(kept.clone());
+                }
                 let attn = q.apply_op3(&k, &v.contiguous()?, op)?;
                 let h = (h + lin(&self.o, &attn, 3)?)?;
                 let x = rms_norm(&h, &self.post_norm, p.eps)?;
@@ -745,11 +751,12 @@ impl CausalLm {
             let seeds = layer.draw_seeds(&mut rng);
             h = if recompute && i < self.recompute_layers {
                 let (layer_, pass) = (layer.clone(), pass.clone());
+                let kept = Arc::new(KeptAttention::default());
                 let run: recompute::LayerFn =
-                    Arc::new(move |x, track| layer_.forward(x, &pass, &seeds, track));
+                    Arc::new(move |x, track| layer_.forward(x, &pass, &seeds, track, Some(&kept)));
                 recompute::checkpoint(&h, run, layer.lora_vars(), &self.recompute_grads)?
             } else {
-                layer.forward(&h, &pass, &seeds, true)?
+                layer.forward(&h, &pass, &seeds, true, None)?
             };
         }
         Ok(h)

@@ -42,6 +42,7 @@ const LANES: usize = 16;
 
 /// The largest value of `row` (−∞ for an empty row), in independent lanes so that it
 /// vectorizes.
+#[inline(always)]
 pub fn max(row: &[f32]) -> f32 {
     let mut acc = [f32::NEG_INFINITY; LANES];
     let chunks = row.chunks_exact(LANES);
@@ -57,6 +58,7 @@ pub fn max(row: &[f32]) -> f32 {
 
 /// `out = exp(row − shift)`; returns the sum of `out` (added in lanes, so the order is
 /// fixed but not left to right).
+#[inline(always)]
 pub fn exp_shifted_into(row: &[f32], shift: f32, out: &mut [f32]) -> f32 {
     for (o, &v) in out.iter_mut().zip(row) {
         *o = exp(v - shift);
@@ -65,6 +67,7 @@ pub fn exp_shifted_into(row: &[f32], shift: f32, out: &mut [f32]) -> f32 {
 }
 
 /// [`exp_shifted_into`] in place.
+#[inline(always)]
 pub fn exp_shifted_in_place(row: &mut [f32], shift: f32) -> f32 {
     for v in row.iter_mut() {
         *v = exp(*v - shift);
@@ -73,6 +76,7 @@ pub fn exp_shifted_in_place(row: &mut [f32], shift: f32) -> f32 {
 }
 
 /// The sum of `row`, in lanes.
+#[inline(always)]
 pub fn sum(row: &[f32]) -> f32 {
     let mut acc = [0f32; LANES];
     let chunks = row.chunks_exact(LANES);
@@ -86,6 +90,7 @@ pub fn sum(row: &[f32]) -> f32 {
 }
 
 /// `Σ a·b`, in lanes.
+#[inline(always)]
 pub fn dot(a: &[f32], b: &[f32]) -> f32 {
     let mut acc = [0f32; LANES];
     let n = a.len().min(b.len());
