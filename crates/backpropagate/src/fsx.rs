@@ -66,6 +66,88 @@ pub fn write_f32_safetensors(
     write_atomic(path, &out)
 }
 
+/// One tensor of a safetensors file written by [`write_safetensors_streamed`]: its
+/// name, safetensors dtype (`"F32"`, `"F16"`, `"BF16"`, `"U8"`), shape and byte size.
+pub struct TensorSlot {
+    pub name: String,
+    pub dtype: &'static str,
+    pub shape: Vec<usize>,
+    pub bytes: u64,
+}
+
+/// Writes a safetensors file one tensor at a time: `fill(i, out)` writes tensor `i`'s
+/// bytes, so only one tensor is in memory however large the file (a 7B model read
+/// from a GGUF). Each tensor must write exactly its `bytes`; the file is written to a
+/// temporary name, fsynced and renamed, with the `format: pt` metadata.
+pub fn write_safetensors_streamed(
+    path: &Path,
+    slots: &[TensorSlot],
+    mut fill: impl FnMut(usize, &mut dyn Write) -> Result<()>,
+) -> Result<()> {
+    let mut header = serde_json::Map::new();
+    header.insert("__metadata__".into(), serde_json::json!({"format": "pt"}));
+    let mut offset = 0u64;
+    for s in slots {
+        header.insert(
+            s.name.clone(),
+            serde_json::json!({"dtype": s.dtype, "shape": s.shape, "data_offsets": [offset, offset + s.bytes]}),
+        );
+        offset += s.bytes;
+    }
+    let mut text = serde_json::Value::Object(header).to_string().into_bytes();
+    // Data starts 8-aligned, as the safetensors library writes it.
+    while !(8 + text.len()).is_multiple_of(8) {
+        text.push(b' ');
+    }
+    let (dir, name) = folder_and_name(path);
+    let tmp = dir.join(format!(".{name}.tmp-{}", unique_suffix()));
+    let result = (|| {
+        let mut out = std::io::BufWriter::with_capacity(1 << 20, File::create(&tmp)?);
+        out.write_all(&(text.len() as u64).to_le_bytes())?;
+        out.write_all(&text)?;
+        for (i, s) in slots.iter().enumerate() {
+            let mut counted = Counted {
+                inner: &mut out,
+                written: 0,
+            };
+            fill(i, &mut counted).map_err(std::io::Error::other)?;
+            if counted.written != s.bytes {
+                return Err(std::io::Error::other(format!(
+                    "tensor `{}` wrote {} bytes of {}",
+                    s.name, counted.written, s.bytes
+                )));
+            }
+        }
+        let f = out.into_inner().map_err(|e| e.into_error())?;
+        f.sync_all()?;
+        drop(f);
+        std::fs::rename(&tmp, path)?;
+        sync_dir(dir);
+        Ok(())
+    })();
+    result.map_err(|e| {
+        let _ = std::fs::remove_file(&tmp);
+        Error::io(path, e)
+    })
+}
+
+struct Counted<'a, W: Write> {
+    inner: &'a mut W,
+    written: u64,
+}
+
+impl<W: Write> Write for Counted<'_, W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.written += n as u64;
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
+}
+
 /// Puts the complete folder `tmp` in place of `dest` (absent or a finished earlier
 /// copy): `dest` is moved aside, `tmp` renamed onto it, then the old copy removed. A
 /// crash at any point leaves either the old folder, the new one, or none under `dest`,

@@ -319,3 +319,101 @@ fn ollama_models_resolve_through_the_store_with_clear_errors() {
         "{e}"
     );
 }
+
+/// The raw tensors of a folder's model.safetensors: (dtype, shape, bytes) by name.
+fn stored(
+    dir: &Path,
+) -> std::collections::BTreeMap<String, (safetensors::Dtype, Vec<usize>, Vec<u8>)> {
+    let bytes = std::fs::read(dir.join("model.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    st.tensors()
+        .into_iter()
+        .map(|(name, v)| (name, (v.dtype(), v.shape().to_vec(), v.data().to_vec())))
+        .collect()
+}
+
+#[test]
+fn a_quantized_gguf_base_keeps_its_blocks_and_trains_on_them_with_a_bit_identical_resume() {
+    use backpropagate::event::Event;
+    use backpropagate::quant::{encode, GgmlType};
+    use backpropagate::run::RunStatus;
+
+    // Llama: q and k rows are un-permuted as whole rows of blocks.
+    for (family, quant, ty) in [
+        (Family::Llama, GgufQuant::Q8_0, GgmlType::Q8_0),
+        (Family::Qwen2, GgufQuant::Q4_0, GgmlType::Q4_0),
+    ] {
+        let runs = tempfile::tempdir().unwrap();
+        let file = our_gguf(family, quant, runs.path());
+        let bases = tempfile::tempdir().unwrap();
+        let dir = gguf_base::import(&file, bases.path(), &Silent).unwrap();
+
+        // Each quantized matrix is the file's blocks, which are our quantizer's blocks
+        // of the original weights: byte for byte.
+        let original: std::collections::HashMap<_, _> = tensors(fixture(family))
+            .into_iter()
+            .map(|(n, _, v)| (n, v))
+            .collect();
+        let folder = stored(&dir);
+        let mut blocks = 0;
+        for (name, (dtype, shape, bytes)) in &folder {
+            let Some(weight) = name.strip_suffix(".ggml_type") else {
+                continue;
+            };
+            assert_eq!(
+                (*dtype, shape.as_slice()),
+                (safetensors::Dtype::U8, &[1][..])
+            );
+            let got = GgmlType::from_id(bytes[0] as u32).unwrap();
+            let (_, _, data) = &folder[weight];
+            assert_eq!(data, &encode(&original[weight], got), "{family:?} {weight}");
+            if weight.contains("_proj.") {
+                assert_eq!(got, ty, "{family:?} {weight}");
+                blocks += 1;
+            }
+        }
+        let config = ModelConfig::load(&dir.join("config.json")).unwrap();
+        assert_eq!(blocks, 7 * config.num_layers, "{family:?}");
+
+        // Trained on as stored (QLoRA on the file's blocks); a run stopped at step 3
+        // and resumed gives the uninterrupted run's losses bit for bit.
+        let trainer = |runs: &Path| {
+            Trainer::new(dir.to_str().unwrap())
+                .batch_size(BatchSize::Fixed(2))
+                .runs_dir(runs)
+        };
+        let logs = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let seen = logs.clone();
+        let whole = trainer(runs.path())
+            .on_event(move |e: Event| {
+                if let Event::Log { message, .. } = e {
+                    seen.lock().unwrap().push(message);
+                }
+            })
+            .train(samples_dir().join("alpaca.jsonl"), 6)
+            .unwrap();
+        let want = format!("frozen linears held as the GGUF's own {} blocks", ty.name());
+        assert!(
+            logs.lock().unwrap().iter().any(|m| m.contains(&want)),
+            "{:?}",
+            logs.lock().unwrap()
+        );
+        let other = tempfile::tempdir().unwrap();
+        let t = trainer(other.path());
+        let cancel = t.cancel_token();
+        let stopped = t
+            .on_event(move |e: Event| {
+                if let Event::Step { step: 3, .. } = e {
+                    cancel.cancel();
+                }
+            })
+            .train(samples_dir().join("alpaca.jsonl"), 6)
+            .unwrap();
+        assert_eq!(stopped.status, RunStatus::Stopped);
+        let done = Trainer::resume(&stopped.run_dir, &Silent, &Default::default()).unwrap();
+        assert_eq!(done.steps, 6);
+        let bits =
+            |run: &Path| -> Vec<u64> { common::losses(run).iter().map(|l| l.to_bits()).collect() };
+        assert_eq!(bits(&done.run_dir), bits(&whole.run_dir), "{family:?}");
+    }
+}

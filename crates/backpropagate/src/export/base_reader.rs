@@ -15,6 +15,7 @@ use crate::error::{Error, Result};
 use crate::lora::LoraLayer;
 use crate::model::safetensors_paths;
 use crate::quant::nf4::{dequantize_weight, le_floats, weight_of_state, QuantState};
+use crate::quant::{stored, GgmlType};
 
 struct Entry {
     file: usize,
@@ -29,6 +30,8 @@ pub struct BaseReader {
     entries: HashMap<String, Entry>,
     /// bitsandbytes 4-bit weights by name; their companions stay in `entries`.
     nf4: HashMap<String, QuantState>,
+    /// Tensors kept as ggml blocks (a GGUF base), by name.
+    blocks: HashMap<String, GgmlType>,
     dir: PathBuf,
 }
 
@@ -87,8 +90,37 @@ impl BaseReader {
             files,
             entries,
             nf4: HashMap::new(),
+            blocks: HashMap::new(),
             dir: dir.to_path_buf(),
         };
+        let types: Vec<String> = reader
+            .entries
+            .keys()
+            .filter(|n| stored::weight_of_type_tensor(n).is_some())
+            .cloned()
+            .collect();
+        for type_name in types {
+            let bytes = reader.read_bytes(&type_name)?;
+            let weight = stored::weight_of_type_tensor(&type_name).unwrap_or(&type_name);
+            let ty = stored::type_of(reader.entries[&type_name].dtype, &bytes)
+                .map_err(|e| Error::model(&reader.dir, format!("`{weight}`: {e}")))?;
+            let e = reader
+                .entries
+                .get(weight)
+                .ok_or_else(|| Error::model(&reader.dir, format!("missing tensor `{weight}`")))?;
+            // Stored as (rows, bytes per row): the logical shape is (rows, values per row).
+            let [rows, row_bytes] = e.shape[..] else {
+                return Err(Error::model(
+                    &reader.dir,
+                    format!("`{weight}`: ggml blocks must be stored as (rows, bytes per row)"),
+                ));
+            };
+            let (n, b) = ty.block();
+            let shape = vec![rows, row_bytes / b * n];
+            stored::check(ty, e.dtype, &e.shape, &shape)
+                .map_err(|err| Error::model(&reader.dir, format!("`{weight}`: {err}")))?;
+            reader.blocks.insert(weight.to_string(), ty);
+        }
         let states: Vec<String> = reader
             .entries
             .keys()
@@ -105,8 +137,12 @@ impl BaseReader {
         Ok(reader)
     }
 
-    /// Whether `name` is a bitsandbytes companion (`….weight.absmax` and the like).
+    /// Whether `name` is a bitsandbytes companion (`….weight.absmax` and the like) or
+    /// the ggml type of a blocks tensor.
     fn is_companion(&self, name: &str) -> bool {
+        if stored::weight_of_type_tensor(name).is_some_and(|w| self.blocks.contains_key(w)) {
+            return true;
+        }
         self.nf4.keys().any(|w| {
             name.len() > w.len() && name.starts_with(w) && name[w.len()..].starts_with('.')
         })
@@ -151,9 +187,13 @@ impl BaseReader {
             .entries
             .iter()
             .filter(|(n, _)| !self.is_companion(n))
-            .map(|(n, e)| match self.nf4.get(n) {
-                Some(state) => (n.clone(), state.shape.clone()),
-                None => (n.clone(), e.shape.clone()),
+            .map(|(n, e)| match (self.nf4.get(n), self.blocks.get(n)) {
+                (Some(state), _) => (n.clone(), state.shape.clone()),
+                (None, Some(ty)) => {
+                    let (per, bytes) = ty.block();
+                    (n.clone(), vec![e.shape[0], e.shape[1] / bytes * per])
+                }
+                (None, None) => (n.clone(), e.shape.clone()),
             })
             .collect();
         out.sort();
@@ -168,6 +208,12 @@ impl BaseReader {
         let bytes = self.read_bytes(name)?;
         let e = &self.entries[name];
         let path = &self.files[e.file];
+        if let Some(&ty) = self.blocks.get(name) {
+            let (per, size) = ty.block();
+            let elements = e.shape[0] * (e.shape[1] / size * per);
+            return stored::decode(ty, &bytes, elements)
+                .map_err(|err| Error::model(path, format!("tensor `{name}`: {err}")));
+        }
         le_floats(e.dtype, &bytes).ok_or_else(|| {
             Error::model(
                 path,

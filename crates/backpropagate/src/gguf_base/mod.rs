@@ -20,6 +20,7 @@ use sha2::{Digest, Sha256};
 
 use crate::error::{Error, Result};
 use crate::event::{Event, EventSink, LogLevel};
+use crate::quant::GgmlType;
 pub use reader::{GgufFile, Meta, TensorEntry};
 
 /// The folder GGUF bases are read into: `$BACKPROP_HOME/bases`, else the platform
@@ -287,10 +288,17 @@ fn hf_name(gguf: &str) -> Option<String> {
 
 /// Undoes llama.cpp's rotary permutation of a q or k weight (rows interleaved per head
 /// as [first half, second half] pairs): the inverse of the exporter's `permute_rows`.
-fn unpermute_rows(values: &[f32], rows: usize, cols: usize, heads: usize) -> Vec<f32> {
+/// `cols` is the length of a row in `values`' elements: values for floats, bytes for
+/// ggml blocks (rows of blocks move as wholes).
+fn unpermute_rows<T: Copy + Default>(
+    values: &[T],
+    rows: usize,
+    cols: usize,
+    heads: usize,
+) -> Vec<T> {
     let head = rows / heads.max(1);
     let half = head / 2;
-    let mut out = vec![0f32; values.len()];
+    let mut out = vec![T::default(); values.len()];
     for h in 0..heads {
         for i in 0..half {
             for part in 0..2 {
@@ -358,33 +366,92 @@ fn write_folder(g: &GgufFile, dir: &Path, sink: &dyn EventSink) -> Result<()> {
 
     let heads = config["num_attention_heads"].as_u64().unwrap_or(1) as usize;
     let kv_heads = config["num_key_value_heads"].as_u64().unwrap_or(1) as usize;
-    let mut tensors = Vec::new();
     let wanted: Vec<(&TensorEntry, String)> = g
         .tensors
         .iter()
         .filter_map(|t| hf_name(&t.name).map(|n| (t, n)))
         .collect();
-    for (i, (t, name)) in wanted.iter().enumerate() {
-        let mut values = g.read_f32(t)?;
+    // Every tensor is copied as the file stores it: floats as floats, 2-D quantized
+    // tensors as their ggml blocks (`quant::stored`), so nothing is widened and the
+    // folder is about the file's size. Only a quantized 1-D tensor (none in
+    // llama.cpp's files) is decoded.
+    let mut plan = Vec::new();
+    let mut slots = Vec::new();
+    for (t, name) in &wanted {
+        let ty = g.value_type(t)?;
         // ggml dims are fastest first: (cols, rows) for a matrix.
         let shape: Vec<usize> = t.ne.iter().rev().map(|&d| d as usize).collect();
-        if arch == "llama" && (name.ends_with("q_proj.weight") || name.ends_with("k_proj.weight")) {
-            let h = if name.contains("q_proj") {
+        let permute = arch == "llama"
+            && shape.len() == 2
+            && (name.ends_with("q_proj.weight") || name.ends_with("k_proj.weight"));
+        let permute = permute.then(|| {
+            if name.contains("q_proj") {
                 heads
             } else {
                 kv_heads
-            };
-            let (rows, cols) = (shape[0], shape.get(1).copied().unwrap_or(1));
-            values = unpermute_rows(&values, rows, cols, h);
+            }
+        });
+        let (dtype, stored_shape, keep) = match ty {
+            GgmlType::F32 => ("F32", shape.clone(), true),
+            GgmlType::F16 => ("F16", shape.clone(), true),
+            GgmlType::Bf16 => ("BF16", shape.clone(), true),
+            _ if shape.len() == 2 => {
+                let stored = crate::quant::stored::stored_shape(ty, &shape)
+                    .map_err(|e| Error::model(path, format!("tensor `{}`: {e}", t.name)))?;
+                ("U8", stored.to_vec(), true)
+            }
+            _ => ("F32", shape.clone(), false),
+        };
+        let bytes = if keep { t.bytes } else { 4 * t.elements() };
+        slots.push(crate::fsx::TensorSlot {
+            name: name.clone(),
+            dtype,
+            shape: stored_shape.clone(),
+            bytes,
+        });
+        plan.push(Some((*t, keep, permute, stored_shape)));
+        if dtype == "U8" {
+            slots.push(crate::fsx::TensorSlot {
+                name: format!("{name}{}", crate::quant::stored::TYPE_SUFFIX),
+                dtype: "U8",
+                shape: vec![1],
+                bytes: 1,
+            });
+            plan.push(None);
         }
-        tensors.push((name.clone(), shape, values));
+    }
+    let total = wanted.len() as u64;
+    let mut done = 0;
+    crate::fsx::write_safetensors_streamed(&dir.join("model.safetensors"), &slots, |i, out| {
+        let Some((t, keep, permute, stored_shape)) = &plan[i] else {
+            // The companion of the blocks tensor just written.
+            let ty = plan[i - 1].as_ref().map_or(0, |(t, ..)| t.ty) as u8;
+            return out.write_all(&[ty]).map_err(|e| Error::io(path, e));
+        };
+        let bytes = if *keep {
+            let raw = g.read_raw(t)?;
+            match permute {
+                Some(h) => {
+                    let rows = stored_shape[0];
+                    unpermute_rows(&raw, rows, raw.len() / rows.max(1), *h)
+                }
+                None => raw,
+            }
+        } else {
+            g.read_f32(t)?
+                .iter()
+                .flat_map(|v| v.to_le_bytes())
+                .collect()
+        };
+        out.write_all(&bytes).map_err(|e| Error::io(path, e))?;
+        done += 1;
         sink.emit(Event::Progress {
             stage: "read gguf".into(),
-            done: i as u64 + 1,
-            total: wanted.len() as u64,
+            done,
+            total,
         });
-    }
-    crate::fsx::write_f32_safetensors(&dir.join("model.safetensors"), &tensors)
+        Ok(())
+    })
 }
 
 #[cfg(test)]

@@ -93,62 +93,33 @@ const MAX_NAME: u64 = 1 << 16;
 const MAX_DEPTH: u32 = 3;
 
 /// Bytes per element block for ggml type ids (those with a fixed size); `None` for
-/// types this reader does not know.
+/// types this reader does not know. q2_k and q3_k are sized (so a file holding them
+/// is read and refused by name) but not decoded.
 pub fn type_block(ty: u32) -> Option<(u64, u64)> {
-    Some(match ty {
-        0 => (1, 4),      // f32
-        1 => (1, 2),      // f16
-        2 => (32, 18),    // q4_0
-        3 => (32, 20),    // q4_1
-        6 => (32, 22),    // q5_0
-        7 => (32, 24),    // q5_1
-        8 => (32, 34),    // q8_0
-        10 => (256, 84),  // q2_k
-        11 => (256, 110), // q3_k
-        12 => (256, 144), // q4_k
-        13 => (256, 176), // q5_k
-        14 => (256, 210), // q6_k
-        30 => (1, 2),     // bf16
-        _ => return None,
-    })
+    match (ty, GgmlType::from_id(ty)) {
+        (_, Some(t)) => {
+            let (n, b) = t.block();
+            Some((n as u64, b as u64))
+        }
+        (10, None) => Some((256, 84)),
+        (11, None) => Some((256, 110)),
+        _ => None,
+    }
 }
 
 /// ggml's name for a type id, for messages.
 pub fn type_name(ty: u32) -> String {
-    match ty {
-        0 => "f32".into(),
-        1 => "f16".into(),
-        2 => "q4_0".into(),
-        3 => "q4_1".into(),
-        6 => "q5_0".into(),
-        7 => "q5_1".into(),
-        8 => "q8_0".into(),
-        10 => "q2_k".into(),
-        11 => "q3_k".into(),
-        12 => "q4_k".into(),
-        13 => "q5_k".into(),
-        14 => "q6_k".into(),
-        30 => "bf16".into(),
-        other => format!("ggml type {other}"),
+    match (ty, GgmlType::from_id(ty)) {
+        (_, Some(t)) => t.name().into(),
+        (10, None) => "q2_k".into(),
+        (11, None) => "q3_k".into(),
+        (other, None) => format!("ggml type {other}"),
     }
 }
 
 /// The types whose blocks `quant::decode` reads.
 pub fn decodable(ty: u32) -> Option<GgmlType> {
-    Some(match ty {
-        0 => GgmlType::F32,
-        1 => GgmlType::F16,
-        2 => GgmlType::Q4_0,
-        3 => GgmlType::Q4_1,
-        6 => GgmlType::Q5_0,
-        7 => GgmlType::Q5_1,
-        8 => GgmlType::Q8_0,
-        12 => GgmlType::Q4K,
-        13 => GgmlType::Q5K,
-        14 => GgmlType::Q6K,
-        30 => GgmlType::Bf16,
-        _ => return None,
-    })
+    GgmlType::from_id(ty)
 }
 
 struct Cursor<R> {
@@ -343,6 +314,26 @@ impl GgufFile {
 
     /// The tensor's values as f32, decoded from its blocks.
     pub fn read_f32(&self, t: &TensorEntry) -> Result<Vec<f32>> {
+        let ty = self.value_type(t)?;
+        let raw = self.read_raw(t)?;
+        let mut out = vec![0f32; t.elements() as usize];
+        crate::quant::decode(&raw, ty, &mut out);
+        Ok(out)
+    }
+
+    /// The tensor's bytes as the file stores them.
+    pub fn read_raw(&self, t: &TensorEntry) -> Result<Vec<u8>> {
+        let mut file = File::open(&self.path).map_err(|e| Error::io(&self.path, e))?;
+        file.seek(SeekFrom::Start(t.offset))
+            .map_err(|e| Error::io(&self.path, e))?;
+        let mut raw = vec![0u8; t.bytes as usize];
+        file.read_exact(&mut raw)
+            .map_err(|e| Error::io(&self.path, e))?;
+        Ok(raw)
+    }
+
+    /// The type of a tensor's values, refused by name when the engine cannot read it.
+    pub fn value_type(&self, t: &TensorEntry) -> Result<GgmlType> {
         let Some(ty) = decodable(t.ty) else {
             return Err(Error::model(
                 &self.path,
@@ -353,14 +344,6 @@ impl GgufFile {
                 ),
             ));
         };
-        let mut file = File::open(&self.path).map_err(|e| Error::io(&self.path, e))?;
-        file.seek(SeekFrom::Start(t.offset))
-            .map_err(|e| Error::io(&self.path, e))?;
-        let mut raw = vec![0u8; t.bytes as usize];
-        file.read_exact(&mut raw)
-            .map_err(|e| Error::io(&self.path, e))?;
-        let mut out = vec![0f32; t.elements() as usize];
-        crate::quant::decode(&raw, ty, &mut out);
-        Ok(out)
+        Ok(ty)
     }
 }

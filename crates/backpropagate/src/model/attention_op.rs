@@ -525,7 +525,9 @@ mod tests {
 
     /// Two segments over several query blocks and key tiles (the second segment's
     /// last block sees keys across a tile boundary).
-    fn inputs() -> (Arc<Vec<(usize, usize)>>, Var, Var, Var) {
+    type Inputs = (Arc<Vec<(usize, usize)>>, Var, Var, Var);
+
+    fn inputs() -> Inputs {
         let dev = Device::Cpu;
         let t = 70 + 300;
         let seeded = |n: usize, salt: usize| -> Vec<f32> {

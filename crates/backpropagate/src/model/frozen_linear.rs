@@ -105,6 +105,7 @@ fn block_type(dtype: GgmlDType) -> Option<GgmlType> {
         GgmlDType::BF16 => GgmlType::Bf16,
         GgmlDType::Q8_0 => GgmlType::Q8_0,
         GgmlDType::Q4_0 => GgmlType::Q4_0,
+        GgmlDType::Q4_1 => GgmlType::Q4_1,
         GgmlDType::Q5_0 => GgmlType::Q5_0,
         GgmlDType::Q5_1 => GgmlType::Q5_1,
         GgmlDType::Q4K => GgmlType::Q4K,

@@ -57,6 +57,37 @@ impl FrozenWeight {
         }
     }
 
+    /// A (rows, cols) weight from blocks already in ggml's `ty` layout (a GGUF base's
+    /// own tensor), as they are.
+    pub fn from_blocks(
+        bytes: &[u8],
+        ty: GgmlType,
+        rows: usize,
+        cols: usize,
+        device: &Device,
+    ) -> Result<FrozenWeight> {
+        if !cols.is_multiple_of(ty.block().0) || bytes.len() != rows * ty.bytes_for(cols) {
+            candle_core::bail!(
+                "{} bytes of {} blocks do not hold a {rows}×{cols} weight",
+                bytes.len(),
+                ty.name()
+            );
+        }
+        // candle reads the bytes as block structs, which must be aligned (blocks in a
+        // memory-mapped safetensors file start wherever the tensor before them ended).
+        let mut words = vec![0u64; bytes.len().div_ceil(8)];
+        // SAFETY: the u64 buffer is at least bytes.len() bytes long, and any bytes are
+        // valid u8s.
+        let aligned =
+            unsafe { std::slice::from_raw_parts_mut(words.as_mut_ptr().cast::<u8>(), bytes.len()) };
+        aligned.copy_from_slice(bytes);
+        let storage = QStorage::from_data(Cow::Borrowed(&*aligned), device, candle_type(ty))?;
+        Ok(FrozenWeight::Quant(Arc::new(QTensor::new(
+            storage,
+            (rows, cols),
+        )?)))
+    }
+
     /// Output features (the weight's rows).
     pub fn rows(&self) -> Result<usize> {
         match self {
@@ -79,6 +110,23 @@ impl FrozenWeight {
             FrozenWeight::Dense(t) => Ok(t.to_dtype(DType::F32)?),
             FrozenWeight::Quant(q) => q.dequantize(&q.device()),
         }
+    }
+}
+
+/// candle's name for one of our ggml types.
+fn candle_type(ty: GgmlType) -> GgmlDType {
+    match ty {
+        GgmlType::F32 => GgmlDType::F32,
+        GgmlType::F16 => GgmlDType::F16,
+        GgmlType::Bf16 => GgmlDType::BF16,
+        GgmlType::Q4_0 => GgmlDType::Q4_0,
+        GgmlType::Q4_1 => GgmlDType::Q4_1,
+        GgmlType::Q5_0 => GgmlDType::Q5_0,
+        GgmlType::Q5_1 => GgmlDType::Q5_1,
+        GgmlType::Q8_0 => GgmlDType::Q8_0,
+        GgmlType::Q4K => GgmlDType::Q4K,
+        GgmlType::Q5K => GgmlDType::Q5K,
+        GgmlType::Q6K => GgmlDType::Q6K,
     }
 }
 

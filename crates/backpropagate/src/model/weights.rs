@@ -15,11 +15,14 @@ use super::qlinear::FrozenWeight;
 use crate::config::BaseQuant;
 use crate::error::{Error, Result};
 use crate::quant::nf4::{dequantize_weight, le_floats, weight_of_state, QuantState};
+use crate::quant::{stored, GgmlType};
 
 pub struct Weights {
     files: MmapedSafetensors,
     /// Quant states of bitsandbytes 4-bit weights, by weight name, parsed once.
     nf4: HashMap<String, QuantState>,
+    /// Tensors kept as ggml blocks (a GGUF base: `quant::stored`), by name.
+    blocks: HashMap<String, GgmlType>,
     dir: PathBuf,
     dtype: DType,
     device: Device,
@@ -35,16 +38,22 @@ impl Weights {
         let files = unsafe { MmapedSafetensors::multi(&paths) }
             .map_err(|e| Error::model(dir, format!("cannot read the safetensors files: {e}")))?;
         let mut nf4 = HashMap::new();
+        let mut blocks = HashMap::new();
         for (name, view) in files.tensors() {
             if let Some(weight) = weight_of_state(&name) {
                 let state = QuantState::parse(view.data())
                     .map_err(|e| Error::model(dir, format!("`{weight}`: {e}")))?;
                 nf4.insert(weight.to_string(), state);
+            } else if let Some(weight) = stored::weight_of_type_tensor(&name) {
+                let ty = stored::type_of(view.dtype(), view.data())
+                    .map_err(|e| Error::model(dir, format!("`{weight}`: {e}")))?;
+                blocks.insert(weight.to_string(), ty);
             }
         }
         Ok(Weights {
             files,
             nf4,
+            blocks,
             dir: dir.to_path_buf(),
             dtype,
             device: device.clone(),
@@ -73,6 +82,10 @@ impl Weights {
                 format!("missing tensor `{name}` in the checkpoint (is config.json from another model?)"),
             )
         })?;
+        if let Some(&ty) = self.blocks.get(name) {
+            return stored::check(ty, view.dtype(), view.shape(), shape)
+                .map_err(|e| Error::model(&self.dir, format!("tensor `{name}`: {e}")));
+        }
         if view.shape() != shape {
             return Err(Error::model(
                 &self.dir,
@@ -104,11 +117,38 @@ impl Weights {
         !self.nf4.is_empty()
     }
 
+    /// The block type of each tensor stored as ggml blocks (a GGUF base), by name.
+    pub fn block_types(&self) -> &HashMap<String, GgmlType> {
+        &self.blocks
+    }
+
+    /// How many values a tensor stored as ggml blocks holds.
+    pub fn stored_elements(&self, name: &str) -> Option<u64> {
+        let ty = self.blocks.get(name)?;
+        let view = self.files.get(name).ok()?;
+        let (n, b) = ty.block();
+        Some((view.data().len() / b * n) as u64)
+    }
+
+    /// The f32 values of a tensor stored as ggml blocks.
+    fn block_values(&self, name: &str, ty: GgmlType, shape: &[usize]) -> Result<Vec<f32>> {
+        let view = self
+            .files
+            .get(name)
+            .map_err(|e| Error::model(&self.dir, format!("cannot load `{name}`: {e}")))?;
+        stored::decode(ty, view.data(), shape.iter().product())
+            .map_err(|e| Error::model(&self.dir, format!("tensor `{name}`: {e}")))
+    }
+
     /// A tensor by its checkpoint name, checked, in the compute dtype.
     pub fn get(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
         self.check(name, shape)?;
         if self.nf4.contains_key(name) {
             let values = self.nf4_values(name)?;
+            return Ok(Tensor::from_vec(values, shape, &self.device)?.to_dtype(self.dtype)?);
+        }
+        if let Some(&ty) = self.blocks.get(name) {
+            let values = self.block_values(name, ty, shape)?;
             return Ok(Tensor::from_vec(values, shape, &self.device)?.to_dtype(self.dtype)?);
         }
         let t = self
@@ -118,8 +158,39 @@ impl Weights {
         Ok(t.to_dtype(self.dtype)?)
     }
 
-    /// A frozen linear weight (out, in), held as `quant` asks (QLoRA).
+    /// A frozen linear weight (out, in), held as `quant` asks (QLoRA). Blocks of a
+    /// GGUF base are kept as they are under `auto` (and under the `quant` of their own
+    /// type): no requantization, the file's own rounding.
     pub fn frozen(&self, name: &str, shape: &[usize], quant: BaseQuant) -> Result<FrozenWeight> {
+        if let Some(&ty) = self.blocks.get(name) {
+            self.check(name, shape)?;
+            let same = match quant {
+                BaseQuant::Auto => true,
+                BaseQuant::Q8_0 => ty == GgmlType::Q8_0,
+                BaseQuant::Q4K => ty == GgmlType::Q4K,
+                BaseQuant::F32 => false,
+            };
+            if same && shape.len() == 2 {
+                let view = self
+                    .files
+                    .get(name)
+                    .map_err(|e| Error::model(&self.dir, format!("cannot load `{name}`: {e}")))?;
+                return Ok(FrozenWeight::from_blocks(
+                    view.data(),
+                    ty,
+                    shape[0],
+                    shape[1],
+                    &self.device,
+                )?);
+            }
+            let values = self.block_values(name, ty, shape)?;
+            return Ok(match quant {
+                BaseQuant::Auto | BaseQuant::F32 => FrozenWeight::Dense(
+                    Tensor::from_vec(values, shape, &self.device)?.to_dtype(self.dtype)?,
+                ),
+                q => FrozenWeight::from_f32(values, shape[0], shape[1], q, &self.device)?,
+            });
+        }
         let dense = matches!(quant, BaseQuant::Auto | BaseQuant::F32);
         if dense && !self.nf4.contains_key(name) && self.keeps_half() {
             // f32 training on the CPU: a bf16/f16 checkpoint's linears stay in their

@@ -10,6 +10,7 @@ use rayon::prelude::*;
 mod decode;
 pub mod kquants;
 pub mod nf4;
+pub mod stored;
 
 pub use decode::decode;
 
@@ -30,6 +31,53 @@ pub enum GgmlType {
 }
 
 impl GgmlType {
+    pub const ALL: [GgmlType; 11] = [
+        GgmlType::F32,
+        GgmlType::F16,
+        GgmlType::Q4_0,
+        GgmlType::Q4_1,
+        GgmlType::Q5_0,
+        GgmlType::Q5_1,
+        GgmlType::Q8_0,
+        GgmlType::Q4K,
+        GgmlType::Q5K,
+        GgmlType::Q6K,
+        GgmlType::Bf16,
+    ];
+
+    /// The type with ggml's id `id` (ggml.h), if it is one of ours.
+    pub fn from_id(id: u32) -> Option<GgmlType> {
+        GgmlType::ALL.into_iter().find(|t| *t as u32 == id)
+    }
+
+    /// ggml's name for the type (`q4_k`, `bf16`), for messages and plans.
+    pub fn name(self) -> &'static str {
+        match self {
+            GgmlType::F32 => "f32",
+            GgmlType::F16 => "f16",
+            GgmlType::Q4_0 => "q4_0",
+            GgmlType::Q4_1 => "q4_1",
+            GgmlType::Q5_0 => "q5_0",
+            GgmlType::Q5_1 => "q5_1",
+            GgmlType::Q8_0 => "q8_0",
+            GgmlType::Q4K => "q4_k",
+            GgmlType::Q5K => "q5_k",
+            GgmlType::Q6K => "q6_k",
+            GgmlType::Bf16 => "bf16",
+        }
+    }
+
+    /// Whether values are stored in quantized blocks (not one float per value).
+    pub fn is_blocks(self) -> bool {
+        self.block().0 > 1
+    }
+
+    /// Bits per value, scales included (q4_k: 4.5).
+    pub fn bits(self) -> f64 {
+        let (n, b) = self.block();
+        8.0 * b as f64 / n as f64
+    }
+
     /// (elements per block, bytes per block)
     pub fn block(self) -> (usize, usize) {
         match self {

@@ -68,11 +68,7 @@ impl Session {
                 (_, crate::model::blas_bf16::Products::Bf16) => "bf16 products (CPU)".into(),
                 _ => "f32".into(),
             },
-            base_storage: match self.base_quant {
-                crate::config::BaseQuant::Q8_0 => "q8_0".into(),
-                crate::config::BaseQuant::Q4K => "q4_k".into(),
-                _ => "f32".into(),
-            },
+            base_storage: self.base_storage.clone(),
             layers: self.model_config.num_layers,
             recomputed_layers: self.recompute_layers,
             predicted_peak_bytes: peak,

@@ -25,6 +25,9 @@ pub(super) struct Session {
     pub(super) pad_id: u32,
     pub(super) device: Device,
     pub(super) base_quant: BaseQuant,
+    /// How the frozen linears are held, in words (`f32`, `q4_k`, `the GGUF's own q4_k,
+    /// q6_k blocks`), for the plan and the log.
+    pub(super) base_storage: String,
     pub(super) dtype: DType,
     /// The CPU's frozen-weight products (bf16 for `precision = "bf16"` on the CPU).
     pub(super) products: Products,
@@ -63,7 +66,14 @@ impl Session {
                 message: format!("training on {}", picked.label),
             }),
         }
-        let base_quant = base_quant(config, info, sink)?;
+        let (base_quant, blocks) = base_quant(config, info, sink)?;
+        let base_storage = match (&blocks, base_quant) {
+            (Some(b), BaseQuant::Auto) => format!("the GGUF's own {} blocks", b.types),
+            (_, BaseQuant::Q8_0) => "q8_0".into(),
+            (_, BaseQuant::Q4K) => "q4_k".into(),
+            _ => "f32".into(),
+        };
+        let block_bits = blocks.as_ref().map(|b| b.bits);
         let (dtype, products) = compute(config, &picked.device, blas_bf16::supported(), sink)?;
         let (train_rows, val_rows) = rows(config, info, sink)?;
         let seq = train_rows
@@ -77,7 +87,7 @@ impl Session {
                 config,
                 &model_config,
                 &picked.device,
-                base_quant,
+                (base_quant, block_bits),
                 (dtype, products),
                 seq,
                 recomputed,
@@ -146,6 +156,7 @@ impl Session {
             pad_id: 0,
             device: picked.device,
             base_quant,
+            base_storage,
             dtype,
             products,
             estimate,
@@ -159,22 +170,76 @@ impl Session {
     }
 }
 
+/// The ggml blocks a GGUF base's linears are kept in.
+struct StoredBlocks {
+    /// Bits per weight over the quantized linears, scales included.
+    bits: f64,
+    /// Their types, most weights first (`q4_k, q6_k`).
+    types: String,
+}
+
 /// `auto` holds a bitsandbytes 4-bit checkpoint as q4_k, since its linears exist
-/// only quantized; anything else as f32.
-fn base_quant(config: &TrainConfig, info: &RunInfo, sink: &dyn EventSink) -> Result<BaseQuant> {
-    Ok(match config.base_quant {
-        BaseQuant::Auto
-            if crate::model::Weights::open(&info.model_dir, DType::F32, &Device::Cpu)?
-                .has_nf4() =>
-        {
+/// only quantized; a GGUF base's quantized linears as the file stores them (QLoRA on
+/// the file's own blocks: `auto` stays `auto`, read by `Weights::frozen`); anything
+/// else as f32.
+fn base_quant(
+    config: &TrainConfig,
+    info: &RunInfo,
+    sink: &dyn EventSink,
+) -> Result<(BaseQuant, Option<StoredBlocks>)> {
+    let weights = crate::model::Weights::open(&info.model_dir, DType::F32, &Device::Cpu)?;
+    let blocks = stored_blocks(&weights);
+    Ok(match (config.base_quant, blocks) {
+        (BaseQuant::Auto, _) if weights.has_nf4() => {
             sink.emit(Event::Log {
                 level: LogLevel::Info,
                 message: "bitsandbytes 4-bit checkpoint: its linears are dequantized and held as q4_k (QLoRA)".into(),
             });
-            BaseQuant::Q4K
+            (BaseQuant::Q4K, None)
         }
-        BaseQuant::Auto => BaseQuant::F32,
-        q => q,
+        (BaseQuant::Auto, Some(b)) => {
+            sink.emit(Event::Log {
+                level: LogLevel::Info,
+                message: format!(
+                    "GGUF base: its quantized linears are trained on as the file stores them ({}, {:.2} bits per weight; QLoRA without requantizing); base_quant = \"f32\" dequantizes them instead",
+                    b.types, b.bits
+                ),
+            });
+            (BaseQuant::Auto, Some(b))
+        }
+        (BaseQuant::Auto, None) => (BaseQuant::F32, None),
+        (q, _) => (q, None),
+    })
+}
+
+/// The block types and average width of the linears a GGUF base keeps in blocks
+/// (the embedding is decoded at load, so it is not counted).
+fn stored_blocks(weights: &crate::model::Weights) -> Option<StoredBlocks> {
+    let mut per_type: Vec<(crate::quant::GgmlType, u64)> = Vec::new();
+    let (mut bits, mut total) = (0f64, 0u64);
+    for (name, &ty) in weights.block_types() {
+        if !name.contains("_proj.") {
+            continue;
+        }
+        let values = weights.stored_elements(name).unwrap_or(0);
+        bits += ty.bits() * values as f64;
+        total += values;
+        match per_type.iter_mut().find(|(t, _)| *t == ty) {
+            Some((_, n)) => *n += values,
+            None => per_type.push((ty, values)),
+        }
+    }
+    if total == 0 {
+        return None;
+    }
+    per_type.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.name().cmp(b.0.name())));
+    Some(StoredBlocks {
+        bits: bits / total as f64,
+        types: per_type
+            .iter()
+            .map(|(t, _)| t.name())
+            .collect::<Vec<_>>()
+            .join(", "),
     })
 }
 
@@ -287,12 +352,14 @@ fn estimate(
     config: &TrainConfig,
     model_config: &ModelConfig,
     device: &Device,
-    base_quant: BaseQuant,
+    (base_quant, block_bits): (BaseQuant, Option<f64>),
     (dtype, products): (DType, Products),
     seq: usize,
     recomputed: u64,
 ) -> Estimate {
     let (weight_bits, activation_bytes) = match (base_quant, dtype) {
+        (BaseQuant::Auto, DType::BF16) => (block_bits.unwrap_or(16.0), 2),
+        (BaseQuant::Auto, _) => (block_bits.unwrap_or(32.0), 4),
         (BaseQuant::F32, DType::BF16) => (16.0, 2),
         (q, DType::BF16) => (memory::weight_bits(q), 2),
         (q, _) => (memory::weight_bits(q), 4),
@@ -301,6 +368,7 @@ fn estimate(
     if fused {
         // A bf16/f16 checkpoint's dense linears stay in 16 bits on this path.
         let half = base_quant == BaseQuant::F32
+            && block_bits.is_none()
             && matches!(
                 model_config.torch_dtype.as_deref(),
                 Some("bfloat16" | "float16")

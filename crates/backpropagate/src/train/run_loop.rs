@@ -162,8 +162,8 @@ impl Session {
             sink.emit(Event::Log {
                 level: LogLevel::Info,
                 message: format!(
-                    "frozen linears held as {:?}: {:.1} MiB",
-                    self.base_quant,
+                    "frozen linears held as {}: {:.1} MiB",
+                    self.base_storage,
                     model.linear_bytes() as f64 / (1u64 << 20) as f64
                 ),
             });
