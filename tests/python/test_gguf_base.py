@@ -149,3 +149,76 @@ def test_a_run_on_the_gguf_base_learns_and_its_gguf_lora_runs_on_the_original_fi
     print(f"q4_1 base + our GGUF LoRA in llama.cpp: max |logit diff| {diff.max():.3f}, mean {diff.mean():.4f} (logits up to {spread:.1f})")
     assert diff.mean() < 0.01 * spread and diff.max() < 0.1 * spread, (diff.max(), diff.mean())
     assert (theirs.argmax(-1) == ours.argmax(-1)).mean() > 0.9
+
+
+def test_a_q4_k_m_file_from_llama_cpp_is_trained_on_its_own_blocks(backprop, home, tmp_path):
+    """The package's file requantized by llama.cpp itself to q4_k_m (q4_k, q5_0 and q6_k
+    blocks for SmolLM2's widths): the run trains on those blocks, its GGUF LoRA on that
+    very file in llama.cpp gives our logits (the same blocks on both sides: only
+    llama.cpp's quantized activations differ), and the merged GGUF is q4_k_m by default
+    and generates in llama.cpp."""
+    import ctypes
+    import llama_cpp
+    from llama_cpp import Llama
+    q4km = tmp_path / "SmolLM2-135M-Instruct.Q4_K_M.gguf"
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_K_M
+    params.nthread = 2
+    params.allow_requantize = True
+    assert llama_cpp.llama_model_quantize(str(GGUF).encode(), str(q4km).encode(), ctypes.byref(params)) == 0
+    file_types = {GGMLQuantizationType(t.tensor_type).name for t in GGUFReader(q4km).tensors}
+    assert "Q4_K" in file_types, file_types
+
+    runs = tmp_path / "runs"
+    env = dict(os.environ, BACKPROP_HOME=str(home))
+    bin_ = os.environ["BACKPROP_BIN"]
+    out = subprocess.run([bin_, "train", "--model", str(q4km), "--data", str(SAMPLES / "alpaca.jsonl"),
+                          "--steps", "4", "--lr", "2e-3", "--warmup", "0", "--batch-size", "4", "--max-seq-len", "256",
+                          "--runs-dir", str(runs)], env=env, check=True, capture_output=True, text=True)
+    held = [line for line in (out.stdout + out.stderr).splitlines() if "frozen linears held as" in line]
+    assert held and "the GGUF's own" in held[0] and "q4_k" in held[0], out.stderr[-2000:]
+    (run,) = [p for p in runs.iterdir() if p.is_dir()]
+    losses = [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()
+              if "loss" in json.loads(line)]
+    assert len(losses) == 4 and losses[-1] < losses[0], losses
+
+    def exported(*args):
+        return pathlib.Path(subprocess.run([bin_, "export", run.name, *args, "--runs-dir", str(runs)], env=env,
+                                           check=True, capture_output=True, text=True).stdout.strip())
+
+    (lora,) = exported("--format", "gguf-lora", "--quant", "f32").glob("*.gguf")
+    info = json.loads((run / "run.json").read_text())
+    model_dir = pathlib.Path(info.get("model_dir") or info["model"])
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    ids = tok.apply_chat_template([{"role": "user", "content": "Name three primary colours."}],
+                                  add_generation_prompt=True)
+    ours = our_logits(backprop, model_dir, run / "adapter", ids, tmp_path).numpy()
+
+    def llama_cpp(base):
+        llm = Llama(model_path=str(base), lora_path=str(lora), n_ctx=256, logits_all=True, verbose=False, n_threads=2)
+        llm.eval(ids)
+        return np.asarray(llm.scores[: len(ids)])
+
+    # Exactly: the run's base dequantized into an f32 GGUF, in llama.cpp's f32 kernels.
+    (base_f32,) = exported("--format", "gguf-base", "--quant", "f32").glob("*.gguf")
+    exact = np.abs(llama_cpp(base_f32) - ours)
+    print(f"q4_k_m blocks as f32 + our GGUF LoRA in llama.cpp: max |logit diff| {exact.max():.2e}, mean {exact.mean():.2e}")
+    assert exact.max() < 0.1 and exact.mean() < 0.01
+    # The q4_k_m file itself: llama.cpp's products quantize the activations too.
+    theirs = llama_cpp(q4km)
+    diff = np.abs(theirs - ours)
+    spread = float(np.abs(ours).max())
+    print(f"q4_k_m base + our GGUF LoRA in llama.cpp: max |logit diff| {diff.max():.3f}, mean {diff.mean():.4f} (logits up to {spread:.1f})")
+    assert diff.mean() < 0.01 * spread and diff.max() < 0.1 * spread, (diff.max(), diff.mean())
+    assert (theirs.argmax(-1) == ours.argmax(-1)).mean() > 0.9
+
+    merged_dir = exported("--format", "gguf")
+    assert merged_dir.name == "gguf-q4_k_m", merged_dir
+    (merged,) = merged_dir.glob("*.gguf")
+    merged_types = {GGMLQuantizationType(t.tensor_type).name for t in GGUFReader(merged).tensors}
+    assert merged_types == file_types, (merged_types, file_types)
+    text = Llama(model_path=str(merged), n_ctx=256, verbose=False, n_threads=2).create_chat_completion(
+        messages=[{"role": "user", "content": "Name three primary colours."}], max_tokens=16, temperature=0)
+    reply = text["choices"][0]["message"]["content"]
+    print(f"merged q4_k_m in llama.cpp: {reply!r}")
+    assert len(reply.strip()) > 0

@@ -19,8 +19,9 @@ pub struct ExportArgs {
     /// `gguf` (base + LoRA in one file for llama.cpp / Ollama)
     #[arg(long, default_value = "gguf")]
     pub format: ExportFormat,
-    /// GGUF weight type: f32, f16, bf16, q8_0, q4_0, q4_k_m, q5_k_m or q6_k
-    #[arg(long, default_value = "q8_0")]
+    /// GGUF weight type: auto (a GGUF base's own type, else q8_0), f32, f16, bf16,
+    /// q8_0, q4_0, q4_k_m, q5_k_m or q6_k
+    #[arg(long, default_value = "auto")]
     pub quant: GgufQuant,
     /// Weight dtype of a merged export: f32, f16 or bf16
     #[arg(long, default_value = "f16")]

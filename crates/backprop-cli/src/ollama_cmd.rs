@@ -23,8 +23,9 @@ pub struct PushArgs {
     /// Name of the model in Ollama, e.g. `my-model` or `me/my-model:v1`
     #[arg(long)]
     pub name: String,
-    /// GGUF weight type: q4_k_m (small, good), q5_k_m, q6_k, q8_0, q4_0, f16 or f32
-    #[arg(long, default_value = "q4_k_m")]
+    /// GGUF weight type: auto (a GGUF base's own type, else q4_k_m: small, good),
+    /// q4_k_m, q5_k_m, q6_k, q8_0, q4_0, f16 or f32
+    #[arg(long, default_value = "auto")]
     pub quant: GgufQuant,
     /// Send the base and the LoRA as an Ollama ADAPTER instead of one merged file
     /// (recent Ollama releases refuse adapters; the merged default always works)

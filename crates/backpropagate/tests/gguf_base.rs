@@ -415,5 +415,19 @@ fn a_quantized_gguf_base_keeps_its_blocks_and_trains_on_them_with_a_bit_identica
         let bits =
             |run: &Path| -> Vec<u64> { common::losses(run).iter().map(|l| l.to_bits()).collect() };
         assert_eq!(bits(&done.run_dir), bits(&whole.run_dir), "{family:?}");
+
+        // A merged GGUF is written in the base's own type unless told otherwise; a
+        // Hugging Face base gets the caller's default.
+        let merged = ExportOptions {
+            format: ExportFormat::Gguf,
+            ..Default::default()
+        };
+        let out = export(&whole.run_dir, &merged, &Silent).unwrap();
+        assert!(out.ends_with(format!("gguf-{}", quant.name())), "{out:?}");
+        assert_eq!(GgufQuant::Auto.resolve(&dir, GgufQuant::Q6K), quant);
+        assert_eq!(
+            GgufQuant::Auto.resolve(fixture(family), GgufQuant::Q6K),
+            GgufQuant::Q6K
+        );
     }
 }

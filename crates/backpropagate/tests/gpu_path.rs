@@ -298,7 +298,7 @@ fn qlora_training_holds_the_base_in_4_bit_and_the_loss_falls() {
     let summary = summary.unwrap();
     let held = logs
         .iter()
-        .find(|l| l.starts_with("frozen linears held as Q4K"))
+        .find(|l| l.starts_with("frozen linears held as q4_k:"))
         .unwrap_or_else(|| panic!("{logs:#?}"));
     // 2 layers × (4 × 256² + 3 × 256 × 512) weights at 4.5 bits: 0.6 MiB (f32: 4.5 MiB).
     assert!(held.ends_with("0.6 MiB"), "{held}");

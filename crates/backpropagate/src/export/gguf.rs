@@ -20,6 +20,10 @@ use crate::quant::encode;
 /// GGUF weight types we write.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum GgufQuant {
+    /// The base's own type when it was read from a quantized GGUF (its linears'
+    /// commonest block type, as the nearest preset), else the caller's default:
+    /// [`GgufQuant::resolve`].
+    Auto,
     F32,
     F16,
     Bf16,
@@ -34,6 +38,7 @@ impl std::str::FromStr for GgufQuant {
     type Err = String;
     fn from_str(s: &str) -> std::result::Result<Self, String> {
         match s.to_ascii_lowercase().as_str() {
+            "auto" => Ok(GgufQuant::Auto),
             "f32" => Ok(GgufQuant::F32),
             "f16" => Ok(GgufQuant::F16),
             "bf16" => Ok(GgufQuant::Bf16),
@@ -43,15 +48,38 @@ impl std::str::FromStr for GgufQuant {
             "q5_k_m" => Ok(GgufQuant::Q5KM),
             "q6_k" => Ok(GgufQuant::Q6K),
             other => Err(format!(
-                "unknown GGUF quantization `{other}`; use f32, f16, bf16, q8_0, q6_k, q5_k_m, q4_k_m or q4_0"
+                "unknown GGUF quantization `{other}`; use auto, f32, f16, bf16, q8_0, q6_k, q5_k_m, q4_k_m or q4_0"
             )),
         }
     }
 }
 
 impl GgufQuant {
+    /// [`GgufQuant::Auto`] made concrete for the base in `model_dir`: for a base read
+    /// from a GGUF, the file's own preset (its `general.file_type`: q4_k_m, q5_k_m,
+    /// q6_k, q8_0, q4_0, f16, bf16, f32; the `_s` k-quants as their `_m`, q4_1 as
+    /// q4_k_m and q5_0/q5_1 as q5_k_m, the presets of about their size), else
+    /// `otherwise`. Other types are returned as they are.
+    pub fn resolve(self, model_dir: &Path, otherwise: GgufQuant) -> GgufQuant {
+        if self != GgufQuant::Auto {
+            return self;
+        }
+        match crate::gguf_base::source_file_type(model_dir) {
+            Some(0) => GgufQuant::F32,
+            Some(1) => GgufQuant::F16,
+            Some(2) => GgufQuant::Q4_0,
+            Some(3 | 14 | 15) => GgufQuant::Q4KM,
+            Some(7) => GgufQuant::Q8_0,
+            Some(8 | 9 | 16 | 17) => GgufQuant::Q5KM,
+            Some(18) => GgufQuant::Q6K,
+            Some(32) => GgufQuant::Bf16,
+            _ => otherwise,
+        }
+    }
+
     pub fn name(self) -> &'static str {
         match self {
+            GgufQuant::Auto => "auto",
             GgufQuant::F32 => "f32",
             GgufQuant::F16 => "f16",
             GgufQuant::Bf16 => "bf16",
@@ -66,9 +94,10 @@ impl GgufQuant {
     /// llama.cpp's `llama_ftype` for `general.file_type`.
     fn file_type(self) -> u32 {
         match self {
+            // Resolved before writing; as q8_0 if not.
+            GgufQuant::Auto | GgufQuant::Q8_0 => 7,
             GgufQuant::F32 => 0,
             GgufQuant::F16 => 1,
-            GgufQuant::Q8_0 => 7,
             GgufQuant::Q4_0 => 2,
             GgufQuant::Q4KM => 15,
             GgufQuant::Q5KM => 17,
@@ -90,7 +119,7 @@ impl GgufQuant {
             GgufQuant::F32 => return GgmlType::F32,
             GgufQuant::F16 => return GgmlType::F16,
             GgufQuant::Bf16 => return GgmlType::Bf16,
-            GgufQuant::Q8_0 => GgmlType::Q8_0,
+            GgufQuant::Auto | GgufQuant::Q8_0 => GgmlType::Q8_0,
             GgufQuant::Q4_0 => GgmlType::Q4_0,
             GgufQuant::Q4KM => GgmlType::Q4K,
             GgufQuant::Q5KM => GgmlType::Q5K,

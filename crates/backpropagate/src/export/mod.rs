@@ -108,7 +108,7 @@ impl Default for ExportOptions {
             format: ExportFormat::Merged,
             dtype: WeightDtype::F16,
             max_shard_bytes: 5_000_000_000,
-            quant: GgufQuant::Q8_0,
+            quant: GgufQuant::Auto,
         }
     }
 }
@@ -133,6 +133,8 @@ pub fn export_locked(
     let info = run.info()?;
     crate::gguf_base::ensure_base(&info.model_dir, &run.config()?.model, sink)?;
     let adapter = adapter_source(&run, info.status, sink)?;
+    let resolved = resolved(options, &info.model_dir);
+    let options = &resolved;
     let name = export_name(options);
     let exports = run.path().join("exports");
     let final_dir = exports.join(&name);
@@ -185,7 +187,17 @@ pub fn export_locked(
     Ok(final_dir)
 }
 
-/// The folder under `exports/` that `options` writes.
+/// `options` with a GGUF quantization of `auto` made concrete for the base: its own
+/// type for a base read from a quantized GGUF, else q8_0.
+fn resolved(options: &ExportOptions, model_dir: &Path) -> ExportOptions {
+    ExportOptions {
+        quant: options.quant.resolve(model_dir, GgufQuant::Q8_0),
+        ..options.clone()
+    }
+}
+
+/// The folder under `exports/` that `options` writes (`auto` as it stands: see
+/// [`fresh_export`] for the resolved one).
 pub fn export_name(options: &ExportOptions) -> String {
     match options.format {
         ExportFormat::Adapter => "adapter".to_string(),
@@ -199,10 +211,13 @@ pub fn export_name(options: &ExportOptions) -> String {
 /// An earlier export with these options that is newer than the run's adapter, so it
 /// can be reused instead of written again (a resumed run makes it stale).
 pub fn fresh_export(run_dir: &Path, options: &ExportOptions) -> Option<PathBuf> {
-    let dir = run_dir.join("exports").join(export_name(options));
-    let exported = std::fs::metadata(&dir).and_then(|m| m.modified()).ok()?;
     let run = RunDir::open(run_dir).ok()?;
-    let status = run.info().ok()?.status;
+    let info = run.info().ok()?;
+    let status = info.status;
+    let dir = run_dir
+        .join("exports")
+        .join(export_name(&resolved(options, &info.model_dir)));
+    let exported = std::fs::metadata(&dir).and_then(|m| m.modified()).ok()?;
     let adapter = adapter_source(&run, status, &crate::event::Silent).ok()?;
     let trained = std::fs::metadata(adapter.join("adapter_model.safetensors"))
         .and_then(|m| m.modified())

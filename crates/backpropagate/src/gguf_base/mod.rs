@@ -57,6 +57,16 @@ fn identity(gguf: &Path) -> Result<Json> {
     Ok(json!({"path": full.to_string_lossy(), "size": meta.len(), "modified_ns": modified}))
 }
 
+/// The file in a folder read from a GGUF that keeps the file's `general.file_type`.
+const FILE_TYPE: &str = "gguf.json";
+
+/// The `general.file_type` (llama.cpp's `llama_ftype`: 15 for q4_k_m) of the GGUF a
+/// model folder was read from; None for other folders, or a file without one.
+pub fn source_file_type(model_dir: &Path) -> Option<u64> {
+    let text = crate::fsx::read_capped(&model_dir.join(FILE_TYPE), 4096).ok()?;
+    serde_json::from_str::<Json>(&text).ok()?["file_type"].as_u64()
+}
+
 /// The prefix of models in the local Ollama store: `ollama:NAME[:TAG]`.
 pub const OLLAMA_PREFIX: &str = "ollama:";
 
@@ -363,6 +373,10 @@ fn write_folder(g: &GgufFile, dir: &Path, sink: &dyn EventSink) -> Result<()> {
         gen["bos_token_id"] = json!(b);
     }
     write("generation_config.json", gen.to_string().as_bytes())?;
+    // The file's preset (llama.cpp's `llama_ftype`), so an export can default to it.
+    if let Some(ft) = u(g, "general.file_type") {
+        write(FILE_TYPE, json!({ "file_type": ft }).to_string().as_bytes())?;
+    }
 
     let heads = config["num_attention_heads"].as_u64().unwrap_or(1) as usize;
     let kv_heads = config["num_key_value_heads"].as_u64().unwrap_or(1) as usize;

@@ -122,6 +122,24 @@ impl Weights {
         &self.blocks
     }
 
+    /// The block types of the linears stored as ggml blocks (a GGUF base's matrices,
+    /// the embedding aside) with how many weights each holds, most weights first.
+    pub fn linear_block_types(&self) -> Vec<(GgmlType, u64)> {
+        let mut per_type: Vec<(GgmlType, u64)> = Vec::new();
+        for (name, &ty) in &self.blocks {
+            if !name.contains("_proj.") {
+                continue;
+            }
+            let values = self.stored_elements(name).unwrap_or(0);
+            match per_type.iter_mut().find(|(t, _)| *t == ty) {
+                Some((_, n)) => *n += values,
+                None => per_type.push((ty, values)),
+            }
+        }
+        per_type.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.name().cmp(b.0.name())));
+        per_type
+    }
+
     /// How many values a tensor stored as ggml blocks holds.
     pub fn stored_elements(&self, name: &str) -> Option<u64> {
         let ty = self.blocks.get(name)?;

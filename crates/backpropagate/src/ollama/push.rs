@@ -46,7 +46,7 @@ impl PushOptions {
     pub fn new(name: impl Into<String>) -> Self {
         PushOptions {
             name: name.into(),
-            quant: GgufQuant::Q4KM,
+            quant: GgufQuant::Auto,
             as_adapter: false,
             overwrite: false,
             system: None,
@@ -137,13 +137,15 @@ pub fn push_run(run_dir: &Path, options: &PushOptions, sink: &dyn EventSink) -> 
         });
     }
 
+    // `auto`: a GGUF base's own type, else q4_k_m (small and good for chatting).
+    let quant = options.quant.resolve(&info.model_dir, GgufQuant::Q4KM);
     let (files, adapters) = if options.as_adapter {
-        let base = gguf_export(&lock, ExportFormat::GgufBase, options.quant, sink)?;
+        let base = gguf_export(&lock, ExportFormat::GgufBase, quant, sink)?;
         let lora = gguf_export(&lock, ExportFormat::GgufLora, GgufQuant::F16, sink)?;
         (vec![base], vec![lora])
     } else {
         (
-            vec![gguf_export(&lock, ExportFormat::Gguf, options.quant, sink)?],
+            vec![gguf_export(&lock, ExportFormat::Gguf, quant, sink)?],
             vec![],
         )
     };

@@ -215,24 +215,12 @@ fn base_quant(
 /// The block types and average width of the linears a GGUF base keeps in blocks
 /// (the embedding is decoded at load, so it is not counted).
 fn stored_blocks(weights: &crate::model::Weights) -> Option<StoredBlocks> {
-    let mut per_type: Vec<(crate::quant::GgmlType, u64)> = Vec::new();
-    let (mut bits, mut total) = (0f64, 0u64);
-    for (name, &ty) in weights.block_types() {
-        if !name.contains("_proj.") {
-            continue;
-        }
-        let values = weights.stored_elements(name).unwrap_or(0);
-        bits += ty.bits() * values as f64;
-        total += values;
-        match per_type.iter_mut().find(|(t, _)| *t == ty) {
-            Some((_, n)) => *n += values,
-            None => per_type.push((ty, values)),
-        }
-    }
+    let per_type = weights.linear_block_types();
+    let total: u64 = per_type.iter().map(|(_, n)| n).sum();
     if total == 0 {
         return None;
     }
-    per_type.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.name().cmp(b.0.name())));
+    let bits: f64 = per_type.iter().map(|(t, n)| t.bits() * *n as f64).sum();
     Some(StoredBlocks {
         bits: bits / total as f64,
         types: per_type
