@@ -54,7 +54,7 @@ fn unknown_quant_names_say_what_exists() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2));
     assert!(
-        err.contains("unknown GGUF quantization `q3_k_xl`; use f32, f16, bf16, q8_0, q6_k, q5_k_m, q4_k_m or q4_0"),
+        err.contains("unknown GGUF quantization `q3_k_xl`; use auto, f32, f16, bf16, q8_0, q6_k, q5_k_m, q4_k_m or q4_0"),
         "{err}"
     );
 }

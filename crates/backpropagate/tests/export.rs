@@ -105,7 +105,7 @@ fn format_names_are_checked() {
     assert!("q3_k_xl"
         .parse::<backpropagate::export::GgufQuant>()
         .unwrap_err()
-        .contains("use f32, f16, bf16, q8_0, q6_k, q5_k_m, q4_k_m or q4_0"));
+        .contains("use auto, f32, f16, bf16, q8_0, q6_k, q5_k_m, q4_k_m or q4_0"));
     assert!("onnx"
         .parse::<ExportFormat>()
         .unwrap_err()
