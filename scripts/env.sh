@@ -28,6 +28,24 @@ ensure_python_env() {
     fi
 }
 
+# The experiment trackers our files are checked against (TensorBoard), in a venv of
+# their own (tests/python/tracking-requirements.txt), once and whenever the pins change.
+BACKPROP_TRACKING_VENV="${BACKPROP_TRACKING_VENV:-$HOME/.cache/backpropagate/tracking-venv}"
+export BACKPROP_TRACKING_VENV
+ensure_tracking_env() {
+    local req="tests/python/tracking-requirements.txt"
+    local stamp="$BACKPROP_TRACKING_VENV/.requirements.sha256"
+    local want
+    want=$(sha256sum "$req" | cut -d' ' -f1)
+    if [ ! -x "$BACKPROP_TRACKING_VENV/bin/python" ]; then
+        python3 -m venv "$BACKPROP_TRACKING_VENV"
+    fi
+    if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+        "$BACKPROP_TRACKING_VENV/bin/pip" install --quiet -r "$req"
+        echo "$want" > "$stamp"
+    fi
+}
+
 # Installs the web UI's npm packages when package-lock.json changed, and builds ui/dist
 # (the desktop binary embeds it, `backprop serve` serves it).
 ensure_ui() {

@@ -10,6 +10,7 @@ source scripts/env.sh
 # Idempotent: installs only what is missing (apt packages, Rust, tauri-driver).
 bash scripts/setup.sh
 ensure_python_env
+ensure_tracking_env
 ensure_ui
 cargo build --locked --workspace
 if cargo nextest --version >/dev/null 2>&1; then

@@ -92,6 +92,8 @@ test('model → data → train, stop, resume → export → Ollama → chat', as
   await page.getByTestId('cfg-batch').fill('2');
   await page.getByTestId('cfg-seq').fill('128');
   await page.getByTestId('cfg-ckpt').fill('5');
+  await page.locator('summary', { hasText: 'Advanced' }).click();
+  await page.getByTestId('cfg-tensorboard').check();
   // The plan before Start: 300 steps of 2 rows over the ~200 usable samples (a few
   // have no target left within 128 tokens) is about 3 epochs.
   await page.getByTestId('plan-button').click();
@@ -120,6 +122,10 @@ test('model → data → train, stop, resume → export → Ollama → chat', as
   await expect(page.getByTestId('train-step')).toHaveText(/^300/);
   await expect(page.getByTestId('live-run')).toHaveText(runId);
   await shot(page, '05-train-finished');
+  // Tracking from the form: one TensorBoard event file per session (before the stop,
+  // and the resume).
+  const tensorboard = path.join(env('BACKPROP_HOME'), 'runs', runId, 'tensorboard');
+  expect(fs.readdirSync(tensorboard).filter((f) => f.startsWith('events.out.tfevents.')).length).toBe(2);
 
   // Runs
   await page.getByTestId('nav-runs').click();

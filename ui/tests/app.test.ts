@@ -13,6 +13,7 @@ const config = {
   learning_rate: 2e-4,
   batch_size: 'auto',
   max_seq_len: 2048,
+  report_to: [],
 } as unknown as TrainConfig;
 
 const job = (over: Partial<JobInfo> = {}): JobInfo => ({

@@ -121,12 +121,27 @@ enum ConfigCommand {
 
 #[derive(Args)]
 struct RunsArgs {
+    #[command(subcommand)]
+    command: Option<RunsCommand>,
     /// Where runs are kept [default: $BACKPROP_HOME/runs or the platform data folder]
-    #[arg(long)]
+    #[arg(long, global = true)]
     runs_dir: Option<PathBuf>,
     /// One JSON object per run
     #[arg(long)]
     json: bool,
+}
+
+#[derive(Subcommand)]
+enum RunsCommand {
+    /// Write a run's metrics.jsonl to an experiment tracker as one clean session (for
+    /// a run trained without --report-to, or resumed several times); prints the folder
+    ExportMetrics {
+        /// The run (its id or folder)
+        run: String,
+        /// The tracker: tensorboard (event files in RUN/exports/tensorboard)
+        #[arg(long, default_value = "tensorboard")]
+        to: backpropagate::config::ReportTo,
+    },
 }
 
 #[derive(Args)]
@@ -208,6 +223,14 @@ fn run(cli: Cli) -> Result<ExitCode> {
             let dir = args
                 .runs_dir
                 .unwrap_or_else(backpropagate::run::default_runs_dir);
+            if let Some(RunsCommand::ExportMetrics { run, to }) = args.command {
+                let run = backpropagate::run::resolve_run(&dir, &run)?;
+                println!(
+                    "{}",
+                    backpropagate::track::export_metrics(&run, to)?.display()
+                );
+                return Ok(ExitCode::SUCCESS);
+            }
             let runs = backpropagate::run::list_runs(&dir)?;
             if args.json {
                 for r in &runs {

@@ -5,7 +5,9 @@ use std::process::ExitCode;
 use std::sync::Mutex;
 
 use anyhow::{Context, Result};
-use backpropagate::config::{BaseQuant, BatchSize, GradientCheckpointing, LrSchedule, Precision};
+use backpropagate::config::{
+    BaseQuant, BatchSize, GradientCheckpointing, LrSchedule, Precision, ReportTo,
+};
 use backpropagate::data::TrainOn;
 use backpropagate::event::{Event, EventSink};
 use backpropagate::run::{default_runs_dir, resolve_run, RunDir, RunStatus};
@@ -100,6 +102,11 @@ pub struct TrainArgs {
     /// [default: auto: only as many layers as the memory plan needs]
     #[arg(long)]
     pub gradient_checkpointing: Option<GradientCheckpointing>,
+    /// Also report to these experiment trackers, comma-separated: tensorboard (event
+    /// files in the run's tensorboard/ folder; `tensorboard --logdir RUNS_DIR` shows
+    /// every run) [default: none; metrics.jsonl is always written]
+    #[arg(long, value_delimiter = ',')]
+    pub report_to: Option<Vec<ReportTo>>,
     /// Where runs are kept [default: $BACKPROP_HOME/runs or the platform data folder]
     #[arg(long)]
     pub runs_dir: Option<PathBuf>,
@@ -150,6 +157,7 @@ impl TrainArgs {
         set!(c.base_quant, self.base_quant);
         set!(c.precision, self.precision);
         set!(c.gradient_checkpointing, self.gradient_checkpointing);
+        set!(c.report_to, self.report_to);
         if let Some(s) = &self.schedule {
             c.schedule.kind = match s.as_str() {
                 "cosine" => LrSchedule::Cosine,

@@ -56,6 +56,42 @@ pub struct TrainConfig {
     /// Gradient checkpointing: recompute layers in backward instead of keeping their
     /// activations. `auto` checkpoints only as many layers as the memory plan needs.
     pub gradient_checkpointing: GradientCheckpointing,
+    /// Experiment trackers the run also reports to (HF Trainer's `report_to`):
+    /// `tensorboard` writes event files into the run's `tensorboard/` folder.
+    /// `metrics.jsonl` stays the record either way.
+    pub report_to: Vec<ReportTo>,
+}
+
+/// An experiment tracker a run reports to. Only TensorBoard is built: W&B, Aim and
+/// Trackio import its event files.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, TS)]
+#[serde(rename_all = "lowercase")]
+#[ts(export)]
+pub enum ReportTo {
+    Tensorboard,
+}
+
+impl ReportTo {
+    pub const ALL: [ReportTo; 1] = [ReportTo::Tensorboard];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            ReportTo::Tensorboard => "tensorboard",
+        }
+    }
+}
+
+impl std::str::FromStr for ReportTo {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s.to_ascii_lowercase().as_str() {
+            "tensorboard" => Ok(ReportTo::Tensorboard),
+            "wandb" | "mlflow" => Err(format!(
+                "reporting to {s} is not built yet; use tensorboard (W&B imports TensorBoard event files: `wandb sync --sync-tensorboard RUN/tensorboard`)"
+            )),
+            other => Err(format!("unknown tracker `{other}`; use tensorboard")),
+        }
+    }
 }
 
 /// `auto`: as many layers as needed for the planned micro-batch to fit the free
@@ -168,6 +204,7 @@ impl Default for TrainConfig {
             base_quant: BaseQuant::Auto,
             precision: Precision::Auto,
             gradient_checkpointing: GradientCheckpointing::Auto,
+            report_to: Vec::new(),
         }
     }
 }

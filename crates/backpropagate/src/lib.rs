@@ -33,6 +33,7 @@ pub mod run;
 mod safe_path;
 pub mod slao;
 pub mod threads;
+pub mod track;
 pub mod train;
 
 pub use config::{BaseQuant, Precision, TrainConfig};

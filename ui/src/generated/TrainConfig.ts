@@ -5,6 +5,7 @@ import type { LoraConfig } from "./LoraConfig";
 import type { MultiRunConfig } from "./MultiRunConfig";
 import type { OptimizerConfig } from "./OptimizerConfig";
 import type { Precision } from "./Precision";
+import type { ReportTo } from "./ReportTo";
 import type { ScheduleConfig } from "./ScheduleConfig";
 import type { TrainOn } from "./TrainOn";
 
@@ -57,4 +58,10 @@ precision: Precision,
  * Gradient checkpointing: recompute layers in backward instead of keeping their
  * activations. `auto` checkpoints only as many layers as the memory plan needs.
  */
-gradient_checkpointing: GradientCheckpointing, };
+gradient_checkpointing: GradientCheckpointing, 
+/**
+ * Experiment trackers the run also reports to (HF Trainer's `report_to`):
+ * `tensorboard` writes event files into the run's `tensorboard/` folder.
+ * `metrics.jsonl` stays the record either way.
+ */
+report_to: Array<ReportTo>, };

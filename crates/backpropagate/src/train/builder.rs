@@ -179,6 +179,8 @@ impl Trainer {
         let session = Session::prepare(&config, &info, sink, None)?;
         let checkpoint = run.latest_checkpoint()?;
         info.status = RunStatus::Running;
+        // Steps after the checkpoint are trained (and reported) again.
+        info.step = checkpoint.as_ref().map_or(0, |(step, _)| *step);
         session.run(run, info, checkpoint.map(|(_, p)| p), sink, cancel)
     }
 }

@@ -33,9 +33,12 @@ impl Session {
         face: &dyn EventSink,
         cancel: &CancelToken,
     ) -> Result<RunSummary> {
+        let config_text = std::fs::read_to_string(run.path().join("run.toml")).unwrap_or_default();
+        let tracking =
+            crate::track::Tracking::start(&self.config, run.path(), &config_text, info.step, face);
         let sink = RunSink {
             run: &run,
-            inner: face,
+            inner: &tracking,
         };
         sink.emit(Event::Started {
             run_id: info.id.clone(),
@@ -71,6 +74,7 @@ impl Session {
                 hint: e.hint(),
             }),
         }
+        tracking.close();
         written?;
         result
     }
