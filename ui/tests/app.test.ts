@@ -84,6 +84,26 @@ async function ready(over: Partial<Backend> = {}) {
 }
 
 describe('App', () => {
+  it('takes a dropped .gguf as the model on the desktop, and explains why not in a browser', async () => {
+    const inspectModel = vi.fn(async (req: { model: string }) => ({
+      path: req.model, architecture: 'llama', hidden_size: 1, layers: 1, vocab_size: 1, parameters: 1, chat_template: null,
+    }));
+    const uploadDataset = vi.fn(async (_f: File, name: string) => ({ path: `/uploads/${name}` }));
+    const { app } = await ready({ inspectModel, uploadDataset });
+    await app.useFile({ kind: 'path', path: '/models/SmolLM2.Q4_K_M.gguf' });
+    expect(inspectModel).toHaveBeenCalledWith({ model: '/models/SmolLM2.Q4_K_M.gguf' });
+    expect(app.model).toBe('/models/SmolLM2.Q4_K_M.gguf');
+    expect(app.screen).toBe('model');
+    expect(app.dataPath).toBe('');
+
+    await app.useFile({ kind: 'file', file: new File(['GGUF'], 'other.GGUF') });
+    expect(uploadDataset).not.toHaveBeenCalled();
+    expect(app.modelError?.error).toContain('other.GGUF is a GGUF model');
+    expect(app.modelError?.hint).toContain('Model field');
+    expect(app.model).toBe('/models/SmolLM2.Q4_K_M.gguf');
+    app.dispose();
+  });
+
   it('starts training with the form config plus the chosen model and data', async () => {
     const { app, b } = await ready();
     app.model = '/models/tiny';

@@ -439,8 +439,22 @@ export class App {
     }
   }
 
-  /** A dropped or picked file: uploaded first in a browser, used in place on the desktop. */
+  /** A dropped or picked file: uploaded first in a browser, used in place on the desktop.
+   * A `.gguf` is a model, not data: on the desktop it becomes the base model; a browser
+   * cannot hand over a path, and the engine reads GGUF bases from the server's disk. */
   async useFile(f: DroppedFile): Promise<void> {
+    if (/\.gguf$/i.test(f.kind === 'path' ? f.path : f.file.name)) {
+      if (f.kind === 'path') {
+        await this.chooseModel(f.path);
+      } else {
+        this.modelError = new ApiFailure(
+          `${f.file.name} is a GGUF model; a browser cannot pass its path to the server`,
+          'type the path of the .gguf on the server (or ollama:NAME) in the Model field',
+        );
+      }
+      this.screen = 'model';
+      return;
+    }
     this.screen = 'data';
     this.dataError = null;
     this.dataReport = null;
