@@ -964,3 +964,71 @@ fn a_created_model_that_does_not_load_fails_the_push_with_the_reason() {
             .any(|m| m.starts_with("loaded:")));
     });
 }
+
+/// A run on a GGUF file is an adapter for that very file: `--as-adapter` sends the
+/// original file as the base (skipped by a server that has the blob, as one that
+/// pulled the model would), never a base re-exported from the run's folder.
+#[test]
+fn a_gguf_based_run_pushes_its_adapter_on_the_original_file() {
+    use backpropagate::export::{export, ExportFormat, ExportOptions, GgufQuant};
+    let runs = tempfile::tempdir().unwrap();
+    let home = tempfile::tempdir().unwrap();
+    std::env::set_var("BACKPROP_HOME", home.path());
+    let fixture_run = trained_run(Family::Qwen2, runs.path());
+    let base_export = ExportOptions {
+        format: ExportFormat::GgufBase,
+        quant: GgufQuant::Q8_0,
+        ..Default::default()
+    };
+    let out = export(&fixture_run, &base_export, &Silent).unwrap();
+    let original = std::fs::read_dir(&out)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.extension().is_some_and(|e| e == "gguf"))
+        .unwrap();
+    let run = Trainer::new(original.to_str().unwrap())
+        .batch_size(BatchSize::Fixed(2))
+        .runs_dir(runs.path())
+        .train(samples_dir().join("alpaca.jsonl"), 2)
+        .unwrap()
+        .run_dir;
+
+    let server = StandIn::start(era(Profile::Legacy)).unwrap();
+    let mut o = options("on-the-file", &server);
+    o.as_adapter = true;
+    let (logs, sink) = log_recorder();
+    let report = push_run(&run, &o, &sink).unwrap();
+    assert_eq!(report.files[0], original, "{:?}", report.files);
+    let digest = backpropagate::run::sha256_file(&original).unwrap();
+    assert!(server
+        .blobs_dir()
+        .join(format!("sha256-{digest}"))
+        .is_file());
+    assert!(logs
+        .lock()
+        .unwrap()
+        .iter()
+        .any(|m| m.contains("the adapter goes on the run's own base file")));
+    let exported: Vec<String> = std::fs::read_dir(run.join("exports"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(
+        !exported.iter().any(|n| n.starts_with("gguf-base")),
+        "{exported:?}"
+    );
+    let client = OllamaClient::new(&server.url()).unwrap();
+    let show = block(client.show("on-the-file")).unwrap().unwrap();
+    assert!(show.modelfile.contains("ADAPTER "), "{}", show.modelfile);
+
+    // A second push finds the base on the server: only the adapter travels.
+    let mut again = options("on-the-file-2", &server);
+    again.as_adapter = true;
+    let second = push_run(&run, &again, &Silent).unwrap();
+    let base_bytes = std::fs::metadata(&original).unwrap().len();
+    assert!(
+        second.uploaded_bytes < base_bytes,
+        "{}",
+        second.uploaded_bytes
+    );
+}

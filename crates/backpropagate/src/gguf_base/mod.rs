@@ -85,6 +85,16 @@ pub fn import_ollama(
 
 pub use ollama_store::stores as ollama_stores;
 
+/// The GGUF file a run's model `spec` names (a `.gguf` path, or the blob of an
+/// `ollama:` model in the local store); None for other models.
+pub fn source_file(spec: &str) -> Result<Option<PathBuf>> {
+    if let Some(name) = spec.strip_prefix(OLLAMA_PREFIX) {
+        return Ok(Some(ollama_store::resolve(name, &ollama_stores())?.0));
+    }
+    let path = Path::new(spec);
+    Ok(is_gguf(path).then(|| path.to_path_buf()))
+}
+
 /// A run's model folder read from a GGUF file or an Ollama model (`spec`, as the run
 /// was started with) is only a cache: when it is gone, the file is read again. If the
 /// file changed since, it would read into another folder, and the run (whose adapter

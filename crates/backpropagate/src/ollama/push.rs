@@ -140,7 +140,19 @@ pub fn push_run(run_dir: &Path, options: &PushOptions, sink: &dyn EventSink) -> 
     // `auto`: a GGUF base's own type, else q4_k_m (small and good for chatting).
     let quant = options.quant.resolve(&info.model_dir, GgufQuant::Q4KM);
     let (files, adapters) = if options.as_adapter {
-        let base = gguf_export(&lock, ExportFormat::GgufBase, quant, sink)?;
+        // A run on a GGUF file or an Ollama model is an adapter for that very file:
+        // it is sent as it is (Ollama skips the upload when it has the blob already,
+        // as it does for a model pulled into it), not re-exported from its weights.
+        let base = match crate::gguf_base::source_file(&run.config()?.model)? {
+            Some(original) => {
+                sink.emit(log(format!(
+                    "the adapter goes on the run's own base file {}",
+                    original.display()
+                )));
+                original
+            }
+            None => gguf_export(&lock, ExportFormat::GgufBase, quant, sink)?,
+        };
         let lora = gguf_export(&lock, ExportFormat::GgufLora, GgufQuant::F16, sink)?;
         (vec![base], vec![lora])
     } else {
@@ -324,10 +336,18 @@ fn log(message: String) -> Event {
     }
 }
 
+/// The name a file goes by in the create request. Ollama tells a GGUF by its `.gguf`
+/// suffix (else by opening the blob), so a store blob (`sha256-…`) gets one.
 fn file_name(path: &Path) -> String {
-    path.file_name()
+    let name = path
+        .file_name()
         .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_else(|| "model.gguf".into())
+        .unwrap_or_else(|| "model.gguf".into());
+    if name.to_ascii_lowercase().ends_with(".gguf") {
+        name
+    } else {
+        format!("{name}.gguf")
+    }
 }
 
 fn derive_template(
