@@ -238,6 +238,9 @@ fn ollama_store(root: &Path, gguf: &Path) -> String {
     let template = b"{{ .Prompt }}";
     let thex = format!("{:x}", Sha256::digest(template));
     std::fs::write(blobs.join(format!("sha256-{thex}")), template).unwrap();
+    let params = br#"{"stop":["<|im_end|>","<|user|>"],"temperature":0.7}"#;
+    let phex = format!("{:x}", Sha256::digest(params));
+    std::fs::write(blobs.join(format!("sha256-{phex}")), params).unwrap();
     let manifest = |layers: &str| {
         format!(
             r#"{{"schemaVersion":2,"mediaType":"application/vnd.docker.distribution.manifest.v2+json","config":{{"mediaType":"application/vnd.docker.container.image.v1+json","digest":"sha256:{thex}","size":1}},"layers":[{layers}]}}"#
@@ -248,7 +251,8 @@ fn ollama_store(root: &Path, gguf: &Path) -> String {
         bytes.len()
     );
     let tmpl = format!(
-        r#"{{"mediaType":"application/vnd.ollama.image.template","digest":"sha256:{thex}","size":13}}"#
+        r#"{{"mediaType":"application/vnd.ollama.image.template","digest":"sha256:{thex}","size":13}},{{"mediaType":"application/vnd.ollama.image.params","digest":"sha256:{phex}","size":{}}}"#,
+        params.len()
     );
     let other = |kind: &str| {
         format!(
@@ -283,12 +287,16 @@ fn ollama_models_resolve_through_the_store_with_clear_errors() {
     assert_eq!(config.arch.as_str(), "qwen2");
     let again = gguf_base::import_ollama("tiny:latest", &stores, bases.path(), &Silent).unwrap();
     assert_eq!(again, dir);
+    // Ollama's own template and stops for the model are what a push sends.
+    let t = backpropagate::ollama::template_for_model(&dir).unwrap();
+    assert_eq!(t.template, "{{ .Prompt }}");
+    assert_eq!(t.stop, ["<|im_end|>", "<|user|>"]);
     // Ollama's files are only read.
     assert!(
         std::fs::read_dir(store.path().join("blobs"))
             .unwrap()
             .count()
-            == 2
+            == 3
     );
 
     let err = |name: &str, stores: &[std::path::PathBuf]| {

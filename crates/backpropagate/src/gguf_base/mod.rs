@@ -79,9 +79,22 @@ pub fn import_ollama(
     bases: &Path,
     sink: &dyn EventSink,
 ) -> Result<PathBuf> {
-    let (blob, label) = ollama_store::resolve(name, stores)?;
-    import_as(&blob, &format!("ollama-{label}"), bases, sink)
+    let (blob, label, extras) = ollama_store::resolve(name, stores)?;
+    let dir = import_as(&blob, &format!("ollama-{label}"), bases, sink)?;
+    // Ollama's own template, system prompt and parameters for this model, for a push
+    // of a run on it (`ollama::template_for_model`).
+    let kept = dir.join(OLLAMA_EXTRAS);
+    if extras.as_object().is_some_and(|m| !m.is_empty()) {
+        crate::fsx::write_atomic(&kept, extras.to_string().as_bytes())?;
+    } else if kept.exists() {
+        std::fs::remove_file(&kept).map_err(|e| Error::io(&kept, e))?;
+    }
+    Ok(dir)
 }
+
+/// The file in a folder read from an Ollama model that keeps its manifest's template,
+/// system prompt and parameters.
+pub const OLLAMA_EXTRAS: &str = "ollama.json";
 
 pub use ollama_store::stores as ollama_stores;
 

@@ -15,6 +15,9 @@ use crate::error::{Error, Result};
 const MODEL: &str = "application/vnd.ollama.image.model";
 const PROJECTOR: &str = "application/vnd.ollama.image.projector";
 const ADAPTER: &str = "application/vnd.ollama.image.adapter";
+const TEMPLATE: &str = "application/vnd.ollama.image.template";
+const SYSTEM: &str = "application/vnd.ollama.image.system";
+const PARAMS: &str = "application/vnd.ollama.image.params";
 /// Real manifests are about a kilobyte.
 const MAX_MANIFEST: u64 = 1 << 20;
 
@@ -113,9 +116,11 @@ fn listing(store: &Path) -> Vec<String> {
     out
 }
 
-/// The GGUF blob of Ollama model `name`, looked up in `stores` in order, and the
-/// model's name as `model-tag` in lower case (the same for every spelling).
-pub fn resolve(name: &str, stores: &[PathBuf]) -> Result<(PathBuf, String)> {
+/// The GGUF blob of Ollama model `name`, looked up in `stores` in order, the model's
+/// name as `model-tag` in lower case (the same for every spelling), and what its
+/// manifest says besides the weights: `{"template", "system", "params"}` from the
+/// template, system and params layers, where it has them.
+pub fn resolve(name: &str, stores: &[PathBuf]) -> Result<(PathBuf, String, Json)> {
     let spec = Path::new(name);
     let Some([host, ns, model, tag]) = parts(name) else {
         return Err(Error::model(
@@ -198,7 +203,44 @@ pub fn resolve(name: &str, stores: &[PathBuf]) -> Result<(PathBuf, String)> {
             ),
         ));
     }
-    Ok((blob, format!("{model}-{tag}").to_lowercase()))
+    let mut extras = serde_json::Map::new();
+    for (key, kind) in [
+        ("template", TEMPLATE),
+        ("system", SYSTEM),
+        ("params", PARAMS),
+    ] {
+        let Some(text) = of(kind).first().and_then(|l| small_blob(store, l)) else {
+            continue;
+        };
+        let value = if key == "params" {
+            match serde_json::from_str::<Json>(&text) {
+                Ok(v) if v.is_object() => v,
+                _ => continue,
+            }
+        } else {
+            Json::String(text)
+        };
+        extras.insert(key.into(), value);
+    }
+    Ok((
+        blob,
+        format!("{model}-{tag}").to_lowercase(),
+        Json::Object(extras),
+    ))
+}
+
+/// The text of a small layer (template, system prompt, params), if its blob is there,
+/// within [`MAX_MANIFEST`] and UTF-8.
+fn small_blob(store: &Path, layer: &Json) -> Option<String> {
+    let hex = layer["digest"].as_str()?.strip_prefix("sha256:")?;
+    if hex.len() != 64 || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return None;
+    }
+    crate::fsx::read_capped(
+        &store.join("blobs").join(format!("sha256-{hex}")),
+        MAX_MANIFEST,
+    )
+    .ok()
 }
 
 #[cfg(test)]

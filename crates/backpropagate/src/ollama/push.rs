@@ -365,6 +365,13 @@ fn derive_template(
             level: LogLevel::Warn,
             message: w.clone(),
         });
+    } else if options.template.is_none()
+        && ollama_extras(model_dir).is_some_and(|e| e["template"].is_string())
+    {
+        sink.emit(log(format!(
+            "chat template: Ollama's own for this model (from its manifest), stops {:?}",
+            t.stop
+        )));
     } else {
         sink.emit(log(format!(
             "chat template: {:?}, stops {:?}",
@@ -386,7 +393,32 @@ pub fn template_for_model(model_dir: &Path) -> Result<super::OllamaTemplate> {
             t.stop.push(eos);
         }
     }
+    // A model read from the local Ollama store: the template, system prompt and stops
+    // Ollama itself uses for it (its manifest's layers) replace the derived ones.
+    if let Some(extras) = ollama_extras(model_dir) {
+        if let Some(own) = extras["template"].as_str() {
+            t.template = own.to_string();
+            t.warning = None;
+        }
+        if let Some(system) = extras["system"].as_str() {
+            t.system = Some(system.to_string());
+        }
+        if let Some(stops) = extras["params"]["stop"].as_array() {
+            let own: Vec<String> = stops
+                .iter()
+                .filter_map(|s| s.as_str().map(String::from))
+                .collect();
+            if !own.is_empty() {
+                t.stop = own;
+            }
+        }
+    }
     Ok(t)
+}
+
+fn ollama_extras(model_dir: &Path) -> Option<Value> {
+    let path = model_dir.join(crate::gguf_base::OLLAMA_EXTRAS);
+    serde_json::from_str(&crate::fsx::read_capped(&path, 1 << 20).ok()?).ok()
 }
 
 /// Every `eos_token_id` of generation_config.json (Qwen2 lists `<|im_end|>` and
