@@ -133,3 +133,53 @@ def test_tensorboard_reads_a_resumed_run_and_serves_it(backprop, tmp_path):
     finally:
         server.terminate()
         server.wait(timeout=30)
+
+
+def leet(*args):
+    out = subprocess.run([str(TB_VENV / "bin" / "wandb"), "leet", "inspect", *map(str, args)],
+                         capture_output=True, text=True, env=dict(os.environ, WANDB_SILENT="true"))
+    assert out.returncode == 0 and out.stderr.strip() == "", out.stderr[-3000:]
+    return out.stdout
+
+
+def test_wandb_reads_our_offline_runs_of_a_resumed_run(backprop, tmp_path):
+    """`--report-to wandb`: an offline run per session that W&B's own reader (`wandb
+    leet inspect`) takes record by record with nothing on stderr: long enough to span
+    several 32 KiB blocks, the config, every step's history, the summary and a clean
+    exit; the resumed session is the same W&B run."""
+    model = tmp_path / "model"
+    backprop("fixture", model)
+    runs = tmp_path / "runs"
+    backprop("train", "--model", model, "--data", SAMPLES / "alpaca.jsonl", "--steps", "300",
+             "--batch-size", "2", "--max-seq-len", "64", "--checkpoint-every", "100",
+             "--report-to", "wandb", "--runs-dir", runs)
+    (run,) = [p for p in runs.iterdir() if p.is_dir()]
+    shutil.rmtree(run / "checkpoints" / "step-300")
+    time.sleep(1.1)  # a new offline folder per session, named by the second
+    backprop("train", "--resume", run.name, "--runs-dir", runs)
+
+    first, second = sorted((run / "wandb").glob("offline-run-*"))
+    assert first.name.split("-")[-1] == second.name.split("-")[-1], "one W&B run id"
+    losses = metric_steps(run, "loss")
+    for folder, steps in [(first, range(1, 301)), (second, range(201, 301))]:
+        (log,) = folder.glob("run-*.wandb")
+        records = [json.loads(line) for line in leet("--json", log).splitlines()]
+        kinds = [r["type"] for r in records]
+        assert kinds[0] == "run" and kinds[-1] == "exit" and kinds[-2] == "summary", kinds[:3] + kinds[-3:]
+        history = [r["history"]["item"] for r in records if r["type"] == "history"]
+        assert [h["_step"] for h in history] == list(steps)
+        for h in history:
+            assert abs(h["train/loss"] - losses[h["_step"]]) <= 1e-9 * abs(losses[h["_step"]])
+        assert records[-1]["exit"]["exit_code"] == 0
+    assert next(first.glob("run-*.wandb")).stat().st_size > 2 * 32 * 1024, "spans blocks"
+    summary = json.loads(leet("--summary", "--json", second))
+    assert summary["exit_code"] == 0 and summary["config"]["steps"] == 300, summary
+    assert summary["project"] == "backpropagate" and summary["name"] == run.name
+
+    # The metrics as one offline run, from metrics.jsonl.
+    exported = pathlib.Path(backprop("runs", "export-metrics", run.name, "--to", "wandb",
+                                     "--runs-dir", runs).stdout.strip())
+    (folder,) = exported.glob("offline-run-*")
+    (log,) = folder.glob("run-*.wandb")
+    records = [json.loads(line) for line in leet("--json", log).splitlines()]
+    assert [r["history"]["item"]["_step"] for r in records if r["type"] == "history"] == list(range(1, 301))

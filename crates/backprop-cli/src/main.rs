@@ -138,7 +138,7 @@ enum RunsCommand {
     ExportMetrics {
         /// The run (its id or folder)
         run: String,
-        /// The tracker: tensorboard (event files in RUN/exports/tensorboard)
+        /// The tracker: tensorboard or wandb (written into RUN/exports/<tracker>)
         #[arg(long, default_value = "tensorboard")]
         to: backpropagate::config::ReportTo,
     },

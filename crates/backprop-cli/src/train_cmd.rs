@@ -104,7 +104,8 @@ pub struct TrainArgs {
     pub gradient_checkpointing: Option<GradientCheckpointing>,
     /// Also report to these experiment trackers, comma-separated: tensorboard (event
     /// files in the run's tensorboard/ folder; `tensorboard --logdir RUNS_DIR` shows
-    /// every run) [default: none; metrics.jsonl is always written]
+    /// every run), wandb (an offline run in the run's wandb/ folder; `wandb sync`
+    /// uploads it) [default: none; metrics.jsonl is always written]
     #[arg(long, value_delimiter = ',')]
     pub report_to: Option<Vec<ReportTo>>,
     /// Where runs are kept [default: $BACKPROP_HOME/runs or the platform data folder]

@@ -57,26 +57,29 @@ pub struct TrainConfig {
     /// activations. `auto` checkpoints only as many layers as the memory plan needs.
     pub gradient_checkpointing: GradientCheckpointing,
     /// Experiment trackers the run also reports to (HF Trainer's `report_to`):
-    /// `tensorboard` writes event files into the run's `tensorboard/` folder.
+    /// `tensorboard` writes event files into the run's `tensorboard/` folder, `wandb`
+    /// an offline W&B run into its `wandb/` folder.
     /// `metrics.jsonl` stays the record either way.
     pub report_to: Vec<ReportTo>,
 }
 
-/// An experiment tracker a run reports to. Only TensorBoard is built: W&B, Aim and
-/// Trackio import its event files.
+/// An experiment tracker a run reports to: TensorBoard event files, or a W&B offline
+/// run (`wandb sync` uploads it).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, TS)]
 #[serde(rename_all = "lowercase")]
 #[ts(export)]
 pub enum ReportTo {
     Tensorboard,
+    Wandb,
 }
 
 impl ReportTo {
-    pub const ALL: [ReportTo; 1] = [ReportTo::Tensorboard];
+    pub const ALL: [ReportTo; 2] = [ReportTo::Tensorboard, ReportTo::Wandb];
 
     pub fn name(self) -> &'static str {
         match self {
             ReportTo::Tensorboard => "tensorboard",
+            ReportTo::Wandb => "wandb",
         }
     }
 }
@@ -86,10 +89,13 @@ impl std::str::FromStr for ReportTo {
     fn from_str(s: &str) -> std::result::Result<Self, String> {
         match s.to_ascii_lowercase().as_str() {
             "tensorboard" => Ok(ReportTo::Tensorboard),
-            "wandb" | "mlflow" => Err(format!(
-                "reporting to {s} is not built yet; use tensorboard (W&B imports TensorBoard event files: `wandb sync --sync-tensorboard RUN/tensorboard`)"
+            "wandb" => Ok(ReportTo::Wandb),
+            "mlflow" => {
+                Err("reporting to MLflow is not built yet; use tensorboard or wandb".to_string())
+            }
+            other => Err(format!(
+                "unknown tracker `{other}`; use tensorboard or wandb"
             )),
-            other => Err(format!("unknown tracker `{other}`; use tensorboard")),
         }
     }
 }

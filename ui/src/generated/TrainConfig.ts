@@ -61,7 +61,8 @@ precision: Precision,
 gradient_checkpointing: GradientCheckpointing, 
 /**
  * Experiment trackers the run also reports to (HF Trainer's `report_to`):
- * `tensorboard` writes event files into the run's `tensorboard/` folder.
+ * `tensorboard` writes event files into the run's `tensorboard/` folder, `wandb`
+ * an offline W&B run into its `wandb/` folder.
  * `metrics.jsonl` stays the record either way.
  */
 report_to: Array<ReportTo>, };

@@ -9,6 +9,7 @@
 
 pub mod proto;
 pub mod tensorboard;
+pub mod wandb;
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -34,6 +35,8 @@ pub enum Point {
         tag: String,
         body: String,
     },
+    /// How the session ended, just before it is finished.
+    Outcome { failed: bool },
 }
 
 /// A destination for points.
@@ -46,6 +49,15 @@ pub trait Tracker: Send {
 /// Where a run's TensorBoard event files go.
 pub fn tensorboard_dir(run_dir: &Path) -> PathBuf {
     run_dir.join("tensorboard")
+}
+
+/// Where a run's W&B offline runs go: `$WANDB_DIR/wandb` as W&B itself does, else the
+/// run's `wandb/`.
+pub fn wandb_dir(run_dir: &Path) -> PathBuf {
+    match std::env::var_os("WANDB_DIR") {
+        Some(d) if !d.is_empty() => PathBuf::from(d).join("wandb"),
+        _ => run_dir.join("wandb"),
+    }
 }
 
 /// Seconds since the Unix epoch, as trackers stamp points.
@@ -138,21 +150,32 @@ impl<'a> Tracking<'a> {
             if trackers.iter().any(|(t, _)| *t == to) {
                 continue;
             }
+            let dir = match to {
+                ReportTo::Tensorboard => tensorboard_dir(run_dir),
+                ReportTo::Wandb => wandb_dir(run_dir),
+            };
             let made = match to {
-                ReportTo::Tensorboard => {
-                    tensorboard::TensorBoard::create(&tensorboard_dir(run_dir), now, start_step)
+                ReportTo::Tensorboard => tensorboard::TensorBoard::create(&dir, now, start_step)
+                    .map(|t| Box::new(t) as Box<dyn Tracker>),
+                ReportTo::Wandb => {
+                    let name = run_dir
+                        .file_name()
+                        .map(|n| n.to_string_lossy().into_owned())
+                        .unwrap_or_default();
+                    let json = serde_json::to_value(config).unwrap_or_default();
+                    wandb::Wandb::create(&dir, &name, &json, now, start_step)
                         .map(|t| Box::new(t) as Box<dyn Tracker>)
                 }
             };
             match made {
                 Ok(t) => {
+                    let hint = match to {
+                        ReportTo::Wandb => " (an offline run: `wandb sync` uploads it)",
+                        ReportTo::Tensorboard => "",
+                    };
                     inner.emit(Event::Log {
                         level: LogLevel::Info,
-                        message: format!(
-                            "reporting to {} in {}",
-                            to.name(),
-                            tensorboard_dir(run_dir).display()
-                        ),
+                        message: format!("reporting to {} in {}{hint}", to.name(), dir.display()),
                     });
                     trackers.push((to, t));
                 }
@@ -271,8 +294,10 @@ impl<'a> Tracking<'a> {
 impl EventSink for Tracking<'_> {
     fn emit(&self, event: Event) {
         self.report_failure();
-        if let Event::Step { step, .. } = &event {
-            self.last_step.store(*step, Ordering::Relaxed);
+        match &event {
+            Event::Step { step, .. } => self.last_step.store(*step, Ordering::Relaxed),
+            Event::Failed { .. } => self.send(Point::Outcome { failed: true }),
+            _ => {}
         }
         if let Some((step, values)) = scalars_of(&event, self.last_step.load(Ordering::Relaxed)) {
             self.send(Point::Scalars {
@@ -303,6 +328,20 @@ pub fn export_metrics(run_dir: &Path, to: ReportTo) -> Result<PathBuf> {
     let config_text = std::fs::read_to_string(run_dir.join("run.toml")).unwrap_or_default();
     let dest = run_dir.join("exports").join(to.name());
     crate::fsx::write_dir(&dest, |tmp| match to {
+        ReportTo::Wandb => {
+            let json = serde_json::to_value(run.config()?).unwrap_or_default();
+            let mut t = wandb::Wandb::create(tmp, &info.id, &json, start, 0)?;
+            for m in &metrics {
+                if let Some(values) = metric_values(m) {
+                    t.record(&Point::Scalars {
+                        wall_time: start + m.elapsed_s.unwrap_or(0.0),
+                        step: m.step,
+                        values,
+                    })?;
+                }
+            }
+            t.finish()
+        }
         ReportTo::Tensorboard => {
             let mut t = tensorboard::TensorBoard::create(tmp, start, 0)?;
             t.record(&Point::Text {
@@ -312,18 +351,7 @@ pub fn export_metrics(run_dir: &Path, to: ReportTo) -> Result<PathBuf> {
                 body: format!("```toml\n{config_text}\n```"),
             })?;
             for m in &metrics {
-                let mut values = Vec::new();
-                let mut add = |name: &str, v: Option<f64>| {
-                    if let Some(v) = v {
-                        values.push((name.to_string(), v));
-                    }
-                };
-                add("train/loss", m.loss);
-                add("train/learning_rate", m.lr);
-                add("train/grad_norm", m.grad_norm);
-                add("train/tokens_per_second", m.tokens_per_s);
-                add("eval/loss", m.eval_loss);
-                if !values.is_empty() {
+                if let Some(values) = metric_values(m) {
                     t.record(&Point::Scalars {
                         wall_time: start + m.elapsed_s.unwrap_or(0.0),
                         step: m.step,
@@ -335,6 +363,23 @@ pub fn export_metrics(run_dir: &Path, to: ReportTo) -> Result<PathBuf> {
         }
     })?;
     Ok(dest)
+}
+
+/// A metrics line's values under HF Trainer's names; None when it has none.
+fn metric_values(m: &crate::run::MetricLine) -> Option<Vec<(String, f64)>> {
+    let mut values = Vec::new();
+    for (name, v) in [
+        ("train/loss", m.loss),
+        ("train/learning_rate", m.lr),
+        ("train/grad_norm", m.grad_norm),
+        ("train/tokens_per_second", m.tokens_per_s),
+        ("eval/loss", m.eval_loss),
+    ] {
+        if let Some(v) = v {
+            values.push((name.to_string(), v));
+        }
+    }
+    (!values.is_empty()).then_some(values)
 }
 
 /// Seconds since the epoch of a `YYYY-MM-DDTHH:MM:SSZ` time (run.json's `created`).

@@ -199,6 +199,7 @@ impl Tracker for TensorBoard {
                 tag,
                 body,
             } => text(*wall_time, *step, tag, body),
+            Point::Outcome { .. } => return Ok(()),
         };
         self.file.write(&event)
     }
