@@ -9,41 +9,36 @@ export PIP_DISABLE_PIP_VERSION_CHECK=1
 # A real small pretrained model (scripts/real-model.sh), used by the demo when present.
 export BACKPROP_REAL_MODEL="${BACKPROP_REAL_MODEL:-$HOME/.cache/backpropagate/models/SmolLM2-135M-Instruct}"
 
-# Creates the venv with the Python reference stack (transformers etc.) once, and
-# again whenever tests/python/requirements.txt changes.
-ensure_python_env() {
-    local req="tests/python/requirements.txt"
-    local stamp="$BACKPROP_VENV/.requirements.sha256"
+# Creates venv $1 with the pinned requirements file $2 once, and installs them again
+# whenever that file changes (a hash of it is kept in the venv).
+ensure_venv() {
+    local venv="$1" req="$2"
+    local stamp="$venv/.requirements.sha256"
     local want
     want=$(sha256sum "$req" | cut -d' ' -f1)
-    if [ ! -x "$BACKPROP_VENV/bin/python" ]; then
-        python3 -m venv "$BACKPROP_VENV"
+    if [ ! -x "$venv/bin/python" ]; then
+        python3 -m venv "$venv"
     fi
     if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
         # llama-cpp-python compiles llama.cpp: only the library, portable CPU code.
         CMAKE_BUILD_PARALLEL_LEVEL="$(nproc)" \
         CMAKE_ARGS="-DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAVA_BUILD=OFF -DGGML_NATIVE=OFF" \
-            "$BACKPROP_VENV/bin/pip" install --quiet -r "$req"
+            "$venv/bin/pip" install --quiet -r "$req"
         echo "$want" > "$stamp"
     fi
 }
 
-# The experiment trackers our files are checked against (TensorBoard), in a venv of
-# their own (tests/python/tracking-requirements.txt), once and whenever the pins change.
+# The Python reference stack (transformers, PEFT, llama.cpp etc.).
+ensure_python_env() {
+    ensure_venv "$BACKPROP_VENV" tests/python/requirements.txt
+}
+
+# The experiment trackers our files are checked against (TensorBoard, wandb), in a
+# venv of their own, so their pins never move the reference stack.
 BACKPROP_TRACKING_VENV="${BACKPROP_TRACKING_VENV:-$HOME/.cache/backpropagate/tracking-venv}"
 export BACKPROP_TRACKING_VENV
 ensure_tracking_env() {
-    local req="tests/python/tracking-requirements.txt"
-    local stamp="$BACKPROP_TRACKING_VENV/.requirements.sha256"
-    local want
-    want=$(sha256sum "$req" | cut -d' ' -f1)
-    if [ ! -x "$BACKPROP_TRACKING_VENV/bin/python" ]; then
-        python3 -m venv "$BACKPROP_TRACKING_VENV"
-    fi
-    if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
-        "$BACKPROP_TRACKING_VENV/bin/pip" install --quiet -r "$req"
-        echo "$want" > "$stamp"
-    fi
+    ensure_venv "$BACKPROP_TRACKING_VENV" tests/python/tracking-requirements.txt
 }
 
 # Installs the web UI's npm packages when package-lock.json changed, and builds ui/dist

@@ -106,49 +106,63 @@ def test_weights_are_the_files_own_blocks_with_q_and_k_unpermuted(imported):
     assert seen == len(ours) == 3 + 9 * cfg["num_hidden_layers"] - 1
 
 
+class GgufRun:
+    """A 4-step run of `backprop train` on a GGUF file, and its exports."""
+
+    def __init__(self, gguf, home, tmp_path):
+        self.runs = tmp_path / "runs"
+        self.env = dict(os.environ, BACKPROP_HOME=str(home))
+        self.out = subprocess.run([os.environ["BACKPROP_BIN"], "train", "--model", str(gguf), "--data",
+                                   str(SAMPLES / "alpaca.jsonl"), "--steps", "4", "--lr", "2e-3", "--warmup", "0",
+                                   "--batch-size", "4", "--max-seq-len", "256", "--runs-dir", str(self.runs)],
+                                  env=self.env, check=True, capture_output=True, text=True)
+        (self.run,) = [p for p in self.runs.iterdir() if p.is_dir()]
+        self.losses = [json.loads(line)["loss"] for line in (self.run / "metrics.jsonl").read_text().splitlines()
+                       if json.loads(line).get("type", "step") == "step" and "loss" in json.loads(line)]
+        info = json.loads((self.run / "run.json").read_text())
+        self.model_dir = pathlib.Path(info.get("model_dir") or info["model"])
+
+    def exported(self, *args):
+        """The folder `backprop export RUN ARGS` wrote."""
+        return pathlib.Path(subprocess.run([os.environ["BACKPROP_BIN"], "export", self.run.name, *args, "--runs-dir",
+                                            str(self.runs)], env=self.env, check=True, capture_output=True,
+                                           text=True).stdout.strip())
+
+    def lora_in_llama_cpp_gives_our_logits(self, backprop, original, tmp_path, what):
+        """Our logits against llama.cpp running the run's GGUF LoRA: on the run's base
+        as an f32 GGUF (f32 summation order apart, exactly), and on `original`, the file
+        trained on (llama.cpp quantizes the activations for its block products, so only
+        that noise separates the two)."""
+        from llama_cpp import Llama
+        (lora,) = self.exported("--format", "gguf-lora", "--quant", "f32").glob("*.gguf")
+        tok = AutoTokenizer.from_pretrained(self.model_dir)
+        ids = tok.apply_chat_template([{"role": "user", "content": "Name three primary colours."}],
+                                      add_generation_prompt=True)
+        ours = our_logits(backprop, self.model_dir, self.run / "adapter", ids, tmp_path).numpy()
+        (base_f32,) = self.exported("--format", "gguf-base", "--quant", "f32").glob("*.gguf")
+
+        def llama_cpp(base):
+            llm = Llama(model_path=str(base), lora_path=str(lora), n_ctx=256, logits_all=True, verbose=False,
+                        n_threads=2)
+            llm.eval(ids)
+            return np.asarray(llm.scores[: len(ids)])
+
+        # transformers and llama.cpp differ by up to 0.04 on these weights (measured).
+        exact = np.abs(llama_cpp(base_f32) - ours)
+        print(f"{what} as f32 + our GGUF LoRA in llama.cpp: max |logit diff| {exact.max():.2e}, mean {exact.mean():.2e}")
+        assert exact.max() < 0.1 and exact.mean() < 0.01
+        theirs = llama_cpp(original)
+        diff = np.abs(theirs - ours)
+        spread = float(np.abs(ours).max())
+        print(f"{what} base + our GGUF LoRA in llama.cpp: max |logit diff| {diff.max():.3f}, mean {diff.mean():.4f} (logits up to {spread:.1f})")
+        assert diff.mean() < 0.01 * spread and diff.max() < 0.1 * spread, (diff.max(), diff.mean())
+        assert (theirs.argmax(-1) == ours.argmax(-1)).mean() > 0.9
+
+
 def test_a_run_on_the_gguf_base_learns_and_its_gguf_lora_runs_on_the_original_file(backprop, home, tmp_path):
-    from llama_cpp import Llama
-    runs = tmp_path / "runs"
-    env = dict(os.environ, BACKPROP_HOME=str(home))
-    subprocess.run([os.environ["BACKPROP_BIN"], "train", "--model", str(GGUF), "--data", str(SAMPLES / "alpaca.jsonl"),
-                    "--steps", "4", "--lr", "2e-3", "--warmup", "0", "--batch-size", "4", "--max-seq-len", "256",
-                    "--runs-dir", str(runs)], env=env, check=True, capture_output=True)
-    (run,) = [p for p in runs.iterdir() if p.is_dir()]
-    losses = [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()
-              if json.loads(line).get("type", "step") == "step" and "loss" in json.loads(line)]
-    assert len(losses) == 4 and losses[-1] < losses[0], losses
-    lora_dir = subprocess.run([os.environ["BACKPROP_BIN"], "export", run.name, "--format", "gguf-lora", "--quant", "f32",
-                               "--runs-dir", str(runs)], env=env, check=True, capture_output=True, text=True).stdout.strip()
-    (lora,) = pathlib.Path(lora_dir).glob("*.gguf")
-    info = json.loads((run / "run.json").read_text())
-    model_dir = pathlib.Path(info.get("model_dir") or info["model"])
-    tok = AutoTokenizer.from_pretrained(model_dir)
-    ids = tok.apply_chat_template([{"role": "user", "content": "Name three primary colours."}],
-                                  add_generation_prompt=True)
-    ours = our_logits(backprop, model_dir, run / "adapter", ids, tmp_path).numpy()
-    base_dir = subprocess.run([os.environ["BACKPROP_BIN"], "export", run.name, "--format", "gguf-base", "--quant", "f32",
-                               "--runs-dir", str(runs)], env=env, check=True, capture_output=True, text=True).stdout.strip()
-    (base_f32,) = pathlib.Path(base_dir).glob("*.gguf")
-
-    def llama_cpp(base):
-        llm = Llama(model_path=str(base), lora_path=str(lora), n_ctx=256, logits_all=True, verbose=False, n_threads=2)
-        llm.eval(ids)
-        return np.asarray(llm.scores[: len(ids)])
-
-    # The same weights in f32 (our GGUF of the imported base): llama.cpp computes our
-    # logits up to f32 summation order over 30 layers (transformers and llama.cpp differ
-    # by up to 0.04 on these weights, measured; ours: 0.05).
-    exact = np.abs(llama_cpp(base_f32) - ours)
-    print(f"f32 base + our GGUF LoRA in llama.cpp: max |logit diff| {exact.max():.2e}, mean {exact.mean():.2e}")
-    assert exact.max() < 0.1 and exact.mean() < 0.01
-    # The original q4_1 file: llama.cpp multiplies its blocks with q8_1-quantized
-    # activations, so only that noise separates the two.
-    theirs = llama_cpp(GGUF)
-    diff = np.abs(theirs - ours)
-    spread = float(np.abs(ours).max())
-    print(f"q4_1 base + our GGUF LoRA in llama.cpp: max |logit diff| {diff.max():.3f}, mean {diff.mean():.4f} (logits up to {spread:.1f})")
-    assert diff.mean() < 0.01 * spread and diff.max() < 0.1 * spread, (diff.max(), diff.mean())
-    assert (theirs.argmax(-1) == ours.argmax(-1)).mean() > 0.9
+    r = GgufRun(GGUF, home, tmp_path)
+    assert len(r.losses) == 4 and r.losses[-1] < r.losses[0], r.losses
+    r.lora_in_llama_cpp_gives_our_logits(backprop, GGUF, tmp_path, "q4_1")
 
 
 def test_a_q4_k_m_file_from_llama_cpp_is_trained_on_its_own_blocks(backprop, home, tmp_path):
@@ -169,50 +183,13 @@ def test_a_q4_k_m_file_from_llama_cpp_is_trained_on_its_own_blocks(backprop, hom
     file_types = {GGMLQuantizationType(t.tensor_type).name for t in GGUFReader(q4km).tensors}
     assert "Q4_K" in file_types, file_types
 
-    runs = tmp_path / "runs"
-    env = dict(os.environ, BACKPROP_HOME=str(home))
-    bin_ = os.environ["BACKPROP_BIN"]
-    out = subprocess.run([bin_, "train", "--model", str(q4km), "--data", str(SAMPLES / "alpaca.jsonl"),
-                          "--steps", "4", "--lr", "2e-3", "--warmup", "0", "--batch-size", "4", "--max-seq-len", "256",
-                          "--runs-dir", str(runs)], env=env, check=True, capture_output=True, text=True)
-    held = [line for line in (out.stdout + out.stderr).splitlines() if "frozen linears held as" in line]
-    assert held and "the GGUF's own" in held[0] and "q4_k" in held[0], out.stderr[-2000:]
-    (run,) = [p for p in runs.iterdir() if p.is_dir()]
-    losses = [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()
-              if "loss" in json.loads(line)]
-    assert len(losses) == 4 and losses[-1] < losses[0], losses
+    r = GgufRun(q4km, home, tmp_path)
+    held = [line for line in (r.out.stdout + r.out.stderr).splitlines() if "frozen linears held as" in line]
+    assert held and "the GGUF's own" in held[0] and "q4_k" in held[0], r.out.stderr[-2000:]
+    assert len(r.losses) == 4 and r.losses[-1] < r.losses[0], r.losses
+    r.lora_in_llama_cpp_gives_our_logits(backprop, q4km, tmp_path, "q4_k_m")
 
-    def exported(*args):
-        return pathlib.Path(subprocess.run([bin_, "export", run.name, *args, "--runs-dir", str(runs)], env=env,
-                                           check=True, capture_output=True, text=True).stdout.strip())
-
-    (lora,) = exported("--format", "gguf-lora", "--quant", "f32").glob("*.gguf")
-    info = json.loads((run / "run.json").read_text())
-    model_dir = pathlib.Path(info.get("model_dir") or info["model"])
-    tok = AutoTokenizer.from_pretrained(model_dir)
-    ids = tok.apply_chat_template([{"role": "user", "content": "Name three primary colours."}],
-                                  add_generation_prompt=True)
-    ours = our_logits(backprop, model_dir, run / "adapter", ids, tmp_path).numpy()
-
-    def llama_cpp(base):
-        llm = Llama(model_path=str(base), lora_path=str(lora), n_ctx=256, logits_all=True, verbose=False, n_threads=2)
-        llm.eval(ids)
-        return np.asarray(llm.scores[: len(ids)])
-
-    # Exactly: the run's base dequantized into an f32 GGUF, in llama.cpp's f32 kernels.
-    (base_f32,) = exported("--format", "gguf-base", "--quant", "f32").glob("*.gguf")
-    exact = np.abs(llama_cpp(base_f32) - ours)
-    print(f"q4_k_m blocks as f32 + our GGUF LoRA in llama.cpp: max |logit diff| {exact.max():.2e}, mean {exact.mean():.2e}")
-    assert exact.max() < 0.1 and exact.mean() < 0.01
-    # The q4_k_m file itself: llama.cpp's products quantize the activations too.
-    theirs = llama_cpp(q4km)
-    diff = np.abs(theirs - ours)
-    spread = float(np.abs(ours).max())
-    print(f"q4_k_m base + our GGUF LoRA in llama.cpp: max |logit diff| {diff.max():.3f}, mean {diff.mean():.4f} (logits up to {spread:.1f})")
-    assert diff.mean() < 0.01 * spread and diff.max() < 0.1 * spread, (diff.max(), diff.mean())
-    assert (theirs.argmax(-1) == ours.argmax(-1)).mean() > 0.9
-
-    merged_dir = exported("--format", "gguf")
+    merged_dir = r.exported("--format", "gguf")
     assert merged_dir.name == "gguf-q4_k_m", merged_dir
     (merged,) = merged_dir.glob("*.gguf")
     merged_types = {GGMLQuantizationType(t.tensor_type).name for t in GGUFReader(merged).tensors}

@@ -23,11 +23,21 @@ pub fn unique_suffix() -> String {
 /// Writes `bytes` to a temporary file beside `path`, fsyncs it, then renames it over
 /// `path` (atomic on the same filesystem). On failure the temporary file is removed.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    write_atomic_with(path, |out| out.write_all(bytes))
+}
+
+/// [`write_atomic`] with the content written by `fill` (through a buffer), for files
+/// too large to hold in memory whole.
+fn write_atomic_with(
+    path: &Path,
+    fill: impl FnOnce(&mut std::io::BufWriter<File>) -> std::io::Result<()>,
+) -> Result<()> {
     let (dir, name) = folder_and_name(path);
     let tmp = dir.join(format!(".{name}.tmp-{}", unique_suffix()));
     let result = (|| {
-        let mut f = File::create(&tmp)?;
-        f.write_all(bytes)?;
+        let mut out = std::io::BufWriter::new(File::create(&tmp)?);
+        fill(&mut out)?;
+        let f = out.into_inner().map_err(|e| e.into_error())?;
         f.sync_all()?;
         drop(f);
         std::fs::rename(&tmp, path)?;
@@ -99,15 +109,12 @@ pub fn write_safetensors_streamed(
     while !(8 + text.len()).is_multiple_of(8) {
         text.push(b' ');
     }
-    let (dir, name) = folder_and_name(path);
-    let tmp = dir.join(format!(".{name}.tmp-{}", unique_suffix()));
-    let result = (|| {
-        let mut out = std::io::BufWriter::with_capacity(1 << 20, File::create(&tmp)?);
+    write_atomic_with(path, |out| {
         out.write_all(&(text.len() as u64).to_le_bytes())?;
         out.write_all(&text)?;
         for (i, s) in slots.iter().enumerate() {
             let mut counted = Counted {
-                inner: &mut out,
+                inner: &mut *out,
                 written: 0,
             };
             fill(i, &mut counted).map_err(std::io::Error::other)?;
@@ -118,16 +125,7 @@ pub fn write_safetensors_streamed(
                 )));
             }
         }
-        let f = out.into_inner().map_err(|e| e.into_error())?;
-        f.sync_all()?;
-        drop(f);
-        std::fs::rename(&tmp, path)?;
-        sync_dir(dir);
         Ok(())
-    })();
-    result.map_err(|e| {
-        let _ = std::fs::remove_file(&tmp);
-        Error::io(path, e)
     })
 }
 

@@ -30,8 +30,8 @@ pub struct BaseReader {
     entries: HashMap<String, Entry>,
     /// bitsandbytes 4-bit weights by name; their companions stay in `entries`.
     nf4: HashMap<String, QuantState>,
-    /// Tensors kept as ggml blocks (a GGUF base), by name.
-    blocks: HashMap<String, GgmlType>,
+    /// Tensors kept as ggml blocks (a GGUF base), by name, with their logical shape.
+    blocks: HashMap<String, (GgmlType, Vec<usize>)>,
     dir: PathBuf,
 }
 
@@ -119,7 +119,7 @@ impl BaseReader {
             let shape = vec![rows, row_bytes / b * n];
             stored::check(ty, e.dtype, &e.shape, &shape)
                 .map_err(|err| Error::model(&reader.dir, format!("`{weight}`: {err}")))?;
-            reader.blocks.insert(weight.to_string(), ty);
+            reader.blocks.insert(weight.to_string(), (ty, shape));
         }
         let states: Vec<String> = reader
             .entries
@@ -189,10 +189,7 @@ impl BaseReader {
             .filter(|(n, _)| !self.is_companion(n))
             .map(|(n, e)| match (self.nf4.get(n), self.blocks.get(n)) {
                 (Some(state), _) => (n.clone(), state.shape.clone()),
-                (None, Some(ty)) => {
-                    let (per, bytes) = ty.block();
-                    (n.clone(), vec![e.shape[0], e.shape[1] / bytes * per])
-                }
+                (None, Some((_, shape))) => (n.clone(), shape.clone()),
                 (None, None) => (n.clone(), e.shape.clone()),
             })
             .collect();
@@ -208,10 +205,8 @@ impl BaseReader {
         let bytes = self.read_bytes(name)?;
         let e = &self.entries[name];
         let path = &self.files[e.file];
-        if let Some(&ty) = self.blocks.get(name) {
-            let (per, size) = ty.block();
-            let elements = e.shape[0] * (e.shape[1] / size * per);
-            return stored::decode(ty, &bytes, elements)
+        if let Some((ty, shape)) = self.blocks.get(name) {
+            return stored::decode(*ty, &bytes, shape.iter().product())
                 .map_err(|err| Error::model(path, format!("tensor `{name}`: {err}")));
         }
         le_floats(e.dtype, &bytes).ok_or_else(|| {

@@ -117,11 +117,6 @@ pub fn type_name(ty: u32) -> String {
     }
 }
 
-/// The types whose blocks `quant::decode` reads.
-pub fn decodable(ty: u32) -> Option<GgmlType> {
-    GgmlType::from_id(ty)
-}
-
 struct Cursor<R> {
     r: R,
     pos: u64,
@@ -334,7 +329,7 @@ impl GgufFile {
 
     /// The type of a tensor's values, refused by name when the engine cannot read it.
     pub fn value_type(&self, t: &TensorEntry) -> Result<GgmlType> {
-        let Some(ty) = decodable(t.ty) else {
+        let Some(ty) = GgmlType::from_id(t.ty) else {
             return Err(Error::model(
                 &self.path,
                 format!(

@@ -7,6 +7,7 @@
 //! A tracker never fails or slows a run: points go through a bounded queue to a
 //! background thread, and a tracker that fails is turned off with one warning.
 
+mod crc;
 pub mod proto;
 pub mod tensorboard;
 pub mod wandb;
@@ -68,6 +69,13 @@ pub fn wall_time() -> f64 {
         .unwrap_or(0.0)
 }
 
+// HF Trainer's scalar names.
+const TRAIN_LOSS: &str = "train/loss";
+const LEARNING_RATE: &str = "train/learning_rate";
+const GRAD_NORM: &str = "train/grad_norm";
+const TOKENS_PER_SECOND: &str = "train/tokens_per_second";
+const EVAL_LOSS: &str = "eval/loss";
+
 /// The scalars an event carries, under HF Trainer's names; GPU samples carry no step
 /// and are put at `last_step`.
 pub fn scalars_of(event: &Event, last_step: u64) -> Option<(u64, Vec<(String, f64)>)> {
@@ -85,13 +93,13 @@ pub fn scalars_of(event: &Event, last_step: u64) -> Option<(u64, Vec<(String, f6
         } => Some((
             *step,
             named(&[
-                ("train/loss", *loss),
-                ("train/learning_rate", *lr),
-                ("train/grad_norm", *grad_norm),
-                ("train/tokens_per_second", *tokens_per_s),
+                (TRAIN_LOSS, *loss),
+                (LEARNING_RATE, *lr),
+                (GRAD_NORM, *grad_norm),
+                (TOKENS_PER_SECOND, *tokens_per_s),
             ]),
         )),
-        Event::Eval { step, loss } => Some((*step, named(&[("eval/loss", *loss)]))),
+        Event::Eval { step, loss } => Some((*step, named(&[(EVAL_LOSS, *loss)]))),
         Event::Gpu {
             used_mb,
             util,
@@ -154,20 +162,11 @@ impl<'a> Tracking<'a> {
                 ReportTo::Tensorboard => tensorboard_dir(run_dir),
                 ReportTo::Wandb => wandb_dir(run_dir),
             };
-            let made = match to {
-                ReportTo::Tensorboard => tensorboard::TensorBoard::create(&dir, now, start_step)
-                    .map(|t| Box::new(t) as Box<dyn Tracker>),
-                ReportTo::Wandb => {
-                    let name = run_dir
-                        .file_name()
-                        .map(|n| n.to_string_lossy().into_owned())
-                        .unwrap_or_default();
-                    let json = serde_json::to_value(config).unwrap_or_default();
-                    wandb::Wandb::create(&dir, &name, &json, now, start_step)
-                        .map(|t| Box::new(t) as Box<dyn Tracker>)
-                }
-            };
-            match made {
+            let name = run_dir
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            match create(to, &dir, &name, config, now, start_step) {
                 Ok(t) => {
                     let hint = match to {
                         ReportTo::Wandb => " (an offline run: `wandb sync` uploads it)",
@@ -186,12 +185,7 @@ impl<'a> Tracking<'a> {
             }
         }
         let tracking = Tracking::with(trackers, start_step, inner);
-        tracking.send(Point::Text {
-            wall_time: now,
-            step: start_step,
-            tag: "config".into(),
-            body: format!("```toml\n{config_text}\n```"),
-        });
+        tracking.send(config_point(config_text, now, start_step));
         tracking
     }
 
@@ -326,54 +320,67 @@ pub fn export_metrics(run_dir: &Path, to: ReportTo) -> Result<PathBuf> {
     let start = epoch_of(&info.created).unwrap_or_else(wall_time);
     let metrics = crate::run::read_metrics(&run_dir.join("metrics.jsonl"))?;
     let config_text = std::fs::read_to_string(run_dir.join("run.toml")).unwrap_or_default();
+    let config = run.config()?;
     let dest = run_dir.join("exports").join(to.name());
-    crate::fsx::write_dir(&dest, |tmp| match to {
-        ReportTo::Wandb => {
-            let json = serde_json::to_value(run.config()?).unwrap_or_default();
-            let mut t = wandb::Wandb::create(tmp, &info.id, &json, start, 0)?;
-            for m in &metrics {
-                if let Some(values) = metric_values(m) {
-                    t.record(&Point::Scalars {
-                        wall_time: start + m.elapsed_s.unwrap_or(0.0),
-                        step: m.step,
-                        values,
-                    })?;
-                }
+    crate::fsx::write_dir(&dest, |tmp| {
+        let mut t = create(to, tmp, &info.id, &config, start, 0)?;
+        t.record(&config_point(&config_text, start, 0))?;
+        for m in &metrics {
+            if let Some(values) = metric_values(m) {
+                t.record(&Point::Scalars {
+                    wall_time: start + m.elapsed_s.unwrap_or(0.0),
+                    step: m.step,
+                    values,
+                })?;
             }
-            t.finish()
         }
-        ReportTo::Tensorboard => {
-            let mut t = tensorboard::TensorBoard::create(tmp, start, 0)?;
-            t.record(&Point::Text {
-                wall_time: start,
-                step: 0,
-                tag: "config".into(),
-                body: format!("```toml\n{config_text}\n```"),
-            })?;
-            for m in &metrics {
-                if let Some(values) = metric_values(m) {
-                    t.record(&Point::Scalars {
-                        wall_time: start + m.elapsed_s.unwrap_or(0.0),
-                        step: m.step,
-                        values,
-                    })?;
-                }
-            }
-            t.finish()
-        }
+        t.finish()
     })?;
     Ok(dest)
+}
+
+/// A new session of tracker `to` in `dir`, for our run `run_name` trained with
+/// `config`, after `start_step`.
+fn create(
+    to: ReportTo,
+    dir: &Path,
+    run_name: &str,
+    config: &TrainConfig,
+    wall_time: f64,
+    start_step: u64,
+) -> Result<Box<dyn Tracker>> {
+    Ok(match to {
+        ReportTo::Tensorboard => Box::new(tensorboard::TensorBoard::create(
+            dir, wall_time, start_step,
+        )?),
+        ReportTo::Wandb => {
+            let json = serde_json::to_value(config).unwrap_or_default();
+            Box::new(wandb::Wandb::create(
+                dir, run_name, &json, wall_time, start_step,
+            )?)
+        }
+    })
+}
+
+/// The run's configuration (its run.toml) as a text point.
+fn config_point(config_text: &str, wall_time: f64, step: u64) -> Point {
+    Point::Text {
+        wall_time,
+        step,
+        tag: "config".into(),
+        body: format!("```toml\n{config_text}\n```"),
+    }
 }
 
 /// A metrics line's values under HF Trainer's names; None when it has none.
 fn metric_values(m: &crate::run::MetricLine) -> Option<Vec<(String, f64)>> {
     let mut values = Vec::new();
     for (name, v) in [
-        ("train/loss", m.loss),
-        ("train/learning_rate", m.lr),
-        ("train/grad_norm", m.grad_norm),
-        ("train/tokens_per_second", m.tokens_per_s),
-        ("eval/loss", m.eval_loss),
+        (TRAIN_LOSS, m.loss),
+        (LEARNING_RATE, m.lr),
+        (GRAD_NORM, m.grad_norm),
+        (TOKENS_PER_SECOND, m.tokens_per_s),
+        (EVAL_LOSS, m.eval_loss),
     ] {
         if let Some(v) = v {
             values.push((name.to_string(), v));

@@ -12,6 +12,7 @@ use std::path::{Path, PathBuf};
 
 use serde_json::Value as Json;
 
+use super::crc::crc32;
 use super::proto::Message;
 use super::{Point, Tracker};
 use crate::error::{Error, Result};
@@ -22,34 +23,6 @@ const FULL: u8 = 1;
 const FIRST: u8 = 2;
 const MIDDLE: u8 = 3;
 const LAST: u8 = 4;
-
-/// CRC-32 (IEEE, as zlib computes it).
-pub fn crc32(data: &[u8]) -> u32 {
-    const TABLE: [u32; 256] = {
-        let mut table = [0u32; 256];
-        let mut i = 0;
-        while i < 256 {
-            let mut c = i as u32;
-            let mut k = 0;
-            while k < 8 {
-                c = if c & 1 != 0 {
-                    (c >> 1) ^ 0xEDB8_8320
-                } else {
-                    c >> 1
-                };
-                k += 1;
-            }
-            table[i] = c;
-            i += 1;
-        }
-        table
-    };
-    let mut crc = !0u32;
-    for &b in data {
-        crc = TABLE[((crc ^ b as u32) & 0xff) as usize] ^ (crc >> 8);
-    }
-    !crc
-}
 
 /// The LevelDB-log framing of W&B's transaction log, block offsets counted from the
 /// start of the file (its header included).
@@ -104,18 +77,15 @@ impl<W: Write> LogWriter<W> {
     }
 }
 
-fn item(key: &str, value: &Json) -> Message {
+/// A config, history or summary item: a key and its value as JSON text.
+fn item(key: &str, value_json: &str) -> Message {
     Message::new()
         .bytes(1, key.as_bytes())
-        .bytes(16, value_json(value).as_bytes())
+        .bytes(16, value_json.as_bytes())
 }
 
-/// JSON as W&B keeps values: non-finite numbers as the bare `NaN`/`Infinity` it
-/// accepts (serde_json cannot write them).
-fn value_json(v: &Json) -> String {
-    v.to_string()
-}
-
+/// A number as W&B's JSON keeps it: non-finite values as the bare `NaN`/`Infinity`
+/// it accepts (serde_json cannot write them).
 fn number(v: f64) -> String {
     if v.is_nan() {
         "NaN".into()
@@ -180,7 +150,7 @@ impl Wandb {
         let mut cfg = Message::new();
         if let Some(obj) = config.as_object() {
             for (k, v) in obj {
-                cfg = cfg.message(1, item(k, v));
+                cfg = cfg.message(1, item(k, &v.to_string()));
             }
         }
         let start = Message::new()
@@ -230,18 +200,12 @@ impl Tracker for Wandb {
                 step,
                 values,
             } => {
-                let mut history = Message::new();
-                let mut put = |key: &str, json: String| {
-                    let m = Message::new()
-                        .bytes(1, key.as_bytes())
-                        .bytes(16, json.as_bytes());
-                    history = std::mem::take(&mut history).message(1, m);
-                };
-                put("_step", step.to_string());
-                put("_runtime", number(wall_time - self.start));
-                put("_timestamp", number(*wall_time));
+                let mut history = Message::new()
+                    .message(1, item("_step", &step.to_string()))
+                    .message(1, item("_runtime", &number(wall_time - self.start)))
+                    .message(1, item("_timestamp", &number(*wall_time)));
                 for (k, v) in values {
-                    put(k, number(*v));
+                    history = history.message(1, item(k, &number(*v)));
                     self.summary.insert(
                         k.clone(),
                         serde_json::Number::from_f64(*v).map_or(Json::Null, Json::Number),
@@ -262,7 +226,7 @@ impl Tracker for Wandb {
     fn finish(&mut self) -> Result<()> {
         let mut summary = Message::new();
         for (k, v) in &self.summary {
-            summary = summary.message(1, item(k, v));
+            summary = summary.message(1, item(k, &v.to_string()));
         }
         self.write(3, summary)?;
         let runtime = (super::wall_time() - self.start).max(0.0) as i64;
@@ -285,12 +249,6 @@ impl Tracker for Wandb {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn crc32_is_zlibs() {
-        assert_eq!(crc32(b"123456789"), 0xcbf4_3926);
-        assert_eq!(crc32(b""), 0);
-    }
 
     #[test]
     fn records_are_chunked_at_block_boundaries() {
